@@ -1,0 +1,1 @@
+"""Floor 1: attention backends, RoPE and KV-store kernels. Imports only torch and triton."""

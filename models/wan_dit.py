@@ -1,0 +1,284 @@
+"""Causal Wan2.1 DiT: the denoiser of block-diffusion video models (Self-Forcing, CausVid, LongLive).
+
+Parameter names follow the original Wan ``WanModel`` / Self-Forcing ``CausalWanModel`` state dict
+(``blocks.0.self_attn.q.weight`` ...), so original checkpoints load without renaming.
+
+The model holds no cache. Self-attention hands q/k/v to an attention backend together with metadata
+that says which context the tokens see (dense clip, block-causal clip, or paged KV cache); see
+kernels/attention.py. Every frame carries its own timestep (per-frame adaLN modulation) and its own RoPE
+frame position, so rows of a batch may be different sessions at different points of their videos.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigBase
+from ..kernels.attention import AttentionBackend, ReferenceBackend, PagedMeta
+from ..kernels.rope import rope_angles, rope_cos_sin, reference_apply_rope
+
+__all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding"]
+
+
+@dataclass
+class WanDiTConfig(ConfigBase):
+    dim: int = 64
+    ffn_dim: int = 128
+    num_heads: int = 2
+    num_layers: int = 2
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)
+    freq_dim: int = 32
+    text_dim: int = 32
+    text_len: int = 16
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    num_actions: int = 0  # >0 adds a per-frame action embedding to the time embedding (world models)
+    prediction: str = "flow"  # what the network outputs: "flow" (v = noise - x0) or "x0"
+    rope_max_frames: int = 1024  # frame positions the checkpoint was trained with (Wan: 1024)
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.prediction not in ("flow", "x0"):
+            raise ValueError(f"prediction must be 'flow' or 'x0', got {self.prediction!r}")
+        for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim", "text_dim", "text_len"):
+            if int(getattr(self, k)) <= 0:
+                raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.patch_size[0] != 1:
+            raise ValueError("only temporal patch size 1 is supported (one latent frame = one page)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+PRESETS = {
+    "tiny": WanDiTConfig(),
+    "wan2.1-t2v-1.3b": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, freq_dim=256,
+                                    text_dim=4096, text_len=512),
+    "wan2.1-t2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, freq_dim=256,
+                                   text_dim=4096, text_len=512),
+}
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] as [cos | sin], frequencies 10000^(-j/half), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanDiTConfig, layer: int):
+        super().__init__()
+        d = cfg.dim
+        self.layer, self.heads, self.head_dim = layer, cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, backend: AttentionBackend, meta):
+        B, L, _ = x.shape
+        shape = (B, L, self.heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D]; RMSNorm over the full dim, then split
+        k_raw = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        q = reference_apply_rope(q, cos, sin)
+        k = reference_apply_rope(k_raw, cos, sin)
+        out = backend.attend(q, k, v, self.layer, meta, k_raw=k_raw)  # [B, L, H, D]
+        return self.o(out.reshape(B, L, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def context_kv(self, ctx):  # ctx [B, Lt, dim] -> k, v [B, H, Lt, D]
+        B, Lt, _ = ctx.shape
+        k = self.norm_k(self.k(ctx)).view(B, Lt, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(ctx).view(B, Lt, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, kv):
+        B, L, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k, v = kv
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # every text token, no mask
+        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanDiTConfig, layer: int):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg, layer)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+
+    def forward(self, x, e0, ctx_kv, cos, sin, backend, meta, frames: int):
+        # x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame modulation -> broadcast over the T tokens of a frame
+        B, L, d = x.shape
+        e = (self.modulation[:, None].float() + e0.float()).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
+
+        def mod(t, shift, scale):  # LayerNorm(x) * (1 + scale) + shift, per frame
+            t = t.float().view(B, frames, L // frames, d)
+            return (t * (1 + scale) + shift).view(B, L, d)
+
+        def gate(y, g):
+            return (y.float().view(B, frames, L // frames, d) * g).view(B, L, d)
+
+        y = self.self_attn(mod(self.norm1(x), e[0], e[1]).to(x.dtype), cos, sin, backend, meta)
+        x = (x.float() + gate(y, e[2])).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), ctx_kv)
+        y = self.ffn(mod(self.norm2(x), e[3], e[4]).to(x.dtype))
+        return (x.float() + gate(y, e[5])).to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d ** 0.5)
+
+    def forward(self, x, e, frames):  # e [B, F, dim]
+        B, L, d = x.shape
+        shift, scale = (self.modulation[:, None].float() + e[:, :, None].float()).chunk(2, dim=2)  # [B,F,1,d]
+        y = self.norm(x).float().view(B, frames, L // frames, d) * (1 + scale) + shift
+        return self.head(y.view(B, L, d).to(x.dtype))
+
+
+@dataclass
+class TextKV:
+    """Cross-attention K/V of a prompt for every layer, computed once per prompt and reused."""
+    kv: list  # per layer (k, v), each [B, H, Lt, D]
+
+    @staticmethod
+    def cat(items: list["TextKV"]) -> "TextKV":
+        return TextKV([(torch.cat([it.kv[i][0] for it in items]), torch.cat([it.kv[i][1] for it in items]))
+                       for i in range(len(items[0].kv))])
+
+
+class CausalWanDiT(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.num_actions:
+            self.action_embedding = nn.Embedding(cfg.num_actions, d)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
+        self.head = Head(cfg)
+
+    # ---- conditioning -------------------------------------------------------------------------
+    def prepare_text(self, text_embeds: torch.Tensor) -> TextKV:
+        """text_embeds [B, Lt, text_dim] (Lt <= text_len, zero-padded here) -> per-layer cross K/V."""
+        cfg = self.config
+        if text_embeds.dim() != 3 or text_embeds.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text embeddings must be [B, L, {cfg.text_dim}], got {tuple(text_embeds.shape)}")
+        B, Lt, _ = text_embeds.shape
+        if Lt > cfg.text_len:
+            raise ValueError(f"text has {Lt} tokens, the model takes at most text_len={cfg.text_len}")
+        if Lt < cfg.text_len:
+            pad = text_embeds.new_zeros(B, cfg.text_len - Lt, cfg.text_dim)
+            text_embeds = torch.cat([text_embeds, pad], dim=1)
+        p = next(self.parameters())
+        ctx = self.text_embedding(text_embeds.to(device=p.device, dtype=p.dtype))
+        return TextKV([blk.cross_attn.context_kv(ctx) for blk in self.blocks])
+
+    def time_embed(self, timestep: torch.Tensor, actions: torch.Tensor | None):
+        """timestep [B, F] -> e [B, F, dim], e0 [B, F, 6, dim]."""
+        B, Fr = timestep.shape
+        p = next(self.parameters())
+        emb = sinusoidal_embedding(timestep.reshape(-1), self.config.freq_dim)
+        e = self.time_embedding(emb.to(p.dtype)).view(B, Fr, -1)
+        if self.config.num_actions:
+            if actions is None:
+                actions = torch.zeros(B, Fr, dtype=torch.long, device=e.device)
+            if actions.shape != (B, Fr):
+                raise ValueError(f"actions must be [B, F] = {(B, Fr)}, got {tuple(actions.shape)}")
+            if int(actions.min()) < 0 or int(actions.max()) >= self.config.num_actions:
+                raise ValueError(f"action ids must be in [0, {self.config.num_actions}), got {actions.tolist()}")
+            e = e + self.action_embedding(actions.to(e.device))
+        e0 = self.time_projection(e).view(B, Fr, 6, -1)
+        return e, e0
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, *, frame_pos: torch.Tensor | None = None,
+                meta=None, backend: AttentionBackend | None = None, actions: torch.Tensor | None = None,
+                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict for latents x [B, F, C, H, W] at per-frame timesteps [B, F] (or [B] / scalar).
+
+        context: TextKV from ``prepare_text`` or raw text embeddings [B, Lt, text_dim].
+        frame_pos: [B, F] RoPE frame positions of the frames (default 0..F-1).
+        meta/backend: attention metadata and backend (default: dense clip, reference backend).
+        Returns the prediction [B, F, out_dim, H, W] (flow or x0, see config.prediction), float32.
+        """
+        cfg = self.config
+        if x.dim() != 5 or x.shape[2] != cfg.in_dim:
+            raise ValueError(f"latents must be [B, F, {cfg.in_dim}, H, W], got {tuple(x.shape)}")
+        B, Fr, C, H, W = x.shape
+        _, ph, pw = cfg.patch_size
+        if H % ph or W % pw:
+            raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
+        h, w = H // ph, W // pw
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(B)
+        if timestep.dim() == 1:
+            timestep = timestep[:, None].expand(B, Fr)
+        if frame_pos is None:
+            frame_pos = torch.arange(Fr, device=x.device)[None].expand(B, Fr)
+        backend = backend or ReferenceBackend()
+        if not isinstance(context, TextKV):
+            context = self.prepare_text(context)
+        p = next(self.parameters())
+
+        tokens = self.patch_embedding(x.to(p.dtype).permute(0, 2, 1, 3, 4))  # [B, dim, F, h, w]
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major then row then column
+        cos, sin = rope_cos_sin(rope_angles(frame_pos.to(x.device), h, w, cfg.head_dim))
+        e, e0 = self.time_embed(timestep, actions)
+        for blk, kv in zip(self.blocks, context.kv):
+            tokens = blk(tokens, e0, kv, cos, sin, backend, meta, Fr)
+        out = self.head(tokens, e, Fr)  # [B, F*h*w, ph*pw*C_out]
+        out = out.float().view(B, Fr, h, w, ph, pw, cfg.out_dim)
+        return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
+
+    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (latent_h // ph) * (latent_w // pw)
