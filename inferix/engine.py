@@ -1,0 +1,346 @@
+"""Public engine: load a model, open sessions, step the scheduler, stream decoded frames.
+
+One engine step is ``plan = scheduler.schedule()`` -> ``runner.execute(plan)`` -> ``scheduler.update(plan)``.
+Sessions share the step: rows of the same kind and size run in one batched forward.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from inferix.kernels.attention import KVPool, get_backend
+from inferix.models.bundle import ModelBundle, load_model
+
+from .pages import AdmissionError, KVManager
+from .profiling import Profiler
+from .runner import GeneratorNoise, Runner
+from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, WAITING, Scheduler, SeqState
+
+__all__ = ["Engine", "Session", "AdmissionError"]
+
+
+class Session:
+    """Handle of one stream. Prompt changes and actions take effect at the next block boundary."""
+
+    def __init__(self, engine: "Engine", sid: int, num_frames: int | None):
+        self.engine = engine
+        self.id = sid
+        self.num_frames = num_frames  # pixel frames to deliver (None: until cancelled)
+        self.frames_out = 0
+        self.blocks: deque = deque()
+        self.error: BaseException | None = None
+        self.latents: list = []  # clean latent blocks, kept when the engine is asked to (keep_latents)
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def _seq(self) -> SeqState:
+        return self.engine.scheduler.seqs[self.id]
+
+    @property
+    def status(self) -> str:
+        return self._seq.status
+
+    @property
+    def done(self) -> bool:
+        return self.status in (FINISHED, CANCELLED, FAILED) and not self.blocks
+
+    @property
+    def waiting_position(self) -> int | None:
+        return self.engine.scheduler.waiting_position(self.id)
+
+    @property
+    def prompt(self) -> str:
+        s = self._seq
+        return s.pending_prompt or s.prompt
+
+    # ---- control -----------------------------------------------------------------------------
+    def set_prompt(self, prompt: str, recache: bool | None = None) -> None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        with self.engine.lock:
+            s = self._seq
+            s.pending_prompt = prompt
+            if recache is not None:
+                s.recache_on_switch = recache
+
+    def act(self, action) -> None:
+        """Hold an action (id or name) from the next block on."""
+        aid = self.engine.action_id(action)
+        with self.engine.lock:
+            self._seq.pending_action = aid
+
+    def pause(self) -> None:
+        with self.engine.lock:
+            if self._seq.status == RUNNING:
+                self._seq.status = PAUSED
+
+    def resume(self) -> None:
+        with self.engine.lock:
+            if self._seq.status == PAUSED:
+                self._seq.status = RUNNING
+
+    def cancel(self) -> None:
+        with self.engine.lock:
+            self.engine._release(self.id, CANCELLED)
+
+    def fork(self) -> "Session":
+        """A paused copy that shares this session's KV pages (copy-on-write) and continues from here."""
+        return self.engine._fork(self)
+
+    # ---- output ------------------------------------------------------------------------------
+    def poll(self) -> list:
+        out = []
+        while self.blocks:
+            out.append(self.blocks.popleft())
+        return out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Drive the engine until this session is done, yielding its frame blocks."""
+        while True:
+            while self.blocks:
+                yield self.blocks.popleft()
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                return
+            if self.status == PAUSED:
+                raise RuntimeError(f"session {self.id} is paused; resume it before iterating")
+            self.engine.step()
+
+
+class Engine:
+    def __init__(self, bundle: ModelBundle, *, device="cpu", height: int | None = None, width: int | None = None,
+                 window: int | None = -1, sink: int | None = None, attention: str | None = None,
+                 positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
+                 max_batch: int = 8, keep_latents: bool = False):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.dit = bundle.dit
+        cfg = self.dit.config
+        self.height = int(height if height is not None else bundle.height)
+        self.width = int(width if width is not None else bundle.width)
+        mult = bundle.spatial_ratio * cfg.patch_size[1]
+        for name, v in (("height", self.height), ("width", self.width)):
+            if v <= 0 or v % mult:
+                raise ValueError(f"{name} {v} must be a positive multiple of {mult} "
+                                 f"(VAE stride {bundle.spatial_ratio} x patch {cfg.patch_size[1]})")
+        self.latent_hw = (self.height // bundle.spatial_ratio, self.width // bundle.spatial_ratio)
+        self.block_frames = bundle.sampling.block_frames
+        self.window = bundle.window if window == -1 else window
+        self.sink = bundle.sink if sink is None else sink
+        if positions == "auto":
+            positions = "relative" if self.window is not None else "absolute"
+        self.positions = positions
+        self.keep_latents = keep_latents
+        page_tokens = self.dit.tokens_per_frame(*self.latent_hw)
+        if kv_pages is None:
+            kv_pages = max_sessions * (self.window or 24)
+        self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
+        dtype = next(self.dit.parameters()).dtype
+        self.pool = KVPool.allocate(cfg.num_layers, kv_pages, page_tokens, cfg.num_heads, cfg.head_dim,
+                                    dtype=dtype, device=self.device)
+        self.backend = get_backend(attention, self.device)
+        self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
+        keep = None if self.window is None else self.window
+        self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
+                             keep_frames=keep, device=self.device)
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count()
+        self.lock = threading.RLock()
+        self.profiler = Profiler(self)
+        self.hooks: list = []  # callables(plan, outputs) run after each executed plan, before counters advance
+        if self.positions == "absolute" and self.window is not None:
+            pass  # absolute positions with a window: fine until rope_max_frames, then positions extrapolate
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
+                        sampling=None, **kw) -> "Engine":
+        """Load a preset ("toyworld", "tiny", "wan2.1-t2v-1.3b", ...) or a checkpoint path and build an engine."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        bundle = load_model(path_or_preset, device=device, dtype=dtype, vae=vae, text_encoder=text_encoder,
+                            sampling=sampling)
+        return cls(bundle, device=device, **kw)
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def fps(self) -> int:
+        return self.bundle.fps
+
+    @property
+    def actions(self) -> list | None:
+        return self.bundle.actions
+
+    def action_id(self, action) -> int:
+        names = self.bundle.actions
+        if isinstance(action, str):
+            if not names or action not in names:
+                raise ValueError(f"unknown action {action!r}; this model knows {names}")
+            return names.index(action)
+        a = int(action)
+        n = self.dit.config.num_actions
+        if not n:
+            raise ValueError(f"model {self.bundle.name!r} takes no actions")
+        if not 0 <= a < n:
+            raise ValueError(f"action id {a} out of range 0..{n - 1}")
+        return a
+
+    def pixel_to_latent(self, num_frames: int) -> int:
+        return self.bundle.latent_frames(num_frames)
+
+    # ---- sessions -------------------------------------------------------------------------------
+    def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames=None,
+                     actions=None, prompt_schedule=None, negative_prompt: str | None = None, noise=None,
+                     recache: bool = False, text_embeds: torch.Tensor | None = None) -> Session:
+        """Start a stream. num_frames counts output pixel frames (None: until cancelled, needs a window)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames <= 0):
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        bf = self.block_frames
+        total_blocks = None
+        if num_frames is not None:
+            total_blocks = -(-self.pixel_to_latent(int(num_frames)) // bf)
+        init_latents = None
+        if init_frames is not None:
+            init_latents = self._encode_init(init_frames)
+        n_init = 0 if init_latents is None else init_latents.shape[1]
+        total_latent = None if total_blocks is None else n_init + total_blocks * bf
+        if self.window is None and total_latent is None:
+            raise AdmissionError("a session without num_frames runs until cancelled and needs a window "
+                                 "(Engine(window=...)) to keep its KV cache bounded")
+        budget = self.kv.budget_for(total_latent)
+        sid = next(self._ids)
+        seq = SeqState(sid=sid, prompt=prompt, total_blocks=total_blocks, budget=budget, recache_on_switch=recache)
+        if n_init:
+            seq.prefill_chunks = [min(bf, n_init - i) for i in range(0, n_init, bf)]
+        if actions is not None:
+            acts = [self.action_id(a) for a in actions]
+            # one action per pixel frame -> one per latent frame (the latent frame that first shows that pixel)
+            lat = [acts[min(len(acts) - 1, self.bundle.pixel_frames(i + 1) - 1)] for i in
+                   range(self.pixel_to_latent(len(acts)))]
+            seq.action_plan = {n_init + i: a for i, a in enumerate(lat)}
+        if prompt_schedule:
+            for frame, p in prompt_schedule:
+                if not isinstance(p, str):
+                    raise TypeError(f"prompt_schedule prompts must be str, got {type(p).__name__}")
+                blk = self.pixel_to_latent(int(frame) + 1) // bf if frame > 0 else 0
+                if blk == 0:
+                    seq.prompt = p
+                else:
+                    seq.prompt_plan[blk] = p
+        with self.lock:
+            self.scheduler.add(seq)  # raises AdmissionError when it can never fit
+            self.runner.add_session(sid, seq.prompt, noise if noise is not None else GeneratorNoise(seed),
+                                    negative_prompt=negative_prompt or self.bundle.sampling.negative_prompt,
+                                    init_latents=init_latents, text_embeds=text_embeds, chunk=bf)
+            sess = Session(self, sid, num_frames)
+            self.sessions[sid] = sess
+            self.profiler.session_opened(sid)
+        return sess
+
+    def _encode_init(self, frames) -> torch.Tensor:
+        dec = self.bundle.decoder
+        if dec is None:
+            raise ValueError("init_frames need a decoder/encoder (VAE) in the model bundle")
+        f = np.asarray(frames)
+        if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
+            raise ValueError(f"init_frames must be uint8 [T, H, W, 3], got {f.dtype} {f.shape}")
+        if f.shape[1:3] != (self.height, self.width):
+            raise ValueError(f"init_frames are {f.shape[2]}x{f.shape[1]}, the engine runs {self.width}x{self.height}")
+        with torch.no_grad():
+            return dec.encode(f).to(self.device, torch.float32)
+
+    def _fork(self, sess: Session) -> Session:
+        with self.lock:
+            sid = next(self._ids)
+            src = self.scheduler.seqs[sess.id]
+            seq = SeqState(sid=sid, prompt=src.prompt, total_blocks=src.total_blocks, budget=src.budget)
+            self.scheduler.fork(sess.id, seq)
+            self.runner.fork(sess.id, sid)
+            child = Session(self, sid, sess.num_frames)
+            child.frames_out = sess.frames_out
+            self.sessions[sid] = child
+            self.profiler.session_opened(sid)
+        return child
+
+    def _release(self, sid: int, status: str) -> None:
+        self.scheduler.release(sid, status)
+        self.runner.drop(sid)
+
+    # ---- stepping -------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one engine step; False when there was nothing to do."""
+        with self.lock:
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                return False
+            tic = time.perf_counter()
+            try:
+                outs = self.runner.execute(plan)
+            except BaseException as e:
+                for row in plan.rows():  # the sessions of a failed step end now and give their pages back
+                    s = self.sessions.get(row.sid)
+                    if s is not None:
+                        s.error = e
+                    self._release(row.sid, FAILED)
+                raise
+            for hook in self.hooks:
+                hook(plan, outs)
+            finished = self.scheduler.update(plan)
+            for o in outs:
+                self._deliver(o)
+            for sid in finished:
+                self.runner.drop(sid)
+            self.profiler.step_done(plan, outs, time.perf_counter() - tic)
+            return True
+
+    def _deliver(self, out) -> None:
+        sess = self.sessions.get(out.sid)
+        if sess is None:
+            return
+        if self.keep_latents:
+            sess.latents.append(out.latents)
+        frames = out.frames
+        if frames is None:
+            frames = np.zeros((0,), dtype=np.uint8)
+        elif sess.num_frames is not None:
+            frames = frames[: max(0, sess.num_frames - sess.frames_out)]
+        sess.frames_out += len(frames)
+        sess.blocks.append(frames)
+        self.profiler.block_delivered(out.sid, len(frames))
+
+    def run_until_idle(self, max_steps: int | None = None) -> int:
+        n = 0
+        while (max_steps is None or n < max_steps) and self.step():
+            n += 1
+        return n
+
+    def generate(self, prompt: str, num_frames: int, *, seed: int = 0, init_frames=None, actions=None,
+                 prompt_schedule=None, **kw) -> Iterator[np.ndarray]:
+        """Yield uint8 frame blocks [T, H, W, 3] as soon as each block is decoded; num_frames pixel frames in all."""
+        sess = self.open_session(prompt, num_frames=num_frames, seed=seed, init_frames=init_frames,
+                                 actions=actions, prompt_schedule=prompt_schedule, **kw)
+        try:
+            yield from sess
+        finally:
+            if not sess.done and sess.status not in (FINISHED, FAILED):
+                sess.cancel()
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.kv.pages_in_use
+
+    def stats(self) -> dict:
+        return self.profiler.summary()

@@ -1,0 +1,103 @@
+"""Replay a reference rollout (weights, recorded noise, expected latents) through the engine and compare.
+
+The folder layout is the one of tests/fixtures/self_forcing_tiny: config.json (model_kwargs, loop), weights.pt
+or weights.safetensors, inputs.safetensors (prompt_embeds, initial_noise, renoise_b{b}_s{s}),
+expected.safetensors (latents, optional x0_b{b}_s{s} and kv_layer0_k).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from inferix.models.bundle import ModelBundle
+from inferix.models.schedule import SamplingConfig
+from inferix.models.wan_dit import WanDiTConfig
+
+from .engine import Engine
+from .plan import COMMIT, DENOISE
+from .runner import RecordedNoise
+
+__all__ = ["verify_fixture", "load_fixture_model"]
+
+_MODEL_KEYS = {"patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+               "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps"}
+
+
+def load_fixture_model(folder: Path):
+    cfg = json.loads((folder / "config.json").read_text())
+    mk = cfg["model_kwargs"]
+    if mk.get("model_type", "t2v") != "t2v":
+        raise ValueError(f"{folder}: only t2v models can be replayed, got model_type {mk['model_type']!r}")
+    dit_cfg = WanDiTConfig.from_dict({k: v for k, v in mk.items() if k in _MODEL_KEYS}, what="model_kwargs")
+    from inferix.models.checkpoints import load_dit
+    weights = folder / "weights.pt"
+    if not weights.exists():
+        weights = folder / "weights.safetensors"
+    dit = load_dit(weights, config=dit_cfg)
+    return cfg, dit
+
+
+def verify_fixture(folder, *, attention: str | None = None, tol: float | None = None, device="cpu") -> dict:
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a reference rollout folder?")
+    cfg, dit = load_fixture_model(folder)
+    loop = cfg["loop"]
+    inputs = load_file(str(folder / "inputs.safetensors"))
+    expected = load_file(str(folder / "expected.safetensors"))
+    bf = int(loop["num_frame_per_block"])
+    if loop.get("independent_first_frame"):
+        raise ValueError("rollouts with an independent first frame are not supported")
+    sampling = SamplingConfig(denoising_steps=loop["denoising_step_list"], warp=bool(loop["warp_denoising_step"]),
+                              shift=float(loop["timestep_shift"]),
+                              num_train_timesteps=int(loop.get("num_train_timesteps", 1000)),
+                              context_timestep=float(loop.get("context_noise", 0)), block_frames=bf)
+    noise0 = inputs["initial_noise"]  # [1, F, C, H, W]
+    _, F, C, H, W = noise0.shape
+    renoise = {}
+    for k, v in inputs.items():
+        if k.startswith("renoise_b"):
+            b, s = k[len("renoise_b"):].split("_s")
+            renoise[(int(b), int(s))] = v[0]
+    window = loop.get("local_attn_size_frames", cfg["model_kwargs"].get("local_attn_size", -1))
+    sink = loop.get("sink_size_frames", cfg["model_kwargs"].get("sink_size", 0))
+    bundle = ModelBundle(name=folder.name, dit=dit.to(device).eval(), sampling=sampling, decoder=None,
+                         text_encoder=None, height=H * 8, width=W * 8)
+    num_blocks = F // bf
+    engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
+                    sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True)
+    x0_err, kv_pages = {}, {}
+
+    def hook(plan, outs):
+        for row in plan.rows():
+            st = engine.runner.sessions[row.sid]
+            if row.kind == DENOISE:
+                name = f"x0_b{row.block}_s{row.step}"
+                if name in expected:
+                    x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
+            elif row.kind == COMMIT:
+                for j, p in enumerate(row.write_pages):
+                    kv_pages[row.frame_start + j] = p
+
+    engine.hooks.append(hook)
+    sess = engine.open_session("", num_frames=num_blocks * bf, noise=RecordedNoise(noise0[0], renoise, bf),
+                               text_embeds=inputs["prompt_embeds"])
+    for _ in sess:
+        pass
+    latents = torch.cat(sess.latents, dim=0)[None].cpu()  # [1, F, C, H, W]
+    result = {"fixture": str(folder), "attention_backend": engine.backend.name,
+              "latents_max_abs_err": float((latents - expected["latents"]).abs().max()),
+              "x0_max_abs_err": max(x0_err.values()) if x0_err else None, "x0_errors": x0_err,
+              "pages_in_use_after": engine.pages_in_use}
+    if "kv_layer0_k" in expected:
+        T = engine.pool.page_tokens
+        k = torch.cat([engine.pool.k[0][kv_pages[f]] for f in sorted(kv_pages)], dim=0)[None].float().cpu()
+        exp_k = expected["kv_layer0_k"]
+        result["kv_layer0_k_max_abs_err"] = float((k[:, :exp_k.shape[1]] - exp_k).abs().max())
+    tol = float(cfg.get("checks", {}).get("recommended_atol", 1e-4)) if tol is None else tol
+    result["tolerance"] = tol
+    result["passed"] = result["latents_max_abs_err"] <= tol
+    return result

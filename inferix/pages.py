@@ -1,0 +1,196 @@
+"""Paged KV bookkeeping: plain Python, no torch.
+
+A page is one latent frame of one session, for every layer at once (layer l keeps its K/V of page p at row p of
+its own pool). A session's block table is its pinned sink pages followed by its rolling window of recent pages.
+Eviction, sink pinning and fork are edits of these lists plus reference counts; the tensors never move.
+
+Budget: a session is admitted with a reservation of the most pages it can ever hold at once (its window, or its
+whole length when it has no window). The sum of reservations never exceeds the pool, so an admitted session never
+fails to find a page. Forked sessions share their parent's pages (reference counted) and reserve their own budget.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["PageAllocator", "KVManager", "SessionPages", "AdmissionError"]
+
+
+class AdmissionError(RuntimeError):
+    """A session can never fit in the page pool (its window alone is larger than the pool)."""
+
+
+class PageAllocator:
+    """Free list (FIFO: freed pages are reused last) and reference counts over page ids 0..n-1."""
+
+    def __init__(self, num_pages: int):
+        if num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {num_pages}")
+        self.num_pages = num_pages
+        self.free: deque[int] = deque(range(num_pages))
+        self.refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def can_allocate(self, n: int) -> bool:
+        return 0 <= n <= len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        if not self.can_allocate(n):
+            raise RuntimeError(f"cannot allocate {n} pages, {len(self.free)} free")
+        pages = [self.free.popleft() for _ in range(n)]
+        for p in pages:
+            self.refs[p] = 1
+        return pages
+
+    def incref(self, pages) -> None:
+        for p in pages:
+            if self.refs[p] <= 0:
+                raise RuntimeError(f"page {p} is not allocated")
+            self.refs[p] += 1
+
+    def decref(self, pages) -> None:
+        for p in pages:
+            if self.refs[p] <= 0:
+                raise RuntimeError(f"page {p} freed twice")
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
+
+
+@dataclass
+class SessionPages:
+    budget: int  # pages reserved for this session
+    sink: list = field(default_factory=list)  # [(page, abs_frame)] pinned first frames
+    window: deque = field(default_factory=deque)  # [(page, abs_frame)] recent frames, oldest first
+    frames_committed: int = 0  # absolute index of the next frame to commit
+
+    def pages(self) -> list[int]:
+        return [p for p, _ in self.sink] + [p for p, _ in self.window]
+
+    def frames(self) -> list[int]:
+        return [f for _, f in self.sink] + [f for _, f in self.window]
+
+
+class KVManager:
+    """Block tables of all sessions over one page pool.
+
+    sink_frames: first frames of a video kept for good. window_frames: frames a block attends to, counting the
+    sink and the block itself (None: no limit, the session holds all its frames).
+    """
+
+    def __init__(self, num_pages: int, block_frames: int, window_frames: int | None = None, sink_frames: int = 0):
+        if block_frames <= 0:
+            raise ValueError(f"block_frames must be positive, got {block_frames}")
+        if sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
+        if window_frames is not None and window_frames < sink_frames + block_frames:
+            raise ValueError(f"window ({window_frames} frames) must hold the sink ({sink_frames}) plus one block "
+                             f"({block_frames})")
+        self.alloc = PageAllocator(num_pages)
+        self.block_frames = block_frames
+        self.window_frames = window_frames
+        self.sink_frames = sink_frames
+        self.sessions: dict[int, SessionPages] = {}
+        self.reserved = 0
+
+    # ---- admission ------------------------------------------------------------------------
+    def budget_for(self, total_frames: int | None) -> int:
+        """Pages a session needs at most: its window, or its whole length (rounded up to blocks) without one."""
+        if self.window_frames is None:
+            if total_frames is None:
+                raise AdmissionError("an unbounded session needs a window (set window_frames)")
+            return -(-total_frames // self.block_frames) * self.block_frames
+        if total_frames is None:
+            return self.window_frames
+        return min(self.window_frames, -(-total_frames // self.block_frames) * self.block_frames)
+
+    def can_allocate(self, budget: int) -> bool:
+        """No side effects: would a session with this budget fit now?"""
+        return self.reserved + budget <= self.alloc.num_pages
+
+    def check_fits_ever(self, budget: int) -> None:
+        if budget > self.alloc.num_pages:
+            raise AdmissionError(f"a session needs {budget} KV pages (one per latent frame of its window) but the "
+                                 f"pool has only {self.alloc.num_pages}; lower the window or raise the pool size")
+
+    def allocate(self, sid: int, budget: int) -> None:
+        if sid in self.sessions:
+            raise KeyError(f"session {sid} already holds pages")
+        if not self.can_allocate(budget):
+            raise RuntimeError(f"session {sid} does not fit: {budget} pages asked, "
+                               f"{self.alloc.num_pages - self.reserved} unreserved")
+        self.sessions[sid] = SessionPages(budget=budget)
+        self.reserved += budget
+
+    # ---- per block --------------------------------------------------------------------------
+    def begin_block(self, sid: int) -> list[int]:
+        """Evict what the next block will not see; returns the pages evicted (freed if no fork shares them)."""
+        sp = self.sessions[sid]
+        if self.window_frames is None:
+            return []
+        keep = self.window_frames - self.block_frames - len(sp.sink)
+        evicted = []
+        while len(sp.window) > keep:
+            p, _ = sp.window.popleft()
+            evicted.append(p)
+        self.alloc.decref(evicted)
+        return evicted
+
+    def context(self, sid: int) -> tuple[list[int], list[int]]:
+        """(pages, absolute frame indices) the current block attends to, in order: sink then window."""
+        sp = self.sessions[sid]
+        return sp.pages(), sp.frames()
+
+    def commit(self, sid: int, nframes: int) -> list[int]:
+        """Allocate pages for nframes freshly committed frames (written by the commit pass); returns them."""
+        sp = self.sessions[sid]
+        held = len(sp.sink) + len(sp.window)
+        if held + nframes > sp.budget:
+            raise RuntimeError(f"session {sid} would hold {held + nframes} pages, over its budget {sp.budget} "
+                               f"(begin_block evicts first)")
+        pages = self.alloc.allocate(nframes)
+        for p in pages:
+            f = sp.frames_committed
+            if f < self.sink_frames:
+                sp.sink.append((p, f))
+            else:
+                sp.window.append((p, f))
+            sp.frames_committed += 1
+        return pages
+
+    def replace(self, sid: int, old: int, new: int) -> None:
+        """Swap one page of a session's table (copy-on-write of a shared page)."""
+        sp = self.sessions[sid]
+        for lst in (sp.sink, sp.window):
+            for i, (p, f) in enumerate(lst):
+                if p == old:
+                    lst[i] = (new, f)
+                    self.alloc.decref([old])
+                    return
+        raise KeyError(f"page {old} is not in session {sid}'s table")
+
+    def shared(self, page: int) -> bool:
+        return self.alloc.refs[page] > 1
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def fork(self, src: int, dst: int) -> None:
+        """dst starts with src's table; pages are shared (committed pages are never written again)."""
+        s = self.sessions[src]
+        self.allocate(dst, s.budget)
+        d = self.sessions[dst]
+        d.sink, d.window, d.frames_committed = list(s.sink), deque(s.window), s.frames_committed
+        self.alloc.incref(d.pages())
+
+    def free(self, sid: int) -> None:
+        sp = self.sessions.pop(sid, None)
+        if sp is None:
+            return
+        self.alloc.decref(sp.pages())
+        self.reserved -= sp.budget
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.alloc.num_pages - self.alloc.num_free

@@ -1,0 +1,95 @@
+"""Engine profiling: time to first frame, per-block latency, pixel FPS including decode, time split, memory."""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+__all__ = ["Profiler"]
+
+
+def _percentile(xs, q):
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+class Profiler:
+    def __init__(self, engine):
+        self.engine = engine
+        self.opened: dict[int, float] = {}
+        self.first_frame: dict[int, float] = {}
+        self.last_block: dict[int, float] = {}
+        self.block_latency: list[float] = []  # seconds between consecutive blocks of a session (first: from open)
+        self.frames = 0
+        self.t0: float | None = None
+        self.t_last: float | None = None
+        self.max_pages = 0
+        self.steps = 0
+        self.step_time = 0.0
+
+    def session_opened(self, sid: int) -> None:
+        now = time.perf_counter()
+        self.opened[sid] = now
+        self.last_block[sid] = now
+        if self.t0 is None:
+            self.t0 = now
+
+    def block_delivered(self, sid: int, nframes: int) -> None:
+        now = time.perf_counter()
+        self.first_frame.setdefault(sid, now)
+        self.block_latency.append(now - self.last_block.get(sid, now))
+        self.last_block[sid] = now
+        self.frames += nframes
+        self.t_last = now
+
+    def step_done(self, plan, outs, seconds: float) -> None:
+        self.steps += 1
+        self.step_time += seconds
+        self.max_pages = max(self.max_pages, self.engine.kv.pages_in_use)
+
+    def summary(self) -> dict:
+        e = self.engine
+        ttff = [self.first_frame[s] - self.opened[s] for s in self.first_frame if s in self.opened]
+        wall = (self.t_last - self.t0) if (self.t0 is not None and self.t_last is not None) else 0.0
+        t = e.runner.timing
+        if e.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(e.device) / 2 ** 20
+            peak_what = "peak CUDA memory allocated (MiB)"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak_what = "peak process resident memory (MiB)"
+        return {
+            "device": str(e.device),
+            "model": e.bundle.name,
+            "resolution": f"{e.width}x{e.height}",
+            "attention_backend": e.backend.name,
+            "time_to_first_frame_s": statistics.median(ttff) if ttff else None,
+            "time_to_first_frame_note": "from open_session to the first decoded frame block (median over sessions)",
+            "block_latency_p50_s": _percentile(self.block_latency, 50),
+            "block_latency_p95_s": _percentile(self.block_latency, 95),
+            "pixel_frames": self.frames,
+            "wall_s": wall,
+            "pixel_fps_including_decode": (self.frames / wall) if wall > 0 else None,
+            "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
+                             "model_forward": t["forward"], "engine_steps": self.step_time},
+            "engine_overhead_fraction": (1 - (t["forward"] + t["decode"]) / self.step_time) if self.step_time else None,
+            "forward_calls": e.runner.forward_calls,
+            "kv_pages_in_use": e.kv.pages_in_use,
+            "kv_pages_max_in_use": self.max_pages,
+            "kv_pages_total": e.kv.alloc.num_pages,
+            "kv_pool_mib": e.pool.nbytes() / 2 ** 20,
+            "peak_memory_mib": peak,
+            "peak_memory_note": peak_what,
+        }
+
+    def write(self, path) -> dict:
+        s = self.summary()
+        with open(path, "w") as f:
+            json.dump(s, f, indent=2)
+        return s

@@ -1,0 +1,306 @@
+"""The runner owns every tensor: noise, latents, the KV page pool, text K/V, decoder stream states.
+
+``execute(plan)`` runs each group of the plan as one forward pass of the DiT over the paged cache and returns,
+per session, the decoded frames of blocks that became clean.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from inferix.kernels.attention import KVPool, PagedMeta
+from inferix.kernels.rope import rope_angles, rope_cos_sin
+from inferix.models.bundle import ModelBundle
+from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
+from inferix.models.wan_dit import TextKV
+
+from .plan import COMMIT, DENOISE, PREFILL, RECACHE, StepPlan
+
+__all__ = ["Runner", "GeneratorNoise", "RecordedNoise", "BlockOutput"]
+
+
+class GeneratorNoise:
+    """Noise from a per-session seeded CPU generator: the same seed gives the same video on any device."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def initial(self, block: int, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen)
+
+    def renoise(self, block: int, step: int, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen)
+
+    def clone(self) -> "GeneratorNoise":
+        c = GeneratorNoise(0)
+        c.gen.set_state(self.gen.get_state())
+        return c
+
+
+class RecordedNoise:
+    """Replays recorded noise: ``initial`` [F_total, C, H, W] sliced per block, ``renoise[(block, step)]``."""
+
+    def __init__(self, initial: torch.Tensor, renoise: dict, block_frames: int):
+        self.init, self.re, self.bf = initial, renoise, block_frames
+
+    def initial(self, block: int, shape) -> torch.Tensor:
+        return self.init[block * self.bf:(block + 1) * self.bf].reshape(shape)
+
+    def renoise(self, block: int, step: int, shape) -> torch.Tensor:
+        try:
+            return self.re[(block, step)].reshape(shape)
+        except KeyError:
+            raise KeyError(f"no recorded noise for block {block} step {step}") from None
+
+    def clone(self):
+        return self
+
+
+@dataclass
+class BlockOutput:
+    sid: int
+    block: int
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] (None without a decoder)
+    latents: torch.Tensor  # [F, C, h, w] clean latents of the block
+
+
+@dataclass
+class SessionTensors:
+    noise: object
+    prompt: str
+    negative_prompt: str = ""
+    x: torch.Tensor | None = None  # current step input [F, C, h, w]
+    x0: torch.Tensor | None = None  # latest clean prediction [F, C, h, w]
+    decoder_state: object = None
+    history: OrderedDict = field(default_factory=OrderedDict)  # abs frame -> clean latent [C, h, w]
+    prefill: list = field(default_factory=list)  # latent chunks [n, C, h, w] still to commit
+    text_embeds: torch.Tensor | None = None  # explicit text conditioning (bypasses the text encoder)
+
+
+class Runner:
+    def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
+                 positions: str = "absolute", keep_frames: int | None = None, device="cpu"):
+        if positions not in ("absolute", "relative"):
+            raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
+        self.bundle = bundle
+        self.dit = bundle.dit
+        self.pool = pool
+        self.backend = backend
+        self.positions = positions
+        self.latent_hw = latent_hw
+        self.keep_frames = keep_frames
+        self.device = torch.device(device)
+        self.sampling = bundle.sampling
+        self.timesteps = self.sampling.timesteps
+        self.sigmas = self.sampling.sigmas()
+        self.euler_sigmas = self.sampling.euler_sigmas() if self.sampling.sampler == "euler" else None
+        self.sessions: dict[int, SessionTensors] = {}
+        self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
+        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
+        self.forward_calls = 0
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
+                    text_embeds: torch.Tensor | None = None, chunk: int = 1) -> None:
+        st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds)
+        if self.bundle.decoder is not None:
+            st.decoder_state = self.bundle.decoder.new_stream()
+        if init_latents is not None:
+            lat = init_latents[0].to(self.device, torch.float32)  # [F, C, h, w]
+            st.prefill = [lat[i:i + chunk] for i in range(0, lat.shape[0], chunk)]
+            if self.bundle.decoder is not None:  # prime the causal decoder so the stream continues the given video
+                self.bundle.decoder.decode_block(st.decoder_state, lat[None])
+        self.sessions[sid] = st
+
+    def fork(self, src: int, dst: int) -> None:
+        s = self.sessions[src]
+        self.sessions[dst] = SessionTensors(
+            noise=s.noise.clone(), prompt=s.prompt, negative_prompt=s.negative_prompt,
+            x=None if s.x is None else s.x.clone(), x0=None if s.x0 is None else s.x0.clone(),
+            decoder_state=copy.deepcopy(s.decoder_state), history=OrderedDict(s.history),
+            prefill=list(s.prefill), text_embeds=s.text_embeds)
+
+    def drop(self, sid: int) -> None:
+        self.sessions.pop(sid, None)
+
+    def set_prompt(self, sid: int, prompt: str) -> None:
+        self.sessions[sid].prompt = prompt
+        self.sessions[sid].text_embeds = None
+
+    # ---- conditioning ----------------------------------------------------------------------------
+    def text_kv(self, st: SessionTensors, negative: bool = False) -> TextKV:
+        if st.text_embeds is not None and not negative:
+            key = ("embeds", id(st.text_embeds))
+        else:
+            key = ("prompt", st.negative_prompt if negative else st.prompt)
+        kv = self.text_cache.get(key)
+        if kv is None:
+            emb = st.text_embeds if key[0] == "embeds" else self.bundle.encode_prompt(key[1])
+            with torch.no_grad():
+                kv = self.dit.prepare_text(emb.to(self.device))
+            self.text_cache[key] = kv
+            while len(self.text_cache) > 64:
+                self.text_cache.popitem(last=False)
+        else:
+            self.text_cache.move_to_end(key)
+        return kv
+
+    # ---- execution -------------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> list[BlockOutput]:
+        outs = []
+        for g in plan.groups:
+            outs.extend(self._run_group(g))
+        return outs
+
+    def _meta(self, rows, nframes: int, write: bool) -> tuple[PagedMeta, torch.Tensor]:
+        B = len(rows)
+        maxp = max([len(r.context_pages) for r in rows] + [1])
+        bt = torch.zeros(B, maxp, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            if r.context_pages:
+                bt[i, :len(r.context_pages)] = torch.tensor(r.context_pages, dtype=torch.int32)
+        ctx = [len(r.context_pages) for r in rows]
+        wp = torch.tensor([r.write_pages for r in rows], dtype=torch.int32) if write else None
+        h, w = self.latent_hw
+        ph, pw = self.dit.config.patch_size[1:]
+        if self.positions == "relative":
+            qpos = torch.tensor([[len(r.context_pages) + i for i in range(nframes)] for r in rows])
+            cache_pos = torch.arange(maxp)[None].expand(B, maxp)
+            cos, sin = rope_cos_sin(rope_angles(cache_pos.to(self.device), h // ph, w // pw, self.dit.config.head_dim))
+        else:
+            qpos = torch.tensor([[r.frame_start + i for i in range(nframes)] for r in rows])
+            cos = sin = None
+        meta = PagedMeta(pool=self.pool, block_tables=bt.to(self.device), context_pages=torch.tensor(ctx, dtype=torch.int32).to(self.device),
+                         write_pages=None if wp is None else wp.to(self.device), cache_cos=cos, cache_sin=sin,
+                         context_pages_list=ctx)
+        return meta, qpos.to(self.device)
+
+    def _forward(self, x, t, rows, meta, qpos, actions, negative=False):
+        texts = [self.text_kv(self.sessions[r.sid], negative) for r in rows]
+        ctx = texts[0] if len(texts) == 1 else TextKV.cat(texts)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.dit(x, t, ctx, frame_pos=qpos, meta=meta, backend=self.backend, actions=actions)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.timing["forward"] += time.perf_counter() - t0
+        self.forward_calls += 1
+        return out
+
+    def _run_group(self, g) -> list[BlockOutput]:
+        rows, n = g.rows, g.nframes
+        C = self.dit.config.in_dim
+        h, w = self.latent_hw
+        shape = (n, C, h, w)
+        tic = time.perf_counter()
+        xs, ts = [], []
+        for r in rows:
+            st = self.sessions[r.sid]
+            if r.prompt is not None:
+                self.set_prompt(r.sid, r.prompt)
+            if g.kind == DENOISE:
+                if r.step == 0:
+                    x = st.noise.initial(r.block, shape).to(self.device, torch.float32)
+                elif self.euler_sigmas is not None:
+                    x = st.x
+                else:
+                    sig = self.sigmas[r.step]
+                    x = add_noise(st.x0, st.noise.renoise(r.block, r.step, shape).to(self.device), sig)
+                st.x = x
+                t = self.timesteps[r.step]
+            elif g.kind == COMMIT:
+                x, t = st.x0, self.sampling.context_timestep
+            elif g.kind == PREFILL:
+                x, t = st.prefill.pop(0), self.sampling.context_timestep
+                self._remember(st, r.frame_start, x)
+            elif g.kind == RECACHE:
+                x = torch.stack([st.history[f] for f in r.context_frames])
+                t = self.sampling.context_timestep
+            else:
+                raise ValueError(f"unknown pass kind {g.kind!r}")
+            xs.append(x)
+            ts.append(t)
+        x = torch.stack(xs)  # [B, F, C, h, w]
+        t = torch.tensor(ts, dtype=torch.float32, device=self.device)[:, None].expand(len(rows), n)
+        actions = None
+        if self.dit.config.num_actions:
+            actions = torch.tensor([r.actions if r.actions is not None else [0] * n for r in rows],
+                                   dtype=torch.long, device=self.device)
+        if g.kind == RECACHE:
+            rows_meta = [type(r)(**{**r.__dict__, "context_pages": [], "context_frames": []}) for r in rows]
+            meta, qpos = self._meta(rows_meta, n, write=True)
+            if self.positions == "absolute":
+                qpos = torch.tensor([r.context_frames for r in rows], device=self.device)
+        else:
+            meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
+        pred = self._forward(x, t, rows, meta, qpos, actions)
+        outs = []
+        if g.kind == DENOISE:
+            outs = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
+            self.timing["denoise"] += time.perf_counter() - tic - self._decode_time
+        else:
+            self.timing["commit"] += time.perf_counter() - tic
+        return outs
+
+    def _to_x0(self, x, pred, sigma):
+        if self.dit.config.prediction == "x0":
+            return pred
+        return flow_to_x0(x, pred, sigma)
+
+    def _after_denoise(self, rows, x, pred, meta, qpos, actions, t) -> list[BlockOutput]:
+        self._decode_time = 0.0
+        s = self.sampling
+        step_sig = torch.tensor([self.sigmas[r.step] for r in rows], dtype=torch.float64,
+                                device=self.device)[:, None, None, None, None]
+        if s.sampler == "euler":
+            v = pred if self.dit.config.prediction == "flow" else x0_to_flow(x, pred, step_sig)
+            if s.guidance_scale != 1.0:
+                pred_u = self._forward(x, t, rows, meta_without_write(meta), qpos, actions, negative=True)
+                v_u = pred_u if self.dit.config.prediction == "flow" else x0_to_flow(x, pred_u, step_sig)
+                v = cfg_combine(v, v_u, s.guidance_scale)
+        outs = []
+        for i, r in enumerate(rows):
+            st = self.sessions[r.sid]
+            if s.sampler == "euler":
+                sig, sig_next = self.euler_sigmas[r.step], self.euler_sigmas[r.step + 1]
+                st.x = euler_step(x[i], v[i], sig, sig_next)
+                st.x0 = flow_to_x0(x[i], v[i], sig)
+                if r.last_step:
+                    st.x0 = st.x
+            else:
+                st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
+            if r.last_step:
+                for j in range(r.nframes):
+                    self._remember(st, r.frame_start + j, st.x0[j])
+                frames = None
+                if self.bundle.decoder is not None:
+                    tic = time.perf_counter()
+                    frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
+                    dt = time.perf_counter() - tic
+                    self._decode_time += dt
+                    self.timing["decode"] += dt
+                outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
+        return outs
+
+    _decode_time = 0.0
+
+    def _remember(self, st: SessionTensors, frame: int, latent: torch.Tensor) -> None:
+        if latent.dim() == 4:
+            for j in range(latent.shape[0]):
+                self._remember(st, frame + j, latent[j])
+            return
+        st.history[frame] = latent
+        if self.keep_frames is not None:
+            while len(st.history) > self.keep_frames:
+                st.history.popitem(last=False)
+
+
+def meta_without_write(meta: PagedMeta) -> PagedMeta:
+    return PagedMeta(pool=meta.pool, block_tables=meta.block_tables, context_pages=meta.context_pages,
+                     write_pages=None, cache_cos=meta.cache_cos, cache_sin=meta.cache_sin,
+                     context_pages_list=meta.context_pages_list)

@@ -1,0 +1,197 @@
+"""Semi-autoregressive block scheduler: plain ints and lists, no torch.
+
+Each session carries counters, not phases: which block it is on, which denoising step, how many context frames
+remain to prefill. ``schedule()`` turns them into a StepPlan; ``update()`` advances them after the runner ran it.
+Admission goes through the KV manager's side-effect-free ``can_allocate`` before ``allocate``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .pages import KVManager
+from .plan import COMMIT, DENOISE, PREFILL, RECACHE, Group, Row, StepPlan
+
+__all__ = ["Scheduler", "SeqState", "WAITING", "RUNNING", "PAUSED", "FINISHED", "CANCELLED", "FAILED"]
+
+WAITING, RUNNING, PAUSED, FINISHED, CANCELLED, FAILED = "waiting", "running", "paused", "finished", "cancelled", "failed"
+
+
+@dataclass
+class SeqState:
+    sid: int
+    prompt: str
+    total_blocks: int | None  # None: runs until cancelled (needs a window)
+    budget: int
+    status: str = WAITING
+    block: int = 0
+    step: int = 0
+    prefill_frames: int = 0  # given context frames still to commit
+    prefill_chunks: list = field(default_factory=list)  # sizes of the prefill passes still to run
+    pending_prompt: str | None = None
+    recache_on_switch: bool = False
+    need_recache: bool = False
+    action: int = 0  # held action (world models)
+    pending_action: int | None = None  # set by Session.act, applied at the next block boundary
+    action_plan: dict = field(default_factory=dict)  # absolute latent frame -> action id
+    prompt_plan: dict = field(default_factory=dict)  # block index -> prompt
+    block_started: bool = False
+    frame_start: int = 0  # absolute latent index of the current block's first frame
+    block_actions: list | None = None
+    prompt_changed: bool = False  # the block that starts next carries a new prompt to the runner
+
+    @property
+    def active(self) -> bool:
+        return self.status == RUNNING
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, num_steps: int, block_frames: int, max_batch: int = 8):
+        self.kv = kv
+        self.num_steps = num_steps
+        self.block_frames = block_frames
+        self.max_batch = max_batch
+        self.seqs: dict[int, SeqState] = {}
+        self.queue: list[int] = []  # waiting sids, FIFO
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def add(self, seq: SeqState) -> None:
+        self.kv.check_fits_ever(seq.budget)
+        self.seqs[seq.sid] = seq
+        seq.status = WAITING
+        self.queue.append(seq.sid)
+        self._admit()
+
+    def _admit(self) -> None:
+        while self.queue:
+            seq = self.seqs[self.queue[0]]
+            if not self.kv.can_allocate(seq.budget):
+                break
+            self.queue.pop(0)
+            self.kv.allocate(seq.sid, seq.budget)
+            if seq.status == WAITING:
+                seq.status = RUNNING
+
+    def waiting_position(self, sid: int) -> int | None:
+        return self.queue.index(sid) if sid in self.queue else None
+
+    def release(self, sid: int, status: str) -> None:
+        """Finish, cancel or fail: pages are freed at once and waiting sessions may be admitted."""
+        seq = self.seqs.get(sid)
+        if seq is None:
+            return
+        seq.status = status
+        if sid in self.queue:
+            self.queue.remove(sid)
+        self.kv.free(sid)
+        self._admit()
+
+    def fork(self, src: int, dst_seq: SeqState) -> None:
+        """dst shares src's pages (copy-on-write) and continues from src's counters."""
+        s = self.seqs[src]
+        if s.status not in (RUNNING, PAUSED):
+            raise RuntimeError(f"session {src} is {s.status}; only a running or paused session can be forked")
+        if not self.kv.can_allocate(s.budget):
+            raise RuntimeError(f"no KV budget left to fork session {src} ({s.budget} pages needed)")
+        self.kv.fork(src, dst_seq.sid)
+        for name in ("block", "step", "prefill_frames", "action", "block_started", "frame_start", "need_recache",
+                     "recache_on_switch", "pending_prompt", "prompt", "total_blocks", "budget", "prompt_changed"):
+            setattr(dst_seq, name, getattr(s, name))
+        dst_seq.prefill_chunks = list(s.prefill_chunks)
+        dst_seq.action_plan = dict(s.action_plan)
+        dst_seq.prompt_plan = dict(s.prompt_plan)
+        dst_seq.block_actions = list(s.block_actions) if s.block_actions is not None else None
+        dst_seq.status = PAUSED
+        self.seqs[dst_seq.sid] = dst_seq
+
+    # ---- planning ------------------------------------------------------------------------------
+    def _row(self, seq: SeqState) -> Row:
+        kv = self.kv
+        sid = seq.sid
+        if seq.prefill_chunks:
+            n = seq.prefill_chunks[0]
+            kv.begin_block(sid)
+            pages, frames = kv.context(sid)
+            start = kv.sessions[sid].frames_committed
+            return Row(sid, PREFILL, 0, seq.block, start, n, pages, frames, kv.commit(sid, n))
+        if not seq.block_started:
+            # block boundary: prompt switches and actions take effect here
+            seq.block_started = True
+            new_prompt = seq.prompt_plan.pop(seq.block, None) or seq.pending_prompt
+            seq.pending_prompt = None
+            if new_prompt is not None and new_prompt != seq.prompt:
+                seq.prompt = new_prompt
+                seq.need_recache = seq.recache_on_switch and bool(kv.sessions[sid].pages())
+                seq.prompt_changed = True
+            kv.begin_block(sid)
+            seq.frame_start = kv.sessions[sid].frames_committed
+            if seq.pending_action is not None:
+                seq.action, seq.pending_action = seq.pending_action, None
+            acts = []
+            for f in range(seq.frame_start, seq.frame_start + self.block_frames):
+                seq.action = seq.action_plan.pop(f, seq.action)
+                acts.append(seq.action)
+            seq.block_actions = acts
+        pages, frames = kv.context(sid)
+        changed = seq.prompt_changed
+        if seq.need_recache:
+            write = self._copy_on_write(sid, pages)
+            if write is not None:
+                return Row(sid, RECACHE, 0, seq.block, frames[0], len(frames), [], list(frames), write,
+                           prompt=seq.prompt)
+            seq.need_recache = False  # no spare pages to copy shared ones into: keep the old K/V
+        if seq.step < self.num_steps:
+            row = Row(sid, DENOISE, seq.step, seq.block, seq.frame_start, self.block_frames, pages, frames,
+                      actions=seq.block_actions, last_step=seq.step == self.num_steps - 1,
+                      prompt=seq.prompt if changed else None)
+            seq.prompt_changed = False
+            return row
+        return Row(sid, COMMIT, 0, seq.block, seq.frame_start, self.block_frames, pages, frames,
+                   kv.commit(sid, self.block_frames), actions=seq.block_actions)
+
+    def _copy_on_write(self, sid: int, pages: list) -> list | None:
+        """Pages a recache may overwrite: shared pages (forks) are swapped for fresh ones first."""
+        kv = self.kv
+        shared = [p for p in pages if kv.shared(p)]
+        sp = kv.sessions[sid]
+        if len(sp.pages()) + len(shared) > sp.budget or not kv.alloc.can_allocate(len(shared)):
+            return None
+        fresh = dict(zip(shared, kv.alloc.allocate(len(shared))))
+        for old, new in fresh.items():
+            kv.replace(sid, old, new)
+        return [fresh.get(p, p) for p in pages]
+
+    def schedule(self) -> StepPlan:
+        self._admit()
+        groups: dict = defaultdict(list)
+        for seq in self.seqs.values():
+            if seq.status != RUNNING:
+                continue
+            row = self._row(seq)
+            groups[(row.kind, row.nframes)].append(row)
+        plan = StepPlan()
+        for (kind, n), rows in groups.items():
+            for i in range(0, len(rows), self.max_batch):
+                plan.groups.append(Group(kind, n, rows[i:i + self.max_batch]))
+        return plan
+
+    def update(self, plan: StepPlan) -> list[int]:
+        """Advance counters after the runner executed the plan; returns sids that finished."""
+        done = []
+        for row in plan.rows():
+            seq = self.seqs[row.sid]
+            if row.kind == PREFILL:
+                seq.prefill_chunks.pop(0)
+            elif row.kind == RECACHE:
+                seq.need_recache = False
+            elif row.kind == DENOISE:
+                seq.step += 1
+            elif row.kind == COMMIT:
+                seq.block += 1
+                seq.step = 0
+                seq.block_started = False
+                if seq.total_blocks is not None and seq.block >= seq.total_blocks:
+                    done.append(row.sid)
+        for sid in done:
+            self.release(sid, FINISHED)
+        return done

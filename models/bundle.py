@@ -1,0 +1,200 @@
+"""A model bundle: the denoiser plus what turns prompts into conditioning and latents into pixels.
+
+Names a user can pass to ``load_model``:
+- ``toyworld``: the trained toy world shipped in models/weights (pixel space, actions, themes by prompt);
+- ``tiny``: random tiny Wan DiT + tiny Wan VAE + hashed-word text encoder (tests, smoke runs);
+- ``wan2.1-t2v-1.3b`` / ``wan2.1-t2v-14b``: the real architectures with random weights (benchmarks);
+- a path: a diffusers Wan pipeline directory, a bundle JSON written by this project, or a DiT checkpoint in any
+  format ``checkpoints.load_dit`` reads (then pass ``vae=`` and ``text_encoder=`` paths for pixels and prompts).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .schedule import SamplingConfig, SAMPLING_PRESETS
+from .wan_dit import CausalWanDiT, PRESETS, WanDiTConfig
+
+__all__ = ["ModelBundle", "PixelDecoder", "load_model", "MODEL_NAMES", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MODEL_NAMES = ["toyworld", "tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+
+
+class PixelDecoder:
+    """Identity "VAE" for pixel-space models: latent = pixel / 127.5 - 1, one latent frame per pixel frame."""
+    temporal_ratio = 1
+    spatial_ratio = 1
+
+    def __init__(self, channels: int = 3):
+        self.latent_channels = channels
+
+    def pixel_frames(self, n_latent: int) -> int:
+        return n_latent
+
+    def latent_frames(self, n_pixel: int) -> int:
+        return n_pixel
+
+    def new_stream(self):
+        return None
+
+    def decode_block(self, state, latents: torch.Tensor) -> np.ndarray:
+        x = latents[0].float().clamp(-1, 1)  # [F, 3, H, W]
+        return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def encode(self, frames) -> torch.Tensor:
+        f = torch.as_tensor(np.asarray(frames))
+        if f.dim() != 4 or f.shape[-1] != 3 or f.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {f.dtype} {tuple(f.shape)}")
+        return (f.permute(0, 3, 1, 2).float() / 127.5 - 1)[None]  # [1, T, 3, H, W]
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    dit: CausalWanDiT
+    sampling: SamplingConfig
+    decoder: object | None = None  # WanVAE or PixelDecoder: new_stream / decode_block / encode
+    text_encoder: object | None = None  # encode(prompt) -> [1, Lt, text_dim]
+    height: int = 64
+    width: int = 64
+    fps: int = 16
+    actions: list | None = None  # action names of a world model, id = index
+    window: int | None = None  # default window (latent frames, incl. the current block)
+    sink: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def spatial_ratio(self) -> int:
+        return self.decoder.spatial_ratio if self.decoder is not None else 8
+
+    @property
+    def latent_channels(self) -> int:
+        return self.dit.config.in_dim
+
+    def latent_frames(self, n_pixel: int) -> int:
+        if self.decoder is None:
+            return n_pixel
+        return self.decoder.latent_frames(n_pixel)
+
+    def pixel_frames(self, n_latent: int) -> int:
+        if self.decoder is None:
+            return n_latent
+        return self.decoder.pixel_frames(n_latent)
+
+    def encode_prompt(self, prompt) -> torch.Tensor:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if self.text_encoder is None:
+            raise ValueError(f"model {self.name!r} has no text encoder; pass text_encoder=PATH or text embeddings")
+        with torch.no_grad():
+            return self.text_encoder.encode(prompt)
+
+
+def _device_dtype(bundle: ModelBundle, device, dtype) -> ModelBundle:
+    bundle.dit.to(device=device, dtype=dtype)
+    if isinstance(bundle.text_encoder, torch.nn.Module):
+        bundle.text_encoder.to(device=device)
+    if bundle.decoder is not None and hasattr(bundle.decoder, "to"):
+        bundle.decoder.to(device=device)
+    bundle.dit.eval()
+    return bundle
+
+
+def _hash_encoder(text_dim: int, text_len: int, vocab: int = 4096, seed: int = 0):
+    from .text_encoder import HashTextEncoder
+    return HashTextEncoder(text_dim=text_dim, text_len=text_len, vocab=vocab, seed=seed)
+
+
+def _random_dit(cfg: WanDiTConfig, seed: int) -> CausalWanDiT:
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        return CausalWanDiT(cfg)
+
+
+def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
+    meta = json.loads(Path(path).read_text())
+    if meta.get("format") != "inferix-bundle":
+        raise ValueError(f"{path} is not an inferix bundle (format={meta.get('format')!r})")
+    from safetensors.torch import load_file
+    weights = Path(path).with_suffix(".safetensors")
+    if not weights.exists():
+        raise FileNotFoundError(f"bundle weights not found: {weights}")
+    sd = load_file(str(weights))
+    cfg = WanDiTConfig.from_dict(meta["dit"], what="dit config")
+    from .checkpoints import build_dit
+    dit = build_dit({k[4:]: v for k, v in sd.items() if k.startswith("dit.")}, cfg, source=str(weights))
+    te_meta = meta.get("text_encoder") or {}
+    text = None
+    if te_meta.get("type") == "hash":
+        text = _hash_encoder(te_meta["text_dim"], te_meta["text_len"], te_meta.get("vocab", 4096))
+        text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
+        text.load_state_dict(text_sd, strict=True)
+        text.eval()
+    dec_meta = meta.get("decoder") or {"type": "pixel"}
+    decoder = PixelDecoder(cfg.in_dim) if dec_meta.get("type") == "pixel" else None
+    bundle = ModelBundle(name=meta.get("name", Path(path).stem), dit=dit,
+                         sampling=SamplingConfig.from_dict(meta["sampling"], what="sampling config"),
+                         decoder=decoder, text_encoder=text, height=meta.get("height", 64),
+                         width=meta.get("width", 64), fps=meta.get("fps", 16), actions=meta.get("actions"),
+                         window=meta.get("window"), sink=meta.get("sink", 0), extra=meta)
+    return _device_dtype(bundle, device, dtype)
+
+
+def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.float32, vae=None,
+               text_encoder=None, sampling: str | SamplingConfig | None = None, seed: int = 0) -> ModelBundle:
+    """Load a bundle by preset name or path (see module docstring)."""
+    name = str(name_or_path)
+    if name == "toyworld":
+        p = WEIGHTS_DIR / "toyworld.json"
+        if not p.exists():
+            raise FileNotFoundError(f"the toy world weights are missing from this install ({p})")
+        bundle = load_bundle_json(p, device, dtype)
+    elif name == "tiny":
+        from .vae import WanVAE
+        cfg = PRESETS["tiny"]
+        bundle = ModelBundle(name="tiny", dit=_random_dit(cfg, seed), sampling=SAMPLING_PRESETS["self_forcing"],
+                             decoder=WanVAE.tiny(seed=seed), text_encoder=_hash_encoder(cfg.text_dim, cfg.text_len),
+                             height=64, width=64)
+        bundle = _device_dtype(bundle, device, dtype)
+    elif name in PRESETS:
+        from .vae import WanVAE
+        cfg = PRESETS[name]
+        bundle = ModelBundle(name=name, dit=_random_dit(cfg, seed), sampling=SAMPLING_PRESETS["self_forcing"],
+                             decoder=WanVAE.default(seed=seed), text_encoder=_hash_encoder(cfg.text_dim, 32),
+                             height=480, width=832)
+        bundle = _device_dtype(bundle, device, dtype)
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"unknown model {name!r}: not a preset ({', '.join(MODEL_NAMES)}) and no such "
+                                    f"file or directory")
+        if path.suffix == ".json":
+            bundle = load_bundle_json(path, device, dtype)
+        elif path.is_dir() and (path / "model_index.json").exists():
+            from .checkpoints import load_pipeline_dir
+            dit, vae_m, te = load_pipeline_dir(path, device=device, dtype=dtype)
+            bundle = ModelBundle(name=path.name, dit=dit, sampling=SAMPLING_PRESETS["self_forcing"], decoder=vae_m,
+                                 text_encoder=te, height=480, width=832)
+            bundle = _device_dtype(bundle, device, dtype)
+        else:
+            from .checkpoints import load_dit
+            dit = load_dit(path, device=device, dtype=dtype)
+            bundle = ModelBundle(name=path.stem, dit=dit, sampling=SAMPLING_PRESETS["self_forcing"],
+                                 height=480, width=832)
+            bundle = _device_dtype(bundle, device, dtype)
+    if vae is not None:
+        from .vae import WanVAE
+        bundle.decoder = WanVAE.load(vae).to(device=device)
+    if text_encoder is not None:
+        from .text_encoder import UMT5TextEncoder
+        bundle.text_encoder = UMT5TextEncoder.from_dir(text_encoder, text_len=bundle.dit.config.text_len)
+    if sampling is not None:
+        bundle.sampling = SAMPLING_PRESETS[sampling] if isinstance(sampling, str) else sampling
+    return bundle
