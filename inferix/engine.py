@@ -289,6 +289,8 @@ class Engine:
             tic = time.perf_counter()
             try:
                 outs = self.runner.execute(plan)
+                for hook in self.hooks:
+                    hook(plan, outs)
             except BaseException as e:
                 for row in plan.rows():  # the sessions of a failed step end now and give their pages back
                     s = self.sessions.get(row.sid)
@@ -296,8 +298,6 @@ class Engine:
                         s.error = e
                     self._release(row.sid, FAILED)
                 raise
-            for hook in self.hooks:
-                hook(plan, outs)
             finished = self.scheduler.update(plan)
             for o in outs:
                 self._deliver(o)

@@ -1,0 +1,219 @@
+"""Command line: ``inferix generate | verify-fixture | bench | train | toyworld | demo``.
+
+Subcommands from higher floors (the demo) register themselves through the ``inferix.commands`` entry-point
+group, so the engine never imports them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from importlib.metadata import entry_points
+
+__all__ = ["main"]
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="preset (toyworld, tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b) or a "
+                   "checkpoint path; default: the embedded toy world")
+    p.add_argument("--vae", default=None, help="Wan VAE (diffusers dir or Wan2.1_VAE.pth) for a bare DiT checkpoint")
+    p.add_argument("--text-encoder", default=None, help="local UMT5 encoder directory for a bare DiT checkpoint")
+    p.add_argument("--sampling", default=None, choices=["self_forcing", "causvid"], help="sampler preset override")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--window", type=int, default=-1, help="latent frames attended (incl. the current block); "
+                   "0 = no window (global attention); default: the model's")
+    p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
+    p.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"],
+                   help="attention backend (default: triton on CUDA, reference on CPU)")
+    p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
+
+
+def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
+    import torch
+    from inferix.models.bundle import load_model
+    from .api import default_model
+    from .engine import Engine
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        a.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    bundle = load_model(a.model or default_model(), device=device, dtype=dtype, vae=a.vae,
+                        text_encoder=a.text_encoder, sampling=a.sampling)
+    window = bundle.window if a.window == -1 else (None if a.window == 0 else a.window)
+    kv_pages = a.kv_pages
+    if kv_pages is None:  # the pages the sessions can hold at once, no more
+        bf = bundle.sampling.block_frames
+        per = window if window is not None else -(-bundle.latent_frames(frames or 1) // bf) * bf
+        kv_pages = per * max_sessions
+    return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
+                  attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages)
+
+
+def _parse_actions(text: str | None, eng) -> list | None:
+    """'right,right,down' -> one action per block, the last one held; None for models without actions."""
+    if not eng.dit.config.num_actions:
+        if text:
+            raise SystemExit(f"error: model {eng.bundle.name!r} takes no actions")
+        return None
+    names = eng.actions or [str(i) for i in range(eng.dit.config.num_actions)]
+    if not text:  # a scripted tour so the default video shows the world reacting
+        text = ",".join(["right"] * 4 + ["down"] * 4 + ["left"] * 4 + ["up"] * 4) if "right" in names else None
+        if text is None:
+            return None
+    per_block = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        per_block.append(int(tok) if tok.isdigit() else eng.action_id(tok))
+    return per_block
+
+
+def cmd_generate(a) -> int:
+    from tqdm import tqdm
+    from .sinks import VideoWriter
+    if a.frames <= 0:
+        print(f"error: --frames must be positive, got {a.frames}", file=sys.stderr)
+        return 2
+    eng = _build_engine(a, frames=a.frames)
+    acts = _parse_actions(a.actions, eng)
+    actions = None
+    if acts:
+        per_block_px = eng.bundle.pixel_frames(eng.block_frames)
+        actions = [acts[min(i // per_block_px, len(acts) - 1)] for i in range(a.frames)]
+    monitor = None
+    if a.monitor_drift:
+        from .drift import DriftMonitor
+        monitor = DriftMonitor(chunk_frames=max(1, a.frames // 10), num_chunks=10)
+    bar = tqdm(total=a.frames, unit="frame", desc=f"{eng.bundle.name} {eng.width}x{eng.height}")
+    writer = VideoWriter(a.out, fps=eng.fps)
+    interrupted = False
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        for block in eng.generate(a.prompt, num_frames=a.frames, seed=a.seed, actions=actions):
+            writer.write(block)
+            bar.update(len(block))
+            if monitor is not None:
+                rep = monitor.update(block)
+                if rep:
+                    bar.write("drift: " + json.dumps(rep))
+        path = writer.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        if writer.frames:
+            path = writer.close()  # keep what was made: a valid, shorter video
+            print(f"\ninterrupted: wrote {writer.frames} frames to {path}", file=sys.stderr)
+        else:
+            writer.abort()
+            print("\ninterrupted before any frame: no file written", file=sys.stderr)
+    except BaseException as e:
+        writer.abort()
+        bar.close()
+        print(f"error: generation failed ({type(e).__name__}: {e}); {a.out} was not written", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    bar.close()
+    if not interrupted:
+        print(f"wrote {writer.frames} frames ({writer.frames / eng.fps:.1f} s at {eng.fps} fps) to {path}")
+    if monitor is not None:
+        print("drift summary: " + json.dumps(monitor.summary()))
+    if a.profile is not None:
+        out = a.profile or (str(a.out) + ".profile.json")
+        s = eng.profiler.write(out)
+        print(json.dumps(s, indent=2))
+        print(f"profile written to {out}")
+    return 130 if interrupted else 0
+
+
+def cmd_verify(a) -> int:
+    from .fixture import verify_fixture
+    try:
+        r = verify_fixture(a.dir, attention=a.attention, tol=a.tol)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2))
+    verdict = "PASS" if r["passed"] else "FAIL"
+    print(f"{verdict}: latents max abs error {r['latents_max_abs_err']:.3g} (tolerance {r['tolerance']:g}) "
+          f"with the {r['attention_backend']} attention backend")
+    return 0 if r["passed"] else 1
+
+
+def cmd_bench(a, rest) -> int:
+    if a.what == "attention":
+        from .bench_attention import main as m
+        return m(rest) or 0
+    from .bench import main as m
+    return m([a.what] + rest) or 0
+
+
+def cmd_train(a, rest) -> int:
+    if a.what != "toyworld":
+        print(f"error: unknown training target {a.what!r} (known: toyworld)", file=sys.stderr)
+        return 2
+    from inferix.models.toyworld.train import main as m
+    return m(rest) or 0
+
+
+def cmd_toyworld(a, rest) -> int:
+    from .toyworld_eval import main as m
+    return m([a.what] + rest) or 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="inferix", description="Block-diffusion video world model engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate a video (mp4) from a prompt")
+    _engine_args(g)
+    g.add_argument("--prompt", default="a sunny meadow", help="text prompt")
+    g.add_argument("--frames", type=int, default=64, help="output (pixel) frames")
+    g.add_argument("--out", default="video.mp4")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--actions", default=None, help="world models: comma-separated actions, one per block, last held")
+    g.add_argument("--profile", nargs="?", const="", default=None, help="print a profile and write it as JSON")
+    g.add_argument("--monitor-drift", action="store_true", help="print per-chunk drift (VDE) while generating")
+    v = sub.add_parser("verify-fixture", help="replay a reference rollout and compare latents")
+    v.add_argument("dir")
+    v.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"])
+    v.add_argument("--tol", type=float, default=None)
+    b = sub.add_parser("bench", help="benchmarks (print JSON)")
+    b.add_argument("what", choices=["attention", "generate", "engine"])
+    t = sub.add_parser("train", help="train a model")
+    t.add_argument("what")
+    tw = sub.add_parser("toyworld", help="toy world tools")
+    tw.add_argument("what", choices=["eval"])
+    for ep in entry_points(group="inferix.commands"):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken plugin must not take the engine's CLI down
+            print(f"warning: command plugin {ep.name!r} failed to load: {e}", file=sys.stderr)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a, rest = p.parse_known_args(argv)
+    if a.cmd == "generate":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return cmd_generate(a)
+    if a.cmd == "verify-fixture":
+        return cmd_verify(a)
+    if a.cmd == "bench":
+        return cmd_bench(a, rest)
+    if a.cmd == "train":
+        return cmd_train(a, rest)
+    if a.cmd == "toyworld":
+        return cmd_toyworld(a, rest)
+    if hasattr(a, "func"):
+        return a.func(a) or 0
+    p.error(f"unknown command {a.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Engine behaviour: incremental equals full, bounded streaming, batching, determinism, controls, errors."""
+import numpy as np
+import pytest
+import torch
+
+from inferix.engine import AdmissionError, Engine
+from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
+from inferix.models.schedule import flow_to_x0
+from inferix.plan import COMMIT, DENOISE, PREFILL, RECACHE
+from engine_utils import run_latents, tiny_bundle, tiny_engine
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def _record_passes(engine):
+    """Hook recording every denoise pass: (block, step, input x, x0 after the pass)."""
+    passes = []
+
+    def hook(plan, outs):
+        for row in plan.rows():
+            if row.kind == DENOISE:
+                st = engine.runner.sessions[row.sid]
+                passes.append((row.block, row.step, st.x.clone(), st.x0.clone()))
+    engine.hooks.append(hook)
+    return passes
+
+
+def test_incremental_equals_full_block_causal_forward():
+    eng = tiny_engine(kv_pages=12)
+    passes = _record_passes(eng)
+    lat = run_latents(eng, frames=12)  # 4 blocks of 3 latent frames (no decoder: latent = pixel frames)
+    assert lat.shape == (12, 16, 4, 4)
+    dit = eng.dit
+    ctx = eng.bundle.encode_prompt("a red ball")
+    sig = eng.runner.sigmas
+    ts = eng.runner.timesteps
+    for block, step, x, x0 in passes:
+        # whole clip: earlier blocks clean at the context timestep, the last block noisy at this step's timestep
+        clip = torch.cat([lat[: 3 * block], x])[None]  # [1, F, C, H, W]
+        t = torch.tensor([[0.0] * (3 * block) + [ts[step]] * 3])
+        meta = BlockCausalMeta(frame_tokens=dit.tokens_per_frame(4, 4), block_frames=3)
+        with torch.no_grad():
+            v = dit(clip, t, ctx, meta=meta, backend=ReferenceBackend())
+        x0_full = flow_to_x0(x, v[0, 3 * block:], sig[step])
+        assert (x0_full - x0).abs().max() <= 1e-5, (block, step)
+    assert len(passes) == 16
+
+
+def test_incremental_equals_full_with_window_and_sink():
+    W, S = 7, 1  # window of 7 latent frames incl. the current block, first frame pinned
+    eng = tiny_engine(window=W, sink=S, kv_pages=W, positions="absolute")
+    passes = _record_passes(eng)
+    lat = run_latents(eng, frames=15)
+    dit = eng.dit
+    ctx = eng.bundle.encode_prompt("a red ball")
+    T = dit.tokens_per_frame(4, 4)
+    for block, step, x, x0 in passes:
+        n = 3 * block + 3
+        clip = torch.cat([lat[: 3 * block], x])[None]
+        t = torch.tensor([[0.0] * (3 * block) + [eng.runner.timesteps[step]] * 3])
+        # naive mask: every block sees the sink frames, the (W - 3 - S) frames before it, and itself; this is
+        # also what each earlier block saw when its K/V were committed
+        def visible(b):
+            return set(range(min(S, 3 * b))) | set(range(max(S, 3 * b - (W - 3 - S)), 3 * b)) | set(range(3 * b, 3 * b + 3))
+        frame_mask = torch.tensor([[fk in visible(fq // 3) for fk in range(n)] for fq in range(n)])
+        mask = frame_mask.repeat_interleave(T, 0).repeat_interleave(T, 1)
+        backend = ReferenceBackend()
+        backend_masked = backend.masked
+
+        class Masked(ReferenceBackend):
+            def attend(self, q, k, v, layer, meta, k_raw=None):
+                return backend_masked(q, k, v, mask)
+        with torch.no_grad():
+            v = dit(clip, t, ctx, backend=Masked())
+        x0_full = flow_to_x0(x, v[0, 3 * block:], eng.runner.sigmas[step])
+        assert (x0_full - x0).abs().max() <= 1e-5, (block, step)
+
+
+def test_long_stream_keeps_pool_bounded_and_frees_every_page():
+    W, S = 9, 3
+    eng = tiny_engine(window=W, sink=S, kv_pages=W, latent=2)
+    used = []
+    eng.hooks.append(lambda plan, outs: used.append(eng.kv.pages_in_use))
+    s = eng.open_session("endless", num_frames=334 * 3, seed=1)  # 1,002 latent frames, 334 blocks
+    n = sum(1 for _ in s)
+    assert n == 334
+    assert max(used) <= W
+    assert eng.pages_in_use == 0 and eng.kv.reserved == 0
+    # cache-relative positions stay bounded however long the stream runs
+    assert eng.positions == "relative"
+    assert s.status == "finished"
+
+
+def test_relative_positions_equal_absolute_before_eviction():
+    a = run_latents(tiny_engine(window=12, kv_pages=12, positions="absolute"), frames=9)
+    r = run_latents(tiny_engine(window=12, kv_pages=12, positions="relative"), frames=9)
+    assert (a - r).abs().max() <= 1e-5
+    # without a sink every key shifts by the same amount and RoPE only sees differences: identical outputs
+    a = run_latents(tiny_engine(window=6, kv_pages=6, positions="absolute"), frames=12)
+    r = run_latents(tiny_engine(window=6, kv_pages=6, positions="relative"), frames=12)
+    assert (a - r).abs().max() <= 1e-5
+    # with a sink, once frames are evicted the sink sits closer to the query under relative positions
+    a = run_latents(tiny_engine(window=7, sink=1, kv_pages=7, positions="absolute"), frames=15)
+    r = run_latents(tiny_engine(window=7, sink=1, kv_pages=7, positions="relative"), frames=15)
+    assert (a[:6] - r[:6]).abs().max() <= 1e-5  # blocks 0-1 see no eviction yet
+    assert (a[6:] - r[6:]).abs().max() > 1e-4
+
+
+def test_batched_sessions_equal_sessions_alone():
+    prompts = [("a red ball", 3), ("snowy night", 4), ("forest", 5)]
+    alone = [run_latents(tiny_engine(), p, frames=9, seed=s) for p, s in prompts]
+    eng = tiny_engine()
+    batch_sizes = []
+    eng.hooks.append(lambda plan, outs: batch_sizes.extend(len(g.rows) for g in plan.groups))
+    sess = [eng.open_session(p, num_frames=9, seed=s) for p, s in prompts]
+    eng.run_until_idle()
+    assert max(batch_sizes) == 3  # really batched
+    for s, ref in zip(sess, alone):
+        assert (torch.cat(s.latents) - ref).abs().max() <= 1e-5
+
+
+def test_seed_reproduces_and_differs():
+    a = run_latents(tiny_engine(), frames=6, seed=7)
+    b = run_latents(tiny_engine(), frames=6, seed=7)
+    c = run_latents(tiny_engine(), frames=6, seed=8)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_prompt_switch_takes_effect_at_next_block_and_recache_runs():
+    base = run_latents(tiny_engine(), "a red ball", frames=9, seed=0)
+    eng = tiny_engine()
+    kinds = []
+    eng.hooks.append(lambda plan, outs: kinds.extend(g.kind for g in plan.groups))
+    s = eng.open_session("a red ball", num_frames=9, seed=0, recache=True)
+    it = iter(s)
+    next(it)  # block 0 delivered
+    s.set_prompt("a blue cube")
+    for _ in it:
+        pass
+    lat = torch.cat(s.latents)
+    assert torch.allclose(lat[:3], base[:3])
+    assert (lat[3:] - base[3:]).abs().max() > 1e-3
+    assert RECACHE in kinds
+    assert eng.pages_in_use == 0
+
+
+def test_pause_resume_cancel_free_pages_at_once():
+    eng = tiny_engine(kv_pages=12)
+    s = eng.open_session("x", num_frames=12, seed=0)
+    eng.step(); eng.step()
+    s.pause()
+    assert not eng.step()  # nothing runnable
+    s.resume()
+    eng.run_until_idle(max_steps=6)
+    assert eng.pages_in_use > 0
+    s.cancel()
+    assert eng.pages_in_use == 0 and s.status == "cancelled"
+
+
+def test_fork_continues_like_parent_and_shares_pages():
+    eng = tiny_engine(kv_pages=24)
+    s = eng.open_session("x", num_frames=12, seed=0)
+    it = iter(s)
+    next(it)
+    eng.run_until_idle(max_steps=1)  # commit block 0
+    held = eng.pages_in_use
+    child = s.fork()
+    assert eng.pages_in_use == held  # shared, not copied
+    child.resume()
+    eng.run_until_idle()
+    assert torch.allclose(torch.cat(child.latents), torch.cat(s.latents)[3:], atol=1e-6)
+    assert eng.pages_in_use == 0
+
+
+def test_admission_waits_then_runs_and_refuses_impossible():
+    eng = tiny_engine(window=6, kv_pages=6)
+    a = eng.open_session("a", num_frames=12, seed=0)
+    b = eng.open_session("b", num_frames=6, seed=1)
+    assert b.status == "waiting" and b.waiting_position == 0
+    eng.run_until_idle()
+    assert a.status == "finished" and b.status == "finished"
+    eng2 = tiny_engine(window=9, kv_pages=6)
+    with pytest.raises(AdmissionError, match="pool has only 6"):
+        eng2.open_session("c", num_frames=30)
+
+
+def test_init_frames_are_prefilled_as_context():
+    eng = tiny_engine(kv_pages=24)
+    kinds = []
+    eng.hooks.append(lambda plan, outs: kinds.extend(g.kind for g in plan.groups))
+    from inferix.models.bundle import PixelDecoder
+    eng.bundle.decoder = PixelDecoder(16)  # identity codec: lets init frames in without a VAE
+    eng.bundle.decoder.encode = lambda f: torch.zeros(1, 4, 16, 4, 4) + 0.5
+    s = eng.open_session("x", num_frames=6, seed=0, init_frames=np.zeros((4, 32, 32, 3), np.uint8))
+    eng.run_until_idle()
+    assert kinds.count(PREFILL) == 2  # 4 given frames in blocks of 3: 3 + 1
+    lat_with = torch.cat(s.latents)
+    plain = run_latents(tiny_engine(), frames=6)
+    assert (lat_with - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(height=60), ValueError, "multiple of 16"),
+    (dict(width=0), ValueError, "multiple of 16"),
+])
+def test_bad_resolution(kw, err, match):
+    with pytest.raises(err, match=match):
+        Engine(tiny_bundle(), **kw)
+
+
+def test_bad_session_input():
+    eng = tiny_engine()
+    with pytest.raises(ValueError, match="num_frames"):
+        eng.open_session("x", num_frames=0)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        eng.open_session(42, num_frames=3)
+    with pytest.raises(FileNotFoundError, match="unknown model 'nope'"):
+        Engine.from_pretrained("nope", device="cpu")
+    assert eng.pages_in_use == 0
+
+
+def test_failed_step_releases_pages():
+    eng = tiny_engine()
+    s = eng.open_session("x", num_frames=9, seed=0)
+    eng.step()
+
+    def boom(plan, outs):
+        raise RuntimeError("device lost")
+    eng.hooks.append(boom)
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    eng.hooks.clear()
+    assert s.status == "failed" and eng.pages_in_use == 0 and eng.kv.reserved == 0
