@@ -77,7 +77,11 @@ def cmd_generate(a) -> int:
     if a.frames <= 0:
         print(f"error: --frames must be positive, got {a.frames}", file=sys.stderr)
         return 2
-    eng = _build_engine(a, frames=a.frames)
+    try:
+        eng = _build_engine(a, frames=a.frames)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     acts = _parse_actions(a.actions, eng)
     actions = None
     if acts:

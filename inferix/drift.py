@@ -288,16 +288,27 @@ class DriftMonitor:
     ``update`` returns a dict with the chunk index, its scores, all per-chunk scores so far and the running
     VDE (weights of the final N, so it ends equal to the full-video VDE). Frames after the N-th chunk are
     counted as dropped, as the protocol drops remainder frames.
+
+    ``metrics=None`` scores every metric the chunk length allows (``summary()['skipped']`` lists the others:
+    motion needs 3 frames per chunk, the consistency and dynamic metrics 2); an explicit list is checked.
     """
 
     def __init__(self, num_chunks: int = DEFAULT_NUM_CHUNKS, chunk_frames: int = 16,
                  metrics: Iterable[str] | None = None, weighting: str = "linear"):
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-        self.metrics = _resolve_metrics(metrics)
-        need = max(WEIGHT_FREE_METRICS[m].min_frames for m in self.metrics)
-        if chunk_frames < need:
-            raise ValueError(f"chunk_frames={chunk_frames} is too small: metrics {self.metrics} need >= {need}")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.skipped: list[str] = []
+        if metrics is None:
+            # every metric that a chunk this short can feed (motion needs 3 frames, consistency 2)
+            self.metrics = [m for m in METRIC_NAMES if WEIGHT_FREE_METRICS[m].min_frames <= chunk_frames]
+            self.skipped = [m for m in METRIC_NAMES if m not in self.metrics]
+        else:
+            self.metrics = _resolve_metrics(metrics)
+            need = max(WEIGHT_FREE_METRICS[m].min_frames for m in self.metrics)
+            if chunk_frames < need:
+                raise ValueError(f"chunk_frames={chunk_frames} is too small: metrics {self.metrics} need >= {need}")
         vde_weights(num_chunks, weighting)  # validates the weighting name
         self.num_chunks = num_chunks
         self.chunk_frames = chunk_frames
@@ -368,6 +379,7 @@ class DriftMonitor:
             "frames_pending": self._buffered,
             "frames_dropped": self.frames_dropped,
             "backends": {m: WEIGHT_FREE_METRICS[m].backend for m in self.metrics},
+            "skipped": list(self.skipped),
             "chunk_scores": {m: list(s) for m, s in self.scores.items()},
             "vde": self.running_vde(),
         }

@@ -116,12 +116,12 @@ class SamplingConfig(ConfigBase):
         return [sigma_at(t, self.shift, self.num_train_timesteps) for t in self.timesteps]
 
     def euler_sigmas(self) -> list[float]:
-        """len(denoising_steps) evenly spaced shifted sigmas from 1 down, plus a final 0 (diffusers' rule)."""
-        n = len(self.denoising_steps)
-        N = self.num_train_timesteps
-        ts = torch.linspace(N, N / n, n, dtype=torch.float64)  # unshifted timesteps, as diffusers spaces them
-        s = ts / N
-        sig = self.shift * s / (1 + (self.shift - 1) * s)
+        """Euler sigmas plus a final 0, spaced as diffusers' FlowMatchEulerDiscreteScheduler does: evenly from
+        1 down to the smallest training sigma (already shifted), then shifted once more."""
+        n, N, sh = len(self.denoising_steps), self.num_train_timesteps, self.shift
+        s_min = sh * (1 / N) / (1 + (sh - 1) / N)
+        s = torch.linspace(1.0, s_min, n, dtype=torch.float64)
+        sig = sh * s / (1 + (sh - 1) * s)
         return [float(x) for x in sig] + [0.0]
 
     @property

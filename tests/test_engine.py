@@ -235,3 +235,15 @@ def test_failed_step_releases_pages():
         eng.step()
     eng.hooks.clear()
     assert s.status == "failed" and eng.pages_in_use == 0 and eng.kv.reserved == 0
+
+
+def test_euler_sampler_with_classifier_free_guidance():
+    from inferix.models.schedule import SamplingConfig
+    plain = tiny_engine(sampling=SamplingConfig(denoising_steps=[0] * 6, sampler="euler", warp=False, shift=3.0))
+    a = run_latents(plain, frames=6)
+    guided = tiny_engine(sampling=SamplingConfig(denoising_steps=[0] * 6, sampler="euler", warp=False, shift=3.0,
+                                                 guidance_scale=4.0, negative_prompt="blurry"))
+    b = run_latents(guided, frames=6)
+    assert plain.runner.forward_calls == 2 * (6 + 1)  # 2 blocks x (6 steps + commit)
+    assert guided.runner.forward_calls == 2 * (2 * 6 + 1)  # an unconditional pass per step
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-3

@@ -1,0 +1,110 @@
+"""End to end through the command line: verify-fixture, generate (mp4), failures leave no broken file."""
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from inferix.cli import main
+from inferix.sinks import VideoWriter
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def test_verify_fixture_passes_and_can_fail(self_forcing_tiny, capsys):
+    assert main(["verify-fixture", str(self_forcing_tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out
+    r = json.loads(out[: out.rindex("}") + 1])
+    assert r["latents_max_abs_err"] <= 1e-4 and r["kv_layer0_k_max_abs_err"] <= 1e-4
+    assert r["pages_in_use_after"] == 0
+    assert main(["verify-fixture", str(self_forcing_tiny), "--tol", "1e-12"]) == 1
+
+
+def test_verify_fixture_sdpa_backend(self_forcing_tiny, capsys):
+    assert main(["verify-fixture", str(self_forcing_tiny), "--attention", "sdpa"]) == 0
+
+
+def test_verify_fixture_missing_folder(tmp_path, capsys):
+    assert main(["verify-fixture", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def _count_frames(path):
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def test_generate_tiny_writes_mp4_with_profile(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    prof = tmp_path / "p.json"
+    assert main(["generate", "--model", "tiny", "--frames", "13", "--out", str(out), "--profile", str(prof)]) == 0
+    assert _count_frames(out) == 13
+    p = json.loads(prof.read_text())
+    for key in ("time_to_first_frame_s", "block_latency_p50_s", "block_latency_p95_s", "pixel_fps_including_decode",
+                "time_split_s", "peak_memory_mib", "kv_pages_max_in_use"):
+        assert p[key] is not None, key
+    assert p["kv_pages_in_use"] == 0 and p["pixel_frames"] == 13
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_generate_failure_leaves_no_file(tmp_path, monkeypatch, capsys):
+    from inferix import runner
+
+    calls = {"n": 0}
+    orig = runner.Runner.execute
+
+    def flaky(self, plan):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("simulated device failure")
+        return orig(self, plan)
+    monkeypatch.setattr(runner.Runner, "execute", flaky)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "tiny", "--frames", "21", "--out", str(out)]) == 1
+    assert "simulated device failure" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--frames", "0"], "--frames must be positive"),
+    (["--height", "60"], "multiple of 16"),
+    (["--model", "no-such-model"], "unknown model"),
+])
+def test_generate_bad_input(tmp_path, capsys, args, msg):
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--model", "tiny", "--out", str(out), "--frames", "5"] + args)
+    assert rc != 0
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_video_writer_one_encoder_and_abort(tmp_path):
+    frames = (np.random.default_rng(0).random((5, 32, 48, 3)) * 255).astype(np.uint8)
+    p = tmp_path / "a.mp4"
+    with VideoWriter(p, fps=8) as w:
+        w.write(frames[:2])
+        w.write(frames[2:])
+    assert _count_frames(p) == 5
+    q = tmp_path / "b.mp4"
+    with pytest.raises(ValueError, match="frame size changed"):
+        with VideoWriter(q, fps=8) as w:
+            w.write(frames)
+            w.write(frames[:, :16])
+    assert not q.exists() and not (tmp_path / "b.mp4.partial").exists()
+    with pytest.raises(ValueError, match="uint8"):
+        VideoWriter(tmp_path / "c.mp4").write(frames.astype(np.float32))
+
+
+def test_flv_stream_container_keeps_encoding_across_batches(tmp_path):
+    """The RTMP path muxes FLV; batches after the first must still be encoded (no end-of-stream per batch)."""
+    frames = (np.random.default_rng(1).random((12, 32, 32, 3)) * 255).astype(np.uint8)
+    p = tmp_path / "s.flv"
+    with VideoWriter(p, fps=8) as w:
+        for i in range(0, 12, 3):
+            w.write(frames[i:i + 3])
+    assert _count_frames(p) == 12
