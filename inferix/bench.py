@@ -1,0 +1,127 @@
+"""Benchmarks that print JSON (not tests): ``inferix bench generate`` and ``inferix bench engine``.
+
+generate: end-to-end generation with a preset (random weights: speed does not depend on them): pixel frames/s
+including VAE decode, time to first frame, per-block latency, peak memory.
+engine: scheduler/KV costs on a tiny model without decode: per-block latency near block 10 vs near block 1,000
+with a rolling window, engine overhead (step wall time minus model forward time), and 4 sessions batched vs
+the same 4 run one after another.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+__all__ = ["main"]
+
+
+def bench_generate(a) -> dict:
+    from .engine import Engine
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = a.preset or ("wan2.1-t2v-1.3b" if device == "cuda" else "tiny")
+    eng = Engine.from_pretrained(preset, device=device, attention=a.attention, height=a.height, width=a.width,
+                                 window=a.window, max_sessions=1,
+                                 kv_pages=a.window or -(-(a.frames // 4 + 1) // 3) * 3 + 3)
+    # warm-up: one short session (allocator, kernels, autotuning), not counted
+    for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(eng.block_frames)):
+        pass
+    eng.profiler.__init__(eng)
+    eng.runner.timing = {k: 0.0 for k in eng.runner.timing}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    n = 0
+    for block in eng.generate(a.prompt, num_frames=a.frames, seed=0):
+        n += len(block)
+    wall = time.perf_counter() - t0
+    s = eng.stats()
+    s.update({"benchmark": "generate", "preset": preset, "frames": n, "steps_per_block": eng.bundle.sampling.num_steps,
+              "block_latent_frames": eng.block_frames, "end_to_end_wall_s": wall,
+              "pixel_fps_end_to_end": n / wall,
+              "note": "pixel frames/s include DiT denoise + commit passes and VAE decode; weights are random"})
+    if device == "cuda":
+        s["gpu"] = torch.cuda.get_device_name()
+    return s
+
+
+def _tiny_engine(window, kv_pages, device, sink=0):
+    from inferix.models.bundle import ModelBundle
+    from inferix.models.schedule import SamplingConfig
+    from inferix.models.text_encoder import HashTextEncoder
+    from inferix.models.wan_dit import CausalWanDiT, PRESETS
+    from .engine import Engine
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    b = ModelBundle(name="tiny-latent", dit=CausalWanDiT(cfg).eval().to(device), sampling=SamplingConfig(),
+                    text_encoder=HashTextEncoder(cfg.text_dim, cfg.text_len), height=64, width=64)
+    return Engine(b, device=device, window=window, sink=sink, kv_pages=kv_pages)
+
+
+def bench_engine(a) -> dict:
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"benchmark": "engine", "device": device, "model": "tiny DiT (64x64 px -> 8x8 latent, 16 tokens/frame), "
+           "latents only (no decode)"}
+    # 1) block latency near block 10 vs near block N with a window of 12 frames (+3 sink)
+    eng = _tiny_engine(window=12, kv_pages=12, device=device, sink=3)
+    lat = {}
+    t_block = [time.perf_counter()]
+
+    def hook(plan, outs):
+        if outs:
+            t_block.append(time.perf_counter())
+    eng.hooks.append(hook)
+    sess = eng.open_session("bench", num_frames=3 * a.blocks, seed=0)
+    for _ in sess:
+        pass
+    d = [t_block[i + 1] - t_block[i] for i in range(len(t_block) - 1)]
+    lat["block_10_s"] = statistics.median(d[5:15])
+    lat["block_last_s"] = statistics.median(d[-10:])
+    lat["ratio_last_over_10"] = lat["block_last_s"] / lat["block_10_s"]
+    lat["blocks"] = a.blocks
+    lat["kv_pages_max_in_use"] = eng.profiler.max_pages
+    out["block_latency"] = lat
+    # 2) engine overhead: engine step wall time not spent in the model forward
+    t = eng.runner.timing
+    out["engine_overhead"] = {"steps_wall_s": eng.profiler.step_time, "model_forward_s": t["forward"],
+                              "overhead_fraction": 1 - t["forward"] / eng.profiler.step_time,
+                              "note": "scheduling, page-table edits, metadata, noise, solver math per step"}
+    # 3) 4 sessions batched vs one after another (same total work)
+    frames = 3 * a.batch_blocks
+    seq_eng = _tiny_engine(window=None, kv_pages=4 * frames, device=device)
+    t0 = time.perf_counter()
+    for i in range(4):
+        for _ in seq_eng.generate(f"p{i}", num_frames=frames, seed=i):
+            pass
+    t_seq = time.perf_counter() - t0
+    bat_eng = _tiny_engine(window=None, kv_pages=4 * frames, device=device)
+    t0 = time.perf_counter()
+    ss = [bat_eng.open_session(f"p{i}", num_frames=frames, seed=i) for i in range(4)]
+    bat_eng.run_until_idle()
+    t_bat = time.perf_counter() - t0
+    out["batching"] = {"sessions": 4, "blocks_each": a.batch_blocks, "sequential_s": t_seq, "batched_s": t_bat,
+                       "speedup": t_seq / t_bat}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="inferix bench")
+    p.add_argument("what", choices=["generate", "engine"])
+    p.add_argument("--preset", default=None, help="generate: model preset (default: 1.3B on CUDA, tiny on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--attention", default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--frames", type=int, default=81, help="generate: pixel frames")
+    p.add_argument("--prompt", default="a corgi running on a beach")
+    p.add_argument("--blocks", type=int, default=1000, help="engine: blocks in the long session")
+    p.add_argument("--batch-blocks", type=int, default=20, help="engine: blocks per session in the batching test")
+    a = p.parse_args(argv)
+    if a.device is None and not torch.cuda.is_available():
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    res = bench_generate(a) if a.what == "generate" else bench_engine(a)
+    print(json.dumps(res, indent=2))
+    return 0
