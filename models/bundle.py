@@ -111,11 +111,12 @@ def _hash_encoder(text_dim: int, text_len: int, vocab: int = 4096, seed: int = 0
     return HashTextEncoder(text_dim=text_dim, text_len=text_len, vocab=vocab, seed=seed)
 
 
-def _random_dit(cfg: WanDiTConfig, seed: int) -> CausalWanDiT:
-    g = torch.random.fork_rng()
-    with g:
+def _random_dit(cfg: WanDiTConfig, seed: int, device="cpu") -> CausalWanDiT:
+    """Random weights, initialised directly on the target device (a 14B model never touches host memory)."""
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
-        return CausalWanDiT(cfg)
+        with torch.device(device):
+            return CausalWanDiT(cfg)
 
 
 def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
@@ -166,8 +167,13 @@ def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.flo
     elif name in PRESETS:
         from .vae import WanVAE
         cfg = PRESETS[name]
-        bundle = ModelBundle(name=name, dit=_random_dit(cfg, seed), sampling=SAMPLING_PRESETS["self_forcing"],
-                             decoder=WanVAE.default(seed=seed), text_encoder=_hash_encoder(cfg.text_dim, 32),
+        from diffusers import AutoencoderKLWan
+        from .vae import WAN21_VAE_CONFIG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae_m = WanVAE(AutoencoderKLWan(**WAN21_VAE_CONFIG)).to(device=device, dtype=dtype)
+        bundle = ModelBundle(name=name, dit=_random_dit(cfg, seed, device), sampling=SAMPLING_PRESETS["self_forcing"],
+                             decoder=vae_m, text_encoder=_hash_encoder(cfg.text_dim, 32),
                              height=480, width=832)
         bundle = _device_dtype(bundle, device, dtype)
     else:
