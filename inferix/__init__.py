@@ -5,11 +5,19 @@
     for frames in engine.generate("a sunny meadow", num_frames=64):   # uint8 [T, H, W, 3] per block
         ...
     inferix.generate("a snowy night", "video.mp4", num_frames=64)
+
+The heavy parts (torch, the engine) load on first use, so light modules such as ``inferix.drift`` import fast.
 """
 __version__ = "0.1.0"
 
-from .engine import AdmissionError, Engine, Session  # noqa: E402
-from .api import generate, default_model  # noqa: E402
-from .sinks import VideoWriter, Mp4Writer  # noqa: E402
+_LAZY = {"Engine": "engine", "Session": "engine", "AdmissionError": "engine", "generate": "api",
+         "default_model": "api", "VideoWriter": "sinks", "Mp4Writer": "sinks"}
 
-__all__ = ["Engine", "Session", "AdmissionError", "generate", "default_model", "VideoWriter", "Mp4Writer"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'inferix' has no attribute {name!r}")
