@@ -247,3 +247,23 @@ def test_euler_sampler_with_classifier_free_guidance():
     assert plain.runner.forward_calls == 2 * (6 + 1)  # 2 blocks x (6 steps + commit)
     assert guided.runner.forward_calls == 2 * (2 * 6 + 1)  # an unconditional pass per step
     assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-3
+
+
+def test_tiny_preset_video_continuation_and_prompt_schedule():
+    eng = Engine.from_pretrained("tiny", device="cpu", max_sessions=1, kv_pages=12)
+    kinds = []
+    eng.hooks.append(lambda plan, outs: kinds.extend((g.kind, g.rows[0].prompt) for g in plan.groups))
+    start = (np.random.default_rng(0).random((5, 64, 64, 3)) * 255).astype(np.uint8)  # 5 frames -> 2 latent frames
+    blocks = list(eng.generate("a red ball", num_frames=17, seed=0, init_frames=start,
+                               prompt_schedule=[(0, "a red ball"), (9, "a blue cube")]))
+    frames = np.concatenate(blocks)
+    assert frames.shape == (17, 64, 64, 3) and frames.dtype == np.uint8
+    # the stream continues the given video: every generated block is a continuation (12 pixel frames per block,
+    # not the 9 of a stream's first block), because the decoder was primed with the given frames
+    assert [len(b) for b in blocks] == [12, 5]
+    assert [k for k, _ in kinds].count(PREFILL) == 1
+    assert ("denoise", "a blue cube") in kinds  # the switch reached the runner at a block boundary
+    assert eng.pages_in_use == 0
+    with pytest.raises(ValueError, match="init_frames are 32x32"):
+        eng.open_session("x", num_frames=5, init_frames=np.zeros((5, 32, 32, 3), np.uint8))
+    assert eng.pages_in_use == 0
