@@ -4,14 +4,19 @@ Head dim D is D/2 complex pairs made of adjacent elements (0,1), (2,3), ...; the
 the frame, row and column axes as (D/2 - 2*(D//6)//... ) -- see `rope_split`. Angles are position x
 10000^(-j/n) with n the pair count of that axis.
 
-This file holds the torch reference (`reference_apply_rope`) and the angle builder. A fused Triton kernel
-with the same signature lives beside it (`apply_rope`) when Triton is importable.
+This file holds the torch reference (`reference_apply_rope`), the angle builder and a Triton kernel with
+the same signature (`triton_apply_rope`; `apply_rope` dispatches to it for CUDA tensors). The kernel can
+rotate Q and K in one launch (`apply_rope_qk`): each program loads the cos/sin of its tokens once and
+rotates every head of both. Arithmetic runs in cos/sin's dtype, as in the reference.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_split", "rope_angles", "rope_cos_sin", "reference_apply_rope", "apply_rope"]
+from ._triton_utils import LazyJIT, check_launchable, interpret_mode, next_pow2, tl
+
+__all__ = ["rope_split", "rope_angles", "rope_cos_sin", "reference_apply_rope", "apply_rope",
+           "apply_rope_qk", "triton_apply_rope"]
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -67,6 +72,108 @@ def reference_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return out.reshape(B, L, H, D).to(x.dtype)
 
 
+def _rope_kernel(
+    X, Y, XO, YO, COS, SIN,
+    L, HX, HY, D2,
+    s_xb, s_xt, s_xh, s_xd,
+    s_yb, s_yt, s_yh, s_yd,
+    s_ob, s_ot, s_oh, s_od,
+    s_pb, s_pt, s_ph, s_pd,
+    s_cb, s_ct, s_cd,
+    HAS_Y: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tok = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    j = tl.arange(0, BLOCK_D2)
+    mask = (tok < L)[:, None] & (j < D2)[None, :]
+    cs_off = b * s_cb + tok[:, None] * s_ct + j[None, :] * s_cd  # [BT, BD2]
+    c = tl.load(COS + cs_off, mask=mask, other=0.0)
+    s = tl.load(SIN + cs_off, mask=mask, other=0.0)
+    x_even = tok[:, None] * s_xt + (2 * j)[None, :] * s_xd
+    o_even = tok[:, None] * s_ot + (2 * j)[None, :] * s_od
+    for h in range(HX):
+        xp = X + b * s_xb + h * s_xh + x_even
+        # via fp32: exact for 16-bit inputs, and the interpreter cannot convert bf16 <-> fp64 directly
+        x0 = tl.load(xp, mask=mask, other=0.0).to(tl.float32).to(c.dtype)
+        x1 = tl.load(xp + s_xd, mask=mask, other=0.0).to(tl.float32).to(c.dtype)
+        op = XO + b * s_ob + h * s_oh + o_even
+        tl.store(op, (x0 * c - x1 * s).to(tl.float32).to(XO.dtype.element_ty), mask=mask)
+        tl.store(op + s_od, (x0 * s + x1 * c).to(tl.float32).to(XO.dtype.element_ty), mask=mask)
+    if HAS_Y:
+        y_even = tok[:, None] * s_yt + (2 * j)[None, :] * s_yd
+        p_even = tok[:, None] * s_pt + (2 * j)[None, :] * s_pd
+        for h in range(HY):
+            yp = Y + b * s_yb + h * s_yh + y_even
+            y0 = tl.load(yp, mask=mask, other=0.0).to(tl.float32).to(c.dtype)
+            y1 = tl.load(yp + s_yd, mask=mask, other=0.0).to(tl.float32).to(c.dtype)
+            pp = YO + b * s_pb + h * s_ph + p_even
+            tl.store(pp, (y0 * c - y1 * s).to(tl.float32).to(YO.dtype.element_ty), mask=mask)
+            tl.store(pp + s_pd, (y0 * s + y1 * c).to(tl.float32).to(YO.dtype.element_ty), mask=mask)
+
+
+_rope = LazyJIT(_rope_kernel)
+
+
+def _check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be [B, L, H, D], got shape {tuple(x.shape)}")
+    B, L, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {D}")
+    if cos.shape != (B, L, D // 2) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin must be [B, L, D/2] = {(B, L, D // 2)}, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor, got {x.dtype}")
+
+
+def _launch_args(x, y, cos, sin, block_t=None, interpret=None):
+    """Outputs, grid, positional and keyword arguments of one launch (also used for ahead-of-time
+    compile checks). y (the keys) is optional: without it the kernel rotates x only."""
+    B, L, H, D = x.shape
+    if cos.dtype != sin.dtype:
+        sin = sin.to(cos.dtype)
+    xo = torch.empty_like(x)
+    yo = torch.empty_like(y) if y is not None else xo
+    if block_t is None:  # the interpreter pays per program, the GPU wants many small programs
+        block_t = 64 if (interpret_mode() if interpret is None else interpret) else 16
+    yy = y if y is not None else x
+    grid = ((L + block_t - 1) // block_t, B)
+    args = [x, yy, xo, yo, cos, sin, L, H, yy.shape[2], D // 2,
+            *x.stride(), *yy.stride(), *xo.stride(), *yo.stride(), *cos.stride()]
+    kwargs = dict(HAS_Y=y is not None, BLOCK_T=block_t, BLOCK_D2=next_pow2(D // 2), num_warps=4)
+    return (xo, yo if y is not None else None), grid, args, kwargs
+
+
+def _launch_rope(x, y, cos, sin, block_t):
+    outs, grid, args, kwargs = _launch_args(x, y, cos, sin, block_t)
+    if x.shape[0] and x.shape[1]:
+        _rope[grid](*args, **kwargs)
+    return outs
+
+
+def triton_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                      block_t: int | None = None) -> torch.Tensor:
+    """Triton kernel with the contract of ``reference_apply_rope``: x [B, L, H, D], cos/sin [B, L, D/2]."""
+    _check_rope(x, cos, sin, "x")
+    check_launchable("triton_apply_rope", x, cos, sin)
+    return _launch_rope(x, None, cos, sin, block_t)[0]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Dispatch: the Triton kernel when available for this device, else the reference."""
+    """Dispatch: the Triton kernel for CUDA tensors, the reference elsewhere."""
+    if x.is_cuda and cos.is_cuda:
+        return triton_apply_rope(x, cos, sin)
     return reference_apply_rope(x, cos, sin)
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, L, H, D] and k [B, L, Hkv, D] with the same angles; one launch on CUDA."""
+    _check_rope(q, cos, sin, "q")
+    _check_rope(k, cos, sin, "k")
+    if q.is_cuda and k.is_cuda and cos.is_cuda:
+        check_launchable("apply_rope_qk", q, k, cos, sin)
+        return _launch_rope(q, k, cos, sin, None)
+    return reference_apply_rope(q, cos, sin), reference_apply_rope(k, cos, sin)

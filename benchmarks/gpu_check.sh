@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU check for the Triton kernels: native (compiled) kernel tests, then the attention benchmark.
+# Installs nothing: torch (CUDA build), triton and pytest must already be importable by `python`.
+# Usage: benchmarks/gpu_check.sh [output dir]   (default: $TMPDIR/inferix_gpu_check)
+# Runtime: a few minutes on one H100 (most of it Triton/Inductor compilation).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${TMPDIR:-/tmp}/inferix_gpu_check}"
+mkdir -p "$OUT_DIR"
+unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
+
+python - <<'PY' || { echo "gpu_check: no usable CUDA device" >&2; exit 2; }
+import torch, triton
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+PY
+
+status=0
+echo "== 1/3 GPU-marked kernel tests (bf16/fp16/fp32 at Wan shapes, large-pool offsets, model end to end)"
+timeout 300 python -m pytest -q tests/kernels -m gpu -rs 2>&1 | tee "$OUT_DIR/pytest_gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== 2/3 the ordinary kernel tests, run natively on the GPU (no interpreter)"
+timeout 300 python -m pytest -q tests/kernels -m "not gpu" -rs 2>&1 | tee "$OUT_DIR/pytest_native.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== 3/3 attention benchmark (Self-Forcing cache shape, bf16): $OUT_DIR/bench_attention.json"
+timeout 420 python -m inferix.bench_attention --iters 20 --warmup 5 > "$OUT_DIR/bench_attention.json" \
+    2> "$OUT_DIR/bench_attention.log" || status=1
+python - "$OUT_DIR/bench_attention.json" <<'PY' || status=1
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["flop_formula"])
+for row in r["rows"]:
+    cells = [f"Lk={row['lk']:>6}"]
+    for key in ("triton_paged", "triton_paged_raw_key_rope", "sdpa_flash", "sdpa_flash_incl_gather", "flex"):
+        v = row.get(key)
+        if v is None:
+            continue
+        cells.append(f"{key} {v['tflops']:7.1f}" if isinstance(v, dict) else f"{key} {v}")
+    print("  ".join(cells))
+PY
+
+echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (logs in $OUT_DIR)"
+exit $status
