@@ -1,8 +1,8 @@
 """3-D rotary position embedding (frame, row, column) on adjacent element pairs.
 
 Head dim D is D/2 complex pairs made of adjacent elements (0,1), (2,3), ...; the pairs are split between
-the frame, row and column axes as (D/2 - 2*(D//6)//... ) -- see `rope_split`. Angles are position x
-10000^(-j/n) with n the pair count of that axis.
+the frame, row and column axes as (D/2 - 2*(D//6), D//6, D//6) pairs (6/5/5 for D = 32, 22/21/21 for D = 128),
+see `rope_split`. Angles are position x 10000^(-j/n) with n the pair count of that axis.
 
 This file holds the torch reference (`reference_apply_rope`), the angle builder and a Triton kernel with
 the same signature (`triton_apply_rope`; `apply_rope` dispatches to it for CUDA tensors). The kernel can

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import ConfigBase
 from ..kernels.attention import AttentionBackend, ReferenceBackend, PagedMeta
-from ..kernels.rope import rope_angles, rope_cos_sin, reference_apply_rope
+from ..kernels.rope import apply_rope_qk, rope_angles, rope_cos_sin
 
 __all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding"]
 
@@ -105,8 +105,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D]; RMSNorm over the full dim, then split
         k_raw = self.norm_k(self.k(x)).view(shape)
         v = self.v(x).view(shape)
-        q = reference_apply_rope(q, cos, sin)
-        k = reference_apply_rope(k_raw, cos, sin)
+        q, k = apply_rope_qk(q, k_raw, cos, sin)  # one fused launch on CUDA, the reference elsewhere
         out = backend.attend(q, k, v, self.layer, meta, k_raw=k_raw)  # [B, L, H, D]
         return self.o(out.reshape(B, L, -1))
 
