@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from inferix.kernels.attention import KVPool, PagedMeta
-from inferix.kernels.rope import rope_angles, rope_cos_sin
 from inferix.models.bundle import ModelBundle
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
@@ -101,6 +100,7 @@ class Runner:
         self.euler_sigmas = self.sampling.euler_sigmas() if self.sampling.sampler == "euler" else None
         self.sessions: dict[int, SessionTensors] = {}
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
+        self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
         self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
         self.forward_calls = 0
 
@@ -166,12 +166,10 @@ class Runner:
                 bt[i, :len(r.context_pages)] = torch.tensor(r.context_pages, dtype=torch.int32)
         ctx = [len(r.context_pages) for r in rows]
         wp = torch.tensor([r.write_pages for r in rows], dtype=torch.int32) if write else None
-        h, w = self.latent_hw
-        ph, pw = self.dit.config.patch_size[1:]
         if self.positions == "relative":
             qpos = torch.tensor([[len(r.context_pages) + i for i in range(nframes)] for r in rows])
             cache_pos = torch.arange(maxp)[None].expand(B, maxp)
-            cos, sin = rope_cos_sin(rope_angles(cache_pos.to(self.device), h // ph, w // pw, self.dit.config.head_dim))
+            cos, sin = self._rope(cache_pos)
         else:
             qpos = torch.tensor([[r.frame_start + i for i in range(nframes)] for r in rows])
             cos = sin = None
@@ -180,12 +178,27 @@ class Runner:
                          context_pages_list=ctx)
         return meta, qpos.to(self.device)
 
+    def _rope(self, pos: torch.Tensor) -> tuple:
+        """cos/sin for frame positions [B, F], cached: every pass of a block (and, with cache-relative
+        positions, every block of a stream) asks for the same ones."""
+        key = tuple(pos.flatten().tolist()) + pos.shape
+        hit = self.rope_cache.get(key)
+        if hit is None:
+            h, w = self.latent_hw
+            ph, pw = self.dit.config.patch_size[1:]
+            hit = self.dit.rope_for(pos.to(self.device), h // ph, w // pw)
+            self.rope_cache[key] = hit
+            while len(self.rope_cache) > 16:
+                self.rope_cache.popitem(last=False)
+        return hit
+
     def _forward(self, x, t, rows, meta, qpos, actions, negative=False):
         texts = [self.text_kv(self.sessions[r.sid], negative) for r in rows]
         ctx = texts[0] if len(texts) == 1 else TextKV.cat(texts)
+        rope = self._rope(qpos)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.dit(x, t, ctx, frame_pos=qpos, meta=meta, backend=self.backend, actions=actions)
+            out = self.dit(x, t, ctx, frame_pos=qpos, meta=meta, backend=self.backend, actions=actions, rope=rope)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.timing["forward"] += time.perf_counter() - t0

@@ -240,11 +240,12 @@ class CausalWanDiT(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, *, frame_pos: torch.Tensor | None = None,
                 meta=None, backend: AttentionBackend | None = None, actions: torch.Tensor | None = None,
-                cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+                rope: tuple | None = None) -> torch.Tensor:
         """Predict for latents x [B, F, C, H, W] at per-frame timesteps [B, F] (or [B] / scalar).
 
         context: TextKV from ``prepare_text`` or raw text embeddings [B, Lt, text_dim].
         frame_pos: [B, F] RoPE frame positions of the frames (default 0..F-1).
+        rope: precomputed (cos, sin) for these positions (see ``rope_for``), to skip recomputing them.
         meta/backend: attention metadata and backend (default: dense clip, reference backend).
         Returns the prediction [B, F, out_dim, H, W] (flow or x0, see config.prediction), float32.
         """
@@ -270,13 +271,17 @@ class CausalWanDiT(nn.Module):
 
         tokens = self.patch_embedding(x.to(p.dtype).permute(0, 2, 1, 3, 4))  # [B, dim, F, h, w]
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major then row then column
-        cos, sin = rope_cos_sin(rope_angles(frame_pos.to(x.device), h, w, cfg.head_dim))
+        cos, sin = rope if rope is not None else self.rope_for(frame_pos.to(x.device), h, w)
         e, e0 = self.time_embed(timestep, actions)
         for blk, kv in zip(self.blocks, context.kv):
             tokens = blk(tokens, e0, kv, cos, sin, backend, meta, Fr)
         out = self.head(tokens, e, Fr)  # [B, F*h*w, ph*pw*C_out]
         out = out.float().view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
+
+    def rope_for(self, frame_pos: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, F*h*w, head_dim/2] for frame positions [B, F] on an h x w patch grid."""
+        return rope_cos_sin(rope_angles(frame_pos, h, w, self.config.head_dim))
 
     def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
         _, ph, pw = self.config.patch_size
