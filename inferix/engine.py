@@ -209,22 +209,28 @@ class Engine:
         if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames <= 0):
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         bf = self.block_frames
-        total_blocks = None
-        if num_frames is not None:
-            total_blocks = -(-self.pixel_to_latent(int(num_frames)) // bf)
         init_latents = None
         if init_frames is not None:
             init_latents = self._encode_init(init_frames)
         n_init = 0 if init_latents is None else init_latents.shape[1]
-        total_latent = None if total_blocks is None else n_init + total_blocks * bf
+        # an independent first frame: the stream's first latent frame is a block of its own (given or generated)
+        single_first = self.bundle.sampling.independent_first_frame
+        first = 1 if (single_first and not n_init) else 0
+        total_blocks = total_latent = None
+        if num_frames is not None:
+            n_lat = self.pixel_to_latent(int(num_frames))
+            total_blocks = first + -(-(n_lat - first) // bf)
+            total_latent = n_init + first + (total_blocks - first) * bf
         if self.window is None and total_latent is None:
             raise AdmissionError("a session without num_frames runs until cancelled and needs a window "
                                  "(Engine(window=...)) to keep its KV cache bounded")
         budget = self.kv.budget_for(total_latent)
         sid = next(self._ids)
         seq = SeqState(sid=sid, prompt=prompt, total_blocks=total_blocks, budget=budget, recache_on_switch=recache)
+        seq.n_init, seq.first_block_frames = n_init, first
         if n_init:
-            seq.prefill_chunks = [min(bf, n_init - i) for i in range(0, n_init, bf)]
+            lead = [1] if single_first else []
+            seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
         if actions is not None:
             acts = [self.action_id(a) for a in actions]
             # one action per pixel frame -> one per latent frame (the latent frame that first shows that pixel)
@@ -244,7 +250,8 @@ class Engine:
             self.scheduler.add(seq)  # raises AdmissionError when it can never fit
             self.runner.add_session(sid, seq.prompt, noise if noise is not None else GeneratorNoise(seed),
                                     negative_prompt=negative_prompt or self.bundle.sampling.negative_prompt,
-                                    init_latents=init_latents, text_embeds=text_embeds, chunk=bf)
+                                    init_latents=init_latents, text_embeds=text_embeds,
+                                    chunks=list(seq.prefill_chunks))
             sess = Session(self, sid, num_frames)
             self.sessions[sid] = sess
             self.profiler.session_opened(sid)

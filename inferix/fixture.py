@@ -49,12 +49,11 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     inputs = load_file(str(folder / "inputs.safetensors"))
     expected = load_file(str(folder / "expected.safetensors"))
     bf = int(loop["num_frame_per_block"])
-    if loop.get("independent_first_frame"):
-        raise ValueError("rollouts with an independent first frame are not supported")
     sampling = SamplingConfig(denoising_steps=loop["denoising_step_list"], warp=bool(loop["warp_denoising_step"]),
                               shift=float(loop["timestep_shift"]),
                               num_train_timesteps=int(loop.get("num_train_timesteps", 1000)),
-                              context_timestep=float(loop.get("context_noise", 0)), block_frames=bf)
+                              context_timestep=float(loop.get("context_noise", 0)), block_frames=bf,
+                              independent_first_frame=bool(loop.get("independent_first_frame", False)))
     noise0 = inputs["initial_noise"]  # [1, F, C, H, W]
     _, F, C, H, W = noise0.shape
     renoise = {}
@@ -66,7 +65,6 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     sink = loop.get("sink_size_frames", cfg["model_kwargs"].get("sink_size", 0))
     bundle = ModelBundle(name=folder.name, dit=dit.to(device).eval(), sampling=sampling, decoder=None,
                          text_encoder=None, height=H * 8, width=W * 8)
-    num_blocks = F // bf
     engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
                     sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True)
     x0_err, kv_pages = {}, {}
@@ -83,7 +81,7 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
                     kv_pages[row.frame_start + j] = p
 
     engine.hooks.append(hook)
-    sess = engine.open_session("", num_frames=num_blocks * bf, noise=RecordedNoise(noise0[0], renoise, bf),
+    sess = engine.open_session("", num_frames=F, noise=RecordedNoise(noise0[0], renoise),
                                text_embeds=inputs["prompt_embeds"])
     for _ in sess:
         pass

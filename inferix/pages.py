@@ -126,12 +126,13 @@ class KVManager:
         self.reserved += budget
 
     # ---- per block --------------------------------------------------------------------------
-    def begin_block(self, sid: int) -> list[int]:
-        """Evict what the next block will not see; returns the pages evicted (freed if no fork shares them)."""
+    def begin_block(self, sid: int, nframes: int | None = None) -> list[int]:
+        """Evict what the next block (of nframes, default block_frames) will not see; returns the pages evicted
+        (freed unless a fork still shares them)."""
         sp = self.sessions[sid]
         if self.window_frames is None:
             return []
-        keep = self.window_frames - self.block_frames - len(sp.sink)
+        keep = self.window_frames - (nframes or self.block_frames) - len(sp.sink)
         evicted = []
         while len(sp.window) > keep:
             p, _ = sp.window.popleft()

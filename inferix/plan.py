@@ -25,6 +25,7 @@ class Row:
     prompt: str | None = None  # set on the row where a new prompt takes effect
     actions: list | None = None  # per-frame action ids of the block (world models)
     last_step: bool = False  # DENOISE: the block is clean after this step (decode it)
+    gen_start: int = 0  # index of the row's first frame among the generated frames (given context excluded)
 
 
 @dataclass

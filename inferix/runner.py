@@ -29,7 +29,7 @@ class GeneratorNoise:
     def __init__(self, seed: int):
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
 
-    def initial(self, block: int, shape) -> torch.Tensor:
+    def initial(self, block: int, start: int, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.gen)
 
     def renoise(self, block: int, step: int, shape) -> torch.Tensor:
@@ -42,13 +42,18 @@ class GeneratorNoise:
 
 
 class RecordedNoise:
-    """Replays recorded noise: ``initial`` [F_total, C, H, W] sliced per block, ``renoise[(block, step)]``."""
+    """Replays recorded noise: ``initial`` [F_generated, C, H, W] sliced at each block's generated-frame offset,
+    ``renoise[(block, step)]`` for the later steps."""
 
-    def __init__(self, initial: torch.Tensor, renoise: dict, block_frames: int):
-        self.init, self.re, self.bf = initial, renoise, block_frames
+    def __init__(self, initial: torch.Tensor, renoise: dict):
+        self.init, self.re = initial, renoise
 
-    def initial(self, block: int, shape) -> torch.Tensor:
-        return self.init[block * self.bf:(block + 1) * self.bf].reshape(shape)
+    def initial(self, block: int, start: int, shape) -> torch.Tensor:
+        n = shape[0]
+        if start + n > self.init.shape[0]:
+            raise KeyError(f"recorded initial noise has {self.init.shape[0]} frames, block {block} needs "
+                           f"frames {start}..{start + n - 1}")
+        return self.init[start:start + n].reshape(shape)
 
     def renoise(self, block: int, step: int, shape) -> torch.Tensor:
         try:
@@ -106,13 +111,16 @@ class Runner:
 
     # ---- sessions ------------------------------------------------------------------------------
     def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
-                    text_embeds: torch.Tensor | None = None, chunk: int = 1) -> None:
+                    text_embeds: torch.Tensor | None = None, chunks: list | None = None) -> None:
         st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds)
         if self.bundle.decoder is not None:
             st.decoder_state = self.bundle.decoder.new_stream()
         if init_latents is not None:
             lat = init_latents[0].to(self.device, torch.float32)  # [F, C, h, w]
-            st.prefill = [lat[i:i + chunk] for i in range(0, lat.shape[0], chunk)]
+            bounds = [0]
+            for c in chunks or [lat.shape[0]]:
+                bounds.append(bounds[-1] + c)
+            st.prefill = [lat[a:b] for a, b in zip(bounds, bounds[1:])]
             if self.bundle.decoder is not None:  # prime the causal decoder so the stream continues the given video
                 self.bundle.decoder.decode_block(st.decoder_state, lat[None])
         self.sessions[sid] = st
@@ -218,7 +226,7 @@ class Runner:
                 self.set_prompt(r.sid, r.prompt)
             if g.kind == DENOISE:
                 if r.step == 0:
-                    x = st.noise.initial(r.block, shape).to(self.device, torch.float32)
+                    x = st.noise.initial(r.block, r.gen_start, shape).to(self.device, torch.float32)
                 elif self.euler_sigmas is not None:
                     x = st.x
                 else:
@@ -229,7 +237,7 @@ class Runner:
             elif g.kind == COMMIT:
                 x, t = st.x0, self.sampling.context_timestep
             elif g.kind == PREFILL:
-                x, t = st.prefill.pop(0), self.sampling.context_timestep
+                x, t = st.prefill.pop(0), 0.0  # given frames are clean: timestep 0, as the reference does
                 self._remember(st, r.frame_start, x)
             elif g.kind == RECACHE:
                 x = torch.stack([st.history[f] for f in r.context_frames])

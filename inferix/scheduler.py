@@ -38,6 +38,9 @@ class SeqState:
     block_started: bool = False
     frame_start: int = 0  # absolute latent index of the current block's first frame
     block_actions: list | None = None
+    first_block_frames: int = 0  # >0: the first generated block has this many frames (independent first frame)
+    n_init: int = 0  # given context frames (prefilled before the first generated block)
+    block_nframes: int = 0  # frames of the current block
     prompt_changed: bool = False  # the block that starts next carries a new prompt to the runner
 
     @property
@@ -95,7 +98,8 @@ class Scheduler:
             raise RuntimeError(f"no KV budget left to fork session {src} ({s.budget} pages needed)")
         self.kv.fork(src, dst_seq.sid)
         for name in ("block", "step", "prefill_frames", "action", "block_started", "frame_start", "need_recache",
-                     "recache_on_switch", "pending_prompt", "prompt", "total_blocks", "budget", "prompt_changed"):
+                     "recache_on_switch", "pending_prompt", "prompt", "total_blocks", "budget", "prompt_changed",
+                     "first_block_frames", "n_init", "block_nframes"):
             setattr(dst_seq, name, getattr(s, name))
         dst_seq.prefill_chunks = list(s.prefill_chunks)
         dst_seq.action_plan = dict(s.action_plan)
@@ -110,7 +114,7 @@ class Scheduler:
         sid = seq.sid
         if seq.prefill_chunks:
             n = seq.prefill_chunks[0]
-            kv.begin_block(sid)
+            kv.begin_block(sid, n)
             pages, frames = kv.context(sid)
             start = kv.sessions[sid].frames_committed
             return Row(sid, PREFILL, 0, seq.block, start, n, pages, frames, kv.commit(sid, n))
@@ -123,12 +127,14 @@ class Scheduler:
                 seq.prompt = new_prompt
                 seq.need_recache = seq.recache_on_switch and bool(kv.sessions[sid].pages())
                 seq.prompt_changed = True
-            kv.begin_block(sid)
+            n = seq.first_block_frames if (seq.block == 0 and seq.first_block_frames) else self.block_frames
+            seq.block_nframes = n
+            kv.begin_block(sid, n)
             seq.frame_start = kv.sessions[sid].frames_committed
             if seq.pending_action is not None:
                 seq.action, seq.pending_action = seq.pending_action, None
             acts = []
-            for f in range(seq.frame_start, seq.frame_start + self.block_frames):
+            for f in range(seq.frame_start, seq.frame_start + n):
                 seq.action = seq.action_plan.pop(f, seq.action)
                 acts.append(seq.action)
             seq.block_actions = acts
@@ -141,13 +147,13 @@ class Scheduler:
                            prompt=seq.prompt)
             seq.need_recache = False  # no spare pages to copy shared ones into: keep the old K/V
         if seq.step < self.num_steps:
-            row = Row(sid, DENOISE, seq.step, seq.block, seq.frame_start, self.block_frames, pages, frames,
+            row = Row(sid, DENOISE, seq.step, seq.block, seq.frame_start, seq.block_nframes, pages, frames,
                       actions=seq.block_actions, last_step=seq.step == self.num_steps - 1,
-                      prompt=seq.prompt if changed else None)
+                      prompt=seq.prompt if changed else None, gen_start=seq.frame_start - seq.n_init)
             seq.prompt_changed = False
             return row
-        return Row(sid, COMMIT, 0, seq.block, seq.frame_start, self.block_frames, pages, frames,
-                   kv.commit(sid, self.block_frames), actions=seq.block_actions)
+        return Row(sid, COMMIT, 0, seq.block, seq.frame_start, seq.block_nframes, pages, frames,
+                   kv.commit(sid, seq.block_nframes), actions=seq.block_actions)
 
     def _copy_on_write(self, sid: int, pages: list) -> list | None:
         """Pages a recache may overwrite: shared pages (forks) are swapped for fresh ones first."""

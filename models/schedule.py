@@ -87,6 +87,7 @@ class SamplingConfig(ConfigBase):
     sampler: str = "few_step"
     guidance_scale: float = 1.0
     negative_prompt: str = ""
+    independent_first_frame: bool = False  # the first block of a stream is a single latent frame (image-like)
 
     def __post_init__(self):
         if not self.denoising_steps:
