@@ -267,3 +267,28 @@ def test_tiny_preset_video_continuation_and_prompt_schedule():
     with pytest.raises(ValueError, match="init_frames are 32x32"):
         eng.open_session("x", num_frames=5, init_frames=np.zeros((5, 32, 32, 3), np.uint8))
     assert eng.pages_in_use == 0
+
+
+def test_independent_first_frame_blocks_and_full_forward_equivalence():
+    from inferix.models.schedule import SamplingConfig
+    eng = tiny_engine(sampling=SamplingConfig(independent_first_frame=True), kv_pages=12)
+    passes = _record_passes(eng)
+    lat = run_latents(eng, frames=7)
+    assert lat.shape[0] == 7
+    sizes = [x.shape[0] for b, s, x, _ in passes if s == 0]
+    assert sizes == [1, 3, 3]
+    dit, ctx, T = eng.dit, eng.bundle.encode_prompt("a red ball"), eng.dit.tokens_per_frame(4, 4)
+    starts = [0, 1, 4]
+    for block, step, x, x0 in passes:
+        s0, n = starts[block], x.shape[0]
+        clip = torch.cat([lat[:s0], x])[None]
+        t = torch.tensor([[0.0] * s0 + [eng.runner.timesteps[step]] * n])
+        blk_of = torch.tensor([0] + [1] * 3 + [2] * 3)[: s0 + n].repeat_interleave(T)
+        mask = blk_of[None, :] <= blk_of[:, None]
+
+        class Masked(ReferenceBackend):
+            def attend(self, q, k, v, layer, meta, k_raw=None):
+                return self.masked(q, k, v, mask)
+        with torch.no_grad():
+            v = dit(clip, t, ctx, backend=Masked())
+        assert (flow_to_x0(x, v[0, s0:], eng.runner.sigmas[step]) - x0).abs().max() <= 1e-5
