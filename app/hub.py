@@ -1,0 +1,494 @@
+"""The demo's back end: one engine, one thread stepping it, one stream per browser tab. No UI code here.
+
+Every tab owns a ``Tab``: its engine session, the frames delivered so far (for playback and the mp4 download) and
+its rewind points. A rewind point is a fork of the session taken right after a block was delivered; it stays
+paused, sharing KV pages with the stream copy-on-write, until the tab rewinds to it. Each fork reserves a whole
+session budget (a window of pages), so rewind points only use pages no live stream needs: none is taken while a
+stream waits for pages, and when one waits, rewind points are given up, oldest first, until it fits.
+
+Lock order: ``engine.lock`` before ``Tab.lock``; the playback side takes only ``Tab.lock`` (short, never across a
+step), so a frame can be shown while the engine runs the next block.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inferix import AdmissionError, Engine, VideoWriter, default_model
+
+__all__ = ["DemoConfig", "Hub", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS"]
+
+log = logging.getLogger("inferix.app")
+
+RUNNING, PAUSED, WAITING = "running", "paused", "waiting"
+ENDED = ("finished", "cancelled", "failed")
+# Buttons and keys shown for models without actions too (then they are recorded but reach no model input).
+DEFAULT_ACTIONS = ["none", "up", "down", "left", "right"]
+
+
+@dataclass
+class DemoConfig:
+    model: str | None = None  # preset or path; None: the embedded default (toy world, else the tiny preset)
+    device: str | None = None
+    height: int | None = None  # None: the model's
+    width: int | None = None
+    window: int | None = -1  # latent frames attended; -1: the model's, or 12 when it has none
+    sink: int | None = None
+    max_sessions: int = 2  # live streams the KV pool holds at once (pool = max_sessions windows)
+    kv_pages: int | None = None  # explicit pool size, overrides max_sessions
+    max_frames: int = 1200  # pixel frames per session; 0: until stopped
+    record_mib: int = 512  # memory per tab for the recording (playback, download); older frames drop first
+    snapshots: int = 3  # rewind points kept per tab
+    snapshot_every: int = 3  # blocks between rewind points
+    max_pixels: int = 832 * 480  # refuse larger frames (width * height)
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    default_prompt: str = "a red car drives through a snowy city at night"
+
+    def __post_init__(self):
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0 (0: until stopped), got {self.max_frames}")
+        if self.record_mib < 1:
+            raise ValueError(f"record_mib must be >= 1, got {self.record_mib}")
+        if self.snapshots < 0 or self.snapshot_every < 1:
+            raise ValueError(f"snapshots must be >= 0 and snapshot_every >= 1, got {self.snapshots} and "
+                             f"{self.snapshot_every}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        for name in ("height", "width", "kv_pages"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+
+
+@dataclass
+class Snapshot:
+    session: object  # a paused fork (inferix.Session)
+    frames: int  # pixel frames delivered when it was taken: the stream continues from here
+    block: int
+    prompt: str
+    action: str
+    taken: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return str(self.session.id)
+
+    @property
+    def label(self) -> str:
+        return f"frame {self.frames} (block {self.block}, {time.strftime('%H:%M:%S', time.localtime(self.taken))})"
+
+
+class Tab:
+    """One browser tab's stream."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.lock = threading.Lock()
+        self.session = None
+        self.frames: list[np.ndarray] = []  # recorded frames [H, W, 3]; frame i of the session is frames[i - base]
+        self.base = 0  # frames dropped from the front (the recording is capped by DemoConfig.record_mib)
+        self.epoch = 0  # bumped whenever the recording restarts or rewinds: playback jumps to epoch_start
+        self.epoch_start = 0
+        self.blocks = 0  # blocks delivered on the current line of the story
+        self.block_times: deque = deque(maxlen=17)  # (time, frames) per delivered block
+        self.snapshots: list[Snapshot] = []  # oldest first
+        self.action = "none"
+        self.prompt = ""
+        self.message = ""
+        self.stream_token = 0
+        self.closed = False
+        self.video_path: Path | None = None
+
+    @property
+    def total_frames(self) -> int:
+        return self.base + len(self.frames)
+
+    def next_frame(self, pos: int | None, epoch: int | None, max_backlog: int):
+        """Playback: the frame to show after ``pos``; skips ahead when more than max_backlog frames wait.
+
+        Returns (frame or None, new pos, epoch, frames still queued)."""
+        with self.lock:
+            total = self.base + len(self.frames)
+            if epoch != self.epoch or pos is None:
+                pos, epoch = self.epoch_start, self.epoch
+            pos = max(pos, self.base)
+            if pos >= total:
+                return None, pos, epoch, 0
+            if total - pos > max_backlog:
+                pos = total - max_backlog
+            return self.frames[pos - self.base], pos + 1, epoch, total - pos - 1
+
+    def recorded(self) -> list[np.ndarray]:
+        with self.lock:
+            return list(self.frames)
+
+
+class Hub:
+    """Owns the engine and the thread that steps it; the UI calls the methods below with a tab key."""
+
+    def __init__(self, config: DemoConfig | None = None, engine: Engine | None = None):
+        self.config = cfg = config or DemoConfig()
+        if cfg.threads:
+            import torch
+            torch.set_num_threads(cfg.threads)
+        self.engine = engine if engine is not None else self._build_engine(cfg)
+        eng = self.engine
+        if eng.height * eng.width > cfg.max_pixels:
+            raise ValueError(f"resolution {eng.width}x{eng.height} is over the demo's limit of {cfg.max_pixels} "
+                             f"pixels per frame (raise --max-pixels or lower --height/--width)")
+        self.model_actions = list(eng.actions) if eng.actions else None
+        self.actions = [a for a in DEFAULT_ACTIONS if a in self.model_actions] if self.model_actions else \
+            list(DEFAULT_ACTIONS)
+        if self.model_actions:  # extra actions of a model beyond the five steering ones
+            self.actions += [a for a in self.model_actions if a not in self.actions]
+        self.fps = eng.fps
+        self.block_pixels = max(1, eng.bundle.pixel_frames(eng.block_frames + 1) - eng.bundle.pixel_frames(1))
+        self.kv_pages_total = eng.stats()["kv_pages_total"]
+        self.record_cap = max(4 * self.block_pixels, cfg.record_mib * 2 ** 20 // (eng.height * eng.width * 3))
+        self.tabs: dict[str, Tab] = {}
+        self.delivered: deque = deque(maxlen=65)  # (time, frames) for every block of every tab
+        self.step_error = ""
+        self._video_dir: Path | None = None  # made at the first download
+        self._stop = threading.Event()
+        self._want = 0  # callers queued for the engine lock: the stepping thread lets them in between steps
+        self._want_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drive, name="inferix-demo-engine", daemon=True)
+        self._thread.start()
+
+    # ---- engine ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _build_engine(cfg: DemoConfig) -> Engine:
+        import torch
+        from inferix.models.bundle import load_model
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        bundle = load_model(cfg.model or default_model(), device=device, dtype=dtype)
+        window, sink = cfg.window, cfg.sink
+        if window == -1:
+            window = bundle.window
+            if window is None:  # streams run until stopped: keep the cache bounded with a default window
+                window, sink = 12, (3 if sink is None else sink)
+        elif window == 0:
+            window = None
+        if window is None and cfg.max_frames == 0:
+            raise ValueError("sessions without a frame limit (max_frames 0) need a window")
+        kv_pages = cfg.kv_pages
+        if kv_pages is None:
+            bf = bundle.sampling.block_frames
+            per = window if window is not None else -(-bundle.latent_frames(cfg.max_frames) // bf) * bf
+            kv_pages = per * cfg.max_sessions
+        h, w = cfg.height or bundle.height, cfg.width or bundle.width
+        if h * w > cfg.max_pixels:
+            raise ValueError(f"resolution {w}x{h} is over the demo's limit of {cfg.max_pixels} pixels per frame")
+        return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
+                      max_sessions=cfg.max_sessions, kv_pages=kv_pages)
+
+    @contextmanager
+    def _locked(self):
+        with self._want_lock:
+            self._want += 1
+        try:
+            self.engine.lock.acquire()
+        finally:
+            with self._want_lock:
+                self._want -= 1
+        try:
+            yield
+        finally:
+            self.engine.lock.release()
+
+    def _drive(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            worked = False
+            try:
+                with eng.lock:
+                    try:
+                        worked = eng.step()
+                    finally:  # a failed step ends its sessions: collect what they delivered and their error
+                        self._collect()
+            except Exception as e:  # noqa: BLE001 - the demo keeps serving the other tabs
+                self.step_error = f"{type(e).__name__}: {e}"
+                log.exception("engine step failed")
+                worked = False
+            deadline = time.monotonic() + 0.5
+            while self._want and time.monotonic() < deadline:  # let UI calls take the lock between steps
+                time.sleep(0.001)
+            if not worked:
+                self._stop.wait(0.02)
+
+    def _collect(self) -> None:
+        """Runs under the engine lock after each step: move delivered frames into tabs, take rewind points."""
+        now = time.perf_counter()
+        cfg = self.config
+        for tab in list(self.tabs.values()):
+            s = tab.session
+            if s is None:
+                continue
+            blocks = s.poll()
+            if s.error is not None and not tab.message:
+                tab.message = f"generation failed: {type(s.error).__name__}: {s.error}"
+            if not blocks:
+                continue
+            n = sum(len(b) for b in blocks)
+            with tab.lock:
+                for b in blocks:
+                    tab.frames.extend(b)
+                if len(tab.frames) > self.record_cap:
+                    drop = len(tab.frames) - self.record_cap
+                    del tab.frames[:drop]
+                    tab.base += drop
+            tab.blocks += len(blocks)
+            tab.block_times.append((now, n))
+            self.delivered.append((now, n))
+            if (cfg.snapshots and s.status == RUNNING and tab.blocks % cfg.snapshot_every == 0
+                    and not self._anyone_waiting()):
+                self._snapshot(tab)
+        if self._anyone_waiting():
+            self._reclaim()
+
+    def _anyone_waiting(self) -> bool:
+        return any(t.session is not None and t.session.status == WAITING for t in self.tabs.values())
+
+    def _snapshot(self, tab: Tab) -> None:
+        s = tab.session
+        if s.num_frames is not None and s.num_frames - s.frames_out < self.block_pixels:
+            return  # the last block is out: nothing left to branch into
+        while len(tab.snapshots) >= self.config.snapshots:
+            tab.snapshots.pop(0).session.cancel()
+        try:
+            child = s.fork()
+        except RuntimeError:
+            if not tab.snapshots:  # no pages left for a fork: no rewind point this time
+                return
+            # the pool holds no more forks: move this tab's oldest rewind point here, so the points stay recent
+            tab.snapshots.pop(0).session.cancel()
+            try:
+                child = s.fork()
+            except RuntimeError:
+                return
+        tab.snapshots.append(Snapshot(child, frames=s.frames_out, block=tab.blocks, prompt=s.prompt,
+                                      action=tab.action))
+
+    def _reclaim(self) -> None:
+        """A stream waits for KV pages: give up rewind points, oldest first, until nobody waits."""
+        snaps = sorted(((sn.taken, sn, t) for t in self.tabs.values() for sn in t.snapshots), key=lambda x: x[0])
+        for _, sn, t in snaps:
+            if not self._anyone_waiting():
+                return
+            sn.session.cancel()  # frees its pages; the scheduler admits waiting sessions at once
+            t.snapshots.remove(sn)
+
+    def close(self) -> None:
+        """Stop the stepping thread and end every session."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self.engine.lock:
+            for key in list(self.tabs):
+                self._end_tab(self.tabs.pop(key))
+        if self._video_dir is not None:
+            shutil.rmtree(self._video_dir, ignore_errors=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    # ---- tabs ------------------------------------------------------------------------------------------
+    def tab(self, key: str) -> Tab:
+        t = self.tabs.get(key)
+        if t is None:
+            with self._locked():
+                t = self.tabs.setdefault(key, Tab(key))
+        return t
+
+    @staticmethod
+    def _end_session(tab: Tab) -> None:
+        for sn in tab.snapshots:
+            sn.session.cancel()
+        tab.snapshots = []
+        if tab.session is not None and tab.session.status not in ENDED:
+            tab.session.cancel()
+
+    def _end_tab(self, tab: Tab) -> None:
+        tab.closed = True
+        self._end_session(tab)
+        if tab.video_path is not None:
+            tab.video_path.unlink(missing_ok=True)
+
+    def start(self, key: str, prompt: str, seed: int = 0) -> Tab:
+        """(Re)start the tab's stream; the session waits for pages when the pool is full."""
+        prompt = (prompt or "").strip() or self.config.default_prompt
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise ValueError(f"seed must be an integer, got {seed!r}") from None
+        with self._locked():
+            tab = self.tab(key)
+            self._end_session(tab)
+            tab.message = ""
+            sess = self.engine.open_session(prompt, num_frames=self.config.max_frames or None, seed=seed)
+            if self.model_actions and tab.action != "none":
+                sess.act(tab.action)
+            with tab.lock:
+                tab.session = sess
+                tab.frames, tab.base = [], 0
+                tab.epoch += 1
+                tab.epoch_start = 0
+            tab.blocks = 0
+            tab.block_times.clear()
+            tab.prompt = prompt
+            return tab
+
+    def set_prompt(self, key: str, prompt: str) -> bool:
+        """Switch the running stream's prompt at its next block; False when there is nothing to switch."""
+        prompt = (prompt or "").strip()
+        tab = self.tab(key)
+        if not prompt:
+            return False
+        with self._locked():
+            s = tab.session
+            if s is None or s.status in ENDED:
+                return False
+            s.set_prompt(prompt)
+            tab.prompt = prompt
+            return True
+
+    def act(self, key: str, action: str) -> None:
+        """Hold an action from the next block on (recorded only, for models without actions)."""
+        if action not in self.actions:
+            raise ValueError(f"unknown action {action!r}; known: {self.actions}")
+        tab = self.tab(key)
+        with self._locked():
+            tab.action = action
+            s = tab.session
+            if self.model_actions and s is not None and s.status not in ENDED:
+                s.act(action)
+
+    def toggle_pause(self, key: str) -> str:
+        tab = self.tab(key)
+        with self._locked():
+            s = tab.session
+            if s is None:
+                return "idle"
+            if s.status == RUNNING:
+                s.pause()
+            elif s.status == PAUSED:
+                s.resume()
+                tab.block_times.clear()  # the pause is no block latency: measure afresh
+            return s.status
+
+    def stop(self, key: str) -> None:
+        """End the stream and free its pages (rewind points too); the recording stays for download."""
+        tab = self.tab(key)
+        with self._locked():
+            self._end_session(tab)
+
+    def rewind(self, key: str, snapshot_id: str | None = None) -> Snapshot:
+        """Continue from a rewind point (default: the newest) as the tab's stream; the current one ends."""
+        tab = self.tab(key)
+        with self._locked():
+            if not tab.snapshots:
+                raise ValueError("no rewind point yet: they are taken every "
+                                 f"{self.config.snapshot_every} blocks while a stream runs and KV pages are free")
+            idx = len(tab.snapshots) - 1
+            if snapshot_id not in (None, ""):
+                ids = [sn.id for sn in tab.snapshots]
+                if str(snapshot_id) not in ids:
+                    raise ValueError(f"rewind point {snapshot_id!r} is gone (kept: {ids})")
+                idx = ids.index(str(snapshot_id))
+            chosen = tab.snapshots[idx]
+            for later in tab.snapshots[idx + 1:]:  # they lie on the story being abandoned
+                later.session.cancel()
+            tab.snapshots = tab.snapshots[:idx]
+            if tab.session is not None and tab.session.status not in ENDED:
+                tab.session.cancel()
+            chosen.session.resume()
+            with tab.lock:
+                tab.session = chosen.session
+                if chosen.frames >= tab.base:
+                    del tab.frames[chosen.frames - tab.base:]
+                else:  # the recording no longer reaches back to this point: it restarts there
+                    tab.frames, tab.base = [], chosen.frames
+                tab.epoch += 1
+                tab.epoch_start = chosen.frames
+            tab.blocks = chosen.block
+            tab.block_times.clear()
+            tab.prompt = chosen.prompt
+            tab.action = chosen.action
+            tab.message = ""
+            return chosen
+
+    def close_tab(self, key: str) -> None:
+        """The browser tab went away: end its streams and drop its recording."""
+        with self._locked():
+            tab = self.tabs.pop(key, None)
+            if tab is not None:
+                self._end_tab(tab)
+
+    def write_video(self, key: str) -> Path | None:
+        """The tab's recording as an mp4 (None before the first frame)."""
+        tab = self.tab(key)
+        frames = tab.recorded()
+        if not frames:
+            return None
+        safe = "".join(c for c in key if c.isalnum())[:32] or "tab"
+        if self._video_dir is None:
+            self._video_dir = Path(tempfile.mkdtemp(prefix="inferix-demo-"))
+        path = self._video_dir / f"inferix-{safe}.mp4"
+        with VideoWriter(path, fps=self.fps) as w:
+            w.write(np.stack(frames))
+        tab.video_path = path
+        return path
+
+    # ---- stats -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _rate(times) -> float | None:
+        """Frames per second over the blocks in ``times`` (the first block only marks the start)."""
+        t = list(times)
+        if len(t) < 2 or t[-1][0] <= t[0][0]:
+            return None
+        return sum(n for _, n in t[1:]) / (t[-1][0] - t[0][0])
+
+    def stats(self, tab: str | Tab) -> dict:
+        """A snapshot of a tab's state for the status line; lock-free reads (values may be one step old).
+
+        Given a Tab it never creates one, so a player that outlives its closed tab leaves nothing behind."""
+        if not isinstance(tab, Tab):
+            tab = self.tab(tab)
+        s = tab.session
+        status = "idle" if s is None else s.status
+        waiting = sum(1 for t in list(self.tabs.values()) if t.session is not None and t.session.status == WAITING)
+        pos = s.waiting_position if (s is not None and status == WAITING) else None
+        bt = list(tab.block_times)
+        gaps = sorted(b[0] - a[0] for a, b in zip(bt, bt[1:]))
+        return {
+            "status": status,
+            "waiting": waiting,
+            "waiting_position": pos,
+            "frames": tab.total_frames,
+            "max_frames": self.config.max_frames,
+            "blocks": tab.blocks,
+            "pixel_fps": self._rate(bt),
+            "engine_pixel_fps": self._rate(self.delivered),
+            "block_latency_p50_s": gaps[len(gaps) // 2] if gaps else None,
+            "kv_pages_in_use": self.engine.pages_in_use,
+            "kv_pages_total": self.kv_pages_total,
+            "action": tab.action,
+            "actions_reach_model": bool(self.model_actions),
+            "prompt": tab.prompt,
+            "session_id": None if s is None else s.id,
+            "snapshots": [(sn.label, sn.id) for sn in list(tab.snapshots)],
+            "message": tab.message or self.step_error,
+        }
+
