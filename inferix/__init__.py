@@ -11,7 +11,7 @@ The heavy parts (torch, the engine) load on first use, so light modules such as 
 __version__ = "0.1.0"
 
 _LAZY = {"Engine": "engine", "Session": "engine", "AdmissionError": "engine", "generate": "api",
-         "default_model": "api", "VideoWriter": "sinks", "Mp4Writer": "sinks"}
+         "default_model": "api", "VideoWriter": "sinks", "Mp4Writer": "sinks", "load_model": "api"}
 
 __all__ = sorted(_LAZY)
 

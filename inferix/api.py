@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from inferix.models.bundle import load_model  # noqa: F401  (re-exported: inferix.load_model)
+
 from .engine import Engine
 from .sinks import VideoWriter
 

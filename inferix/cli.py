@@ -201,9 +201,9 @@ def build_parser():
 def main(argv=None) -> int:
     p = build_parser()
     a, rest = p.parse_known_args(argv)
+    if rest and a.cmd not in ("bench", "train", "toyworld"):  # those pass their own arguments on
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "generate":
-        if rest:
-            p.error(f"unrecognized arguments: {' '.join(rest)}")
         return cmd_generate(a)
     if a.cmd == "verify-fixture":
         return cmd_verify(a)

@@ -28,9 +28,10 @@ __all__ = ["Engine", "Session", "AdmissionError"]
 class Session:
     """Handle of one stream. Prompt changes and actions take effect at the next block boundary."""
 
-    def __init__(self, engine: "Engine", sid: int, num_frames: int | None):
+    def __init__(self, engine: "Engine", seq: SeqState, num_frames: int | None):
         self.engine = engine
-        self.id = sid
+        self.id = seq.sid
+        self._s = seq  # the scheduler's counters; kept after the session ends (its final status)
         self.num_frames = num_frames  # pixel frames to deliver (None: until cancelled)
         self.frames_out = 0
         self.blocks: deque = deque()
@@ -40,7 +41,7 @@ class Session:
     # ---- state -------------------------------------------------------------------------------
     @property
     def _seq(self) -> SeqState:
-        return self.engine.scheduler.seqs[self.id]
+        return self._s
 
     @property
     def status(self) -> str:
@@ -53,6 +54,12 @@ class Session:
     @property
     def waiting_position(self) -> int | None:
         return self.engine.scheduler.waiting_position(self.id)
+
+    @property
+    def at_block_boundary(self) -> bool:
+        """True between blocks (the last block committed, the next not started): a fork taken now repeats no work."""
+        s = self._s
+        return s.step == 0 and not s.block_started and not s.prefill_chunks
 
     @property
     def prompt(self) -> str:
@@ -197,7 +204,11 @@ class Engine:
         return a
 
     def pixel_to_latent(self, num_frames: int) -> int:
-        return self.bundle.latent_frames(num_frames)
+        """Fewest latent frames that decode to at least num_frames pixel frames (the extra ones are trimmed)."""
+        n = self.bundle.latent_frames(num_frames)
+        while self.bundle.pixel_frames(n) < num_frames:
+            n += 1
+        return n
 
     # ---- sessions -------------------------------------------------------------------------------
     def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames=None,
@@ -252,7 +263,7 @@ class Engine:
                                     negative_prompt=negative_prompt or self.bundle.sampling.negative_prompt,
                                     init_latents=init_latents, text_embeds=text_embeds,
                                     chunks=list(seq.prefill_chunks))
-            sess = Session(self, sid, num_frames)
+            sess = Session(self, seq, num_frames)
             self.sessions[sid] = sess
             self.profiler.session_opened(sid)
         return sess
@@ -272,11 +283,13 @@ class Engine:
     def _fork(self, sess: Session) -> Session:
         with self.lock:
             sid = next(self._ids)
-            src = self.scheduler.seqs[sess.id]
+            src = self.scheduler.seqs.get(sess.id)
+            if src is None:
+                raise RuntimeError(f"session {sess.id} has ended ({sess.status}); it cannot be forked")
             seq = SeqState(sid=sid, prompt=src.prompt, total_blocks=src.total_blocks, budget=src.budget)
             self.scheduler.fork(sess.id, seq)
             self.runner.fork(sess.id, sid)
-            child = Session(self, sid, sess.num_frames)
+            child = Session(self, seq, sess.num_frames)
             child.frames_out = sess.frames_out
             self.sessions[sid] = child
             self.profiler.session_opened(sid)
@@ -284,7 +297,13 @@ class Engine:
 
     def _release(self, sid: int, status: str) -> None:
         self.scheduler.release(sid, status)
+        self._forget(sid)
+
+    def _forget(self, sid: int) -> None:
+        """Drop every trace of an ended session (its handle keeps its frames and final status)."""
         self.runner.drop(sid)
+        self.sessions.pop(sid, None)
+        self.profiler.forget(sid)
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -309,7 +328,7 @@ class Engine:
             for o in outs:
                 self._deliver(o)
             for sid in finished:
-                self.runner.drop(sid)
+                self._forget(sid)
             self.profiler.step_done(plan, outs, time.perf_counter() - tic)
             return True
 
@@ -344,6 +363,11 @@ class Engine:
         finally:
             if not sess.done and sess.status not in (FINISHED, FAILED):
                 sess.cancel()
+
+    @property
+    def waiting(self) -> int:
+        """Sessions waiting for KV pages."""
+        return len(self.scheduler.queue)
 
     @property
     def pages_in_use(self) -> int:

@@ -5,6 +5,7 @@ import json
 import resource
 import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -25,7 +26,10 @@ class Profiler:
         self.opened: dict[int, float] = {}
         self.first_frame: dict[int, float] = {}
         self.last_block: dict[int, float] = {}
-        self.block_latency: list[float] = []  # seconds between consecutive blocks of a session (first: from open)
+        # seconds between consecutive blocks of a session (first: from open); recent ones only, so a server
+        # that runs for days keeps a bounded profile
+        self.block_latency: deque = deque(maxlen=4096)
+        self.ttff: deque = deque(maxlen=1024)
         self.frames = 0
         self.t0: float | None = None
         self.t_last: float | None = None
@@ -42,6 +46,8 @@ class Profiler:
 
     def block_delivered(self, sid: int, nframes: int) -> None:
         now = time.perf_counter()
+        if sid not in self.first_frame and sid in self.opened:
+            self.ttff.append(now - self.opened[sid])
         self.first_frame.setdefault(sid, now)
         self.block_latency.append(now - self.last_block.get(sid, now))
         self.last_block[sid] = now
@@ -53,9 +59,13 @@ class Profiler:
         self.step_time += seconds
         self.max_pages = max(self.max_pages, self.engine.kv.pages_in_use)
 
+    def forget(self, sid: int) -> None:
+        for d in (self.opened, self.first_frame, self.last_block):
+            d.pop(sid, None)
+
     def summary(self) -> dict:
         e = self.engine
-        ttff = [self.first_frame[s] - self.opened[s] for s in self.first_frame if s in self.opened]
+        ttff = list(self.ttff)
         wall = (self.t_last - self.t0) if (self.t0 is not None and self.t_last is not None) else 0.0
         t = e.runner.timing
         if e.device.type == "cuda":

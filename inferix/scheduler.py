@@ -80,7 +80,7 @@ class Scheduler:
 
     def release(self, sid: int, status: str) -> None:
         """Finish, cancel or fail: pages are freed at once and waiting sessions may be admitted."""
-        seq = self.seqs.get(sid)
+        seq = self.seqs.pop(sid, None)  # ended sessions leave the scheduler; their handles keep the state
         if seq is None:
             return
         seq.status = status
@@ -91,7 +91,9 @@ class Scheduler:
 
     def fork(self, src: int, dst_seq: SeqState) -> None:
         """dst shares src's pages (copy-on-write) and continues from src's counters."""
-        s = self.seqs[src]
+        s = self.seqs.get(src)
+        if s is None:
+            raise RuntimeError(f"session {src} has ended; only a running or paused session can be forked")
         if s.status not in (RUNNING, PAUSED):
             raise RuntimeError(f"session {src} is {s.status}; only a running or paused session can be forked")
         if not self.kv.can_allocate(s.budget):

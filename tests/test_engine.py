@@ -292,3 +292,28 @@ def test_independent_first_frame_blocks_and_full_forward_equivalence():
         with torch.no_grad():
             v = dit(clip, t, ctx, backend=Masked())
         assert (flow_to_x0(x, v[0, s0:], eng.runner.sigmas[step]) - x0).abs().max() <= 1e-5
+
+
+def test_exact_pixel_frame_count_and_ended_sessions_are_forgotten():
+    eng = Engine.from_pretrained("tiny", device="cpu", max_sessions=1, kv_pages=6)
+    for n in (1, 10, 14):  # the Wan VAE makes 1 + 4k frames; other counts are made and trimmed, never short
+        frames = np.concatenate(list(eng.generate("x", num_frames=n, seed=0)))
+        assert frames.shape[0] == n
+    assert not eng.sessions and not eng.scheduler.seqs and not eng.runner.sessions
+    assert not eng.profiler.opened and eng.pages_in_use == 0
+
+
+def test_block_boundary_flag_and_fork_of_ended_session():
+    eng = tiny_engine(kv_pages=24)
+    s = eng.open_session("x", num_frames=6, seed=0)
+    assert s.at_block_boundary
+    eng.step()
+    assert not s.at_block_boundary
+    eng.run_until_idle(max_steps=3)  # 4 denoise steps done, commit pending
+    assert not s.at_block_boundary
+    eng.step()  # commit
+    assert s.at_block_boundary
+    eng.run_until_idle()
+    assert s.status == "finished"
+    with pytest.raises(RuntimeError, match="has ended"):
+        s.fork()
