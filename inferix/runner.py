@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from inferix.kernels.attention import KVPool, PagedMeta
-from inferix.models.bundle import ModelBundle
+from inferix.models.bundle import ModelBundle, PixelDecoder
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
 
@@ -104,6 +104,7 @@ class Runner:
         self.sigmas = self.sampling.sigmas()
         self.euler_sigmas = self.sampling.euler_sigmas() if self.sampling.sampler == "euler" else None
         self.sessions: dict[int, SessionTensors] = {}
+        self.clamp_x0 = isinstance(bundle.decoder, PixelDecoder)
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
         self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
@@ -296,6 +297,8 @@ class Runner:
             else:
                 st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
             if r.last_step:
+                if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
+                    st.x0 = st.x0.clamp(-1, 1)
                 for j in range(r.nframes):
                     self._remember(st, r.frame_start + j, st.x0[j])
                 frames = None
