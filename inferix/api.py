@@ -8,7 +8,7 @@ from inferix.models.bundle import load_model  # noqa: F401  (re-exported: inferi
 from .engine import Engine
 from .sinks import VideoWriter
 
-__all__ = ["generate", "default_model"]
+__all__ = ["generate", "default_model", "load_model"]
 
 
 def default_model() -> str:

@@ -98,7 +98,8 @@ def bench_engine(a) -> dict:
     t_seq = time.perf_counter() - t0
     bat_eng = _tiny_engine(window=None, kv_pages=4 * frames, device=device)
     t0 = time.perf_counter()
-    ss = [bat_eng.open_session(f"p{i}", num_frames=frames, seed=i) for i in range(4)]
+    for i in range(4):
+        bat_eng.open_session(f"p{i}", num_frames=frames, seed=i)
     bat_eng.run_until_idle()
     t_bat = time.perf_counter() - t0
     out["batching"] = {"sessions": 4, "blocks_each": a.batch_blocks, "sequential_s": t_seq, "batched_s": t_bat,

@@ -9,7 +9,6 @@ import argparse
 import json
 import signal
 import sys
-import time
 from importlib.metadata import entry_points
 
 __all__ = ["main"]

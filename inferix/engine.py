@@ -20,7 +20,7 @@ from inferix.models.bundle import ModelBundle, load_model
 from .pages import AdmissionError, KVManager
 from .profiling import Profiler
 from .runner import GeneratorNoise, Runner
-from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, WAITING, Scheduler, SeqState
+from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, Scheduler, SeqState
 
 __all__ = ["Engine", "Session", "AdmissionError"]
 

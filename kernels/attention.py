@@ -185,7 +185,6 @@ class SDPABackend(AttentionBackend):
         if len(set(lens)) == 1:  # equal context lengths: one batched call on the gathered pages
             n = lens[0]
             pages = meta.block_tables[:, :n].long()
-            B = q.shape[0]
             kc = meta.pool.k[layer][pages].flatten(1, 2)  # [B, n*T, Hkv, D]
             vc = meta.pool.v[layer][pages].flatten(1, 2)
             if meta.cache_cos is not None and n:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigBase
-from ..kernels.attention import AttentionBackend, ReferenceBackend, PagedMeta
+from ..kernels.attention import AttentionBackend, ReferenceBackend
 from ..kernels.rope import apply_rope_qk, rope_angles, rope_cos_sin
 
 __all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding"]
