@@ -62,7 +62,7 @@ def _tiny_engine(window, kv_pages, device, sink=0):
 
 def bench_engine(a) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = {"benchmark": "engine", "device": device, "model": "tiny DiT (64x64 px -> 8x8 latent, 16 tokens/frame), "
+    out = {"benchmark": "engine", "device": device, "threads": torch.get_num_threads(), "model": "tiny DiT (64x64 px -> 8x8 latent, 16 tokens/frame), "
            "latents only (no decode)"}
     # 1) block latency near block 10 vs near block N with a window of 12 frames (+3 sink)
     eng = _tiny_engine(window=12, kv_pages=12, device=device, sink=3)
@@ -120,9 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a corgi running on a beach")
     p.add_argument("--blocks", type=int, default=1000, help="engine: blocks in the long session")
     p.add_argument("--batch-blocks", type=int, default=20, help="engine: blocks per session in the batching test")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 for the engine benchmark, whose tiny passes only lose "
+                        "from threading, and 2 for generate)")
     a = p.parse_args(argv)
-    if a.device is None and not torch.cuda.is_available():
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+    if not torch.cuda.is_available() or a.device == "cpu":
+        torch.set_num_threads(a.threads or (1 if a.what == "engine" else 2))
     res = bench_generate(a) if a.what == "generate" else bench_engine(a)
     print(json.dumps(res, indent=2))
     return 0
