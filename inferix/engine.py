@@ -141,8 +141,8 @@ class Engine:
         self.block_frames = bundle.sampling.block_frames
         self.window = bundle.window if window == -1 else window
         self.sink = bundle.sink if sink is None else sink
-        if positions == "auto":
-            positions = "relative" if self.window is not None else "absolute"
+        if positions == "auto":  # the model's own preference, else relative whenever a window is set
+            positions = bundle.extra.get("positions") or ("relative" if self.window is not None else "absolute")
         self.positions = positions
         self.keep_latents = keep_latents
         page_tokens = self.dit.tokens_per_frame(*self.latent_hw)

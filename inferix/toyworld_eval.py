@@ -17,13 +17,14 @@ __all__ = ["main", "evaluate"]
 
 
 def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
-             context: int = 8, model: str = "toyworld", threads: int | None = None) -> dict:
+             context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
+             sink: int | None = None, positions: str = "auto") -> dict:
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.eval import drift_curve_png, rollout_metrics, strip_png
     from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
-    eng = Engine.from_pretrained(model, device="cpu", max_sessions=1)
+    eng = Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions)
     if context % eng.block_frames:
         raise ValueError(f"--context {context} must be a multiple of the block ({eng.block_frames} frames)")
     rng = np.random.default_rng([seed, 99])
@@ -71,11 +72,14 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=8, help="true frames given as context (whole blocks)")
     ap.add_argument("--model", default="toyworld")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--window", type=int, default=-1, help="latent frames attended (default: the model's)")
+    ap.add_argument("--sink", type=int, default=None, help="pinned first frames (default: the model's)")
+    ap.add_argument("--positions", default="auto", choices=["auto", "absolute", "relative"])
     a = ap.parse_args(argv)
     if a.frames <= 0:
         ap.error(f"--frames must be positive, got {a.frames}")
     m = evaluate(frames=a.frames, out=Path(a.out), seed=a.seed, prompt=a.prompt, context=a.context, model=a.model,
-                 threads=a.threads)
+                 threads=a.threads, window=a.window, sink=a.sink, positions=a.positions)
     s = m["summary"]
     keys = ("agent_error_median_px", "agent_found_share", "palette_share_min_window", "psnr_per_32",
             "psnr_copy_last_per_32", "psnr_context_mean_per_32", "pixel_fps_including_decode",

@@ -1,0 +1,6 @@
+"""The toy world: a deterministic 64x64 simulator (simulator.py), the trainer of the small action- and
+text-conditioned pixel-space DiT that ships as the default model (train.py), and its evaluation (eval.py).
+See docs/toyworld.md."""
+from .simulator import ACTIONS, THEMES, simulate, theme_of
+
+__all__ = ["ACTIONS", "THEMES", "simulate", "theme_of"]

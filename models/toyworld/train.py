@@ -1,0 +1,454 @@
+"""Train the toy world model: a pixel-space causal Wan DiT, conditioned on actions and a prompt.
+
+    python -m inferix.models.toyworld.train --steps 2000 --out runs/toyworld [--resume runs/toyworld] [--seed 0]
+
+Data are made on the fly by the simulator; batch ``step`` is a pure function of (seed, step), so a run is
+reproducible from its seed and a resumed run sees the same batches it would have seen without the break.
+
+Training is teacher forcing over whole clips of ``clip_blocks`` blocks. One forward pass holds the clean clip
+followed by a noised copy of every block (``TeacherForcingMeta``): clean block i sees clean blocks <= i (this is
+exactly the engine's commit pass: clean x0 at the context timestep), noised block i sees clean blocks < i and
+itself. So every block of the clip is a denoising target with a clean context at ``context_timestep``, the
+situation the engine's sampler is in, and the loss is taken only on the noised copies. Clean context is
+sometimes perturbed a little (noise, blur) while keeping its timestep, so that the model learns to read the
+slightly imperfect blocks it will later have written itself.
+
+The model predicts x0 (pixel patches of 192 values are wider than the 128-wide residual stream; predicting
+velocity did not learn at this ratio, see docs/toyworld.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigBase
+from ..schedule import SamplingConfig
+from ..wan_dit import CausalWanDiT, WanDiTConfig
+from ...kernels.attention import BlockCausalMeta, SDPABackend, get_backend
+from . import simulator as sim
+from .text import LocalHashTextEncoder, collision_free_vocab, to_shared_table
+
+__all__ = ["TrainConfig", "TeacherForcingMeta", "TeacherForcingBackend", "build_models", "make_batch", "Trainer", "export_bundle",
+           "to_latent", "to_pixels", "default_model_config", "default_sampling", "main"]
+
+WINDOW_FRAMES = 12  # context kept at inference, including the block being generated
+# The first two blocks stay in the cache for good. Training never showed the model a gap in frame positions, yet
+# in rollouts these anchor frames keep the scene from dissolving (docs/toyworld.md: 7 dB -> 16-21 dB PSNR).
+SINK_FRAMES = 8
+
+
+def default_model_config() -> WanDiTConfig:
+    return WanDiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_dim=3, out_dim=3,
+                        patch_size=(1, 8, 8), freq_dim=64, text_dim=32, text_len=16, num_actions=len(sim.ACTIONS),
+                        prediction="x0")
+
+
+def default_sampling(block_frames: int = 4) -> SamplingConfig:
+    # Plain (unwarped, shift 1) timesteps: sigma = t / 1000, the noise levels the trainer samples from. One step
+    # from pure noise: the world is deterministic given the context and actions, so the x0 prediction at sigma 1
+    # is the answer; a second step at sigma 0.5 measured worse (docs/toyworld.md).
+    return SamplingConfig(denoising_steps=[1000.0], warp=False, shift=1.0, context_timestep=0.0,
+                          block_frames=block_frames, sampler="few_step")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    steps: int = 2000
+    batch: int = 8
+    clip_blocks: int = 3
+    block_frames: int = 4
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.998
+    seed: int = 0
+    max_start: int = 160  # clips start at a random frame in [0, max_start] of their episode
+    p_sigma_one: float = 0.4  # share of targets at pure noise (the first denoising step)
+    first_block_weight: float = 0.3  # loss weight of block 0 (no context: text-to-world generation)
+    dynamic_weight: float = 4.0  # extra loss weight on pixels where the agent or the ball is or just was
+    p_corrupt: float = 0.5  # share of clips whose clean context is perturbed (noise, blur)
+    corrupt_noise: float = 0.08
+    context_timestep: float = 0.0
+    text_vocab: int = 4096
+    text_seed: int = 0
+    model: dict = field(default_factory=lambda: default_model_config().to_dict())
+    checkpoint_every_s: float = 240.0
+    log_every: int = 25
+
+    def __post_init__(self):
+        for k in ("steps", "batch", "clip_blocks", "block_frames"):
+            if int(getattr(self, k)) <= 0:
+                raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
+        if not 0 < self.ema < 1:
+            raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+
+    @property
+    def model_config(self) -> WanDiTConfig:
+        return WanDiTConfig.from_dict(dict(self.model), what="model config")
+
+
+def to_latent(frames_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] (latent = pixel / 127.5 - 1)."""
+    f = torch.as_tensor(np.asarray(frames_u8)).float()
+    return (f / 127.5 - 1).movedim(-1, -3)
+
+
+def to_pixels(latent: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] -> uint8 [..., H, W, 3] (clamped, rounded: the engine's pixel decoder)."""
+    x = ((latent.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+class TeacherForcingMeta(BlockCausalMeta):
+    """Block-causal mask over [clean clip | noised copy of every block] (2 * num_blocks blocks).
+
+    Clean block i sees clean blocks <= i; noised block i sees clean blocks < i and itself.
+    """
+
+    def __init__(self, frame_tokens: int, block_frames: int, num_blocks: int):
+        super().__init__(frame_tokens=frame_tokens, block_frames=block_frames)
+        self.num_blocks = num_blocks
+
+    def mask(self, length: int, device) -> torch.Tensor:
+        per_block = self.frame_tokens * self.block_frames
+        n = self.num_blocks
+        if length != 2 * n * per_block:
+            raise ValueError(f"teacher-forcing pass must have {2 * n * per_block} tokens, got {length}")
+        idx = torch.arange(length, device=device) // per_block  # block index in [0, 2n)
+        noised, blk = idx >= n, idx % n
+        q_noised, k_noised = noised[:, None], noised[None, :]
+        q_blk, k_blk = blk[:, None], blk[None, :]
+        clean_q = ~q_noised & ~k_noised & (k_blk <= q_blk)
+        noised_q = q_noised & ((~k_noised & (k_blk < q_blk)) | (k_noised & (k_blk == q_blk)))
+        return clean_q | noised_q
+
+
+class TeacherForcingBackend(SDPABackend):
+    """SDPA over the teacher-forcing pass without a mask: each query block attends to exactly its keys.
+
+    Same result as masked attention with ``TeacherForcingMeta.mask`` (tested), but the many masked-out pairs
+    are never computed (the masked pass costs about three times as much attention on CPU).
+    """
+    name = "sdpa-teacher-forcing"
+
+    def attend(self, q, k, v, layer, meta, k_raw=None):
+        if not isinstance(meta, TeacherForcingMeta):
+            return super().attend(q, k, v, layer, meta, k_raw=k_raw)
+        P = meta.frame_tokens * meta.block_frames
+        n = meta.num_blocks
+        if q.shape[1] != 2 * n * P:
+            raise ValueError(f"teacher-forcing pass must have {2 * n * P} tokens, got {q.shape[1]}")
+        outs = [None] * (2 * n)
+        for i in range(n):
+            own = slice(i * P, (i + 1) * P)
+            outs[i] = self.masked(q[:, own], k[:, :(i + 1) * P], v[:, :(i + 1) * P], None)
+            nz = slice((n + i) * P, (n + i + 1) * P)
+            kk = torch.cat([k[:, :i * P], k[:, nz]], dim=1)  # [B, (i+1)*P, H, D]: clean before, own noised
+            vv = torch.cat([v[:, :i * P], v[:, nz]], dim=1)
+            outs[n + i] = self.masked(q[:, nz], kk, vv, None)
+        return torch.cat(outs, dim=1)
+
+
+def build_models(cfg: TrainConfig) -> tuple[CausalWanDiT, LocalHashTextEncoder]:
+    torch.manual_seed(cfg.seed)
+    mc = cfg.model_config
+    dit = CausalWanDiT(mc)
+    text = LocalHashTextEncoder(mc.text_dim, mc.text_len, cfg.text_vocab, cfg.text_seed)
+    return dit, text
+
+
+def make_batch(cfg: TrainConfig, step: int) -> dict:
+    """Batch ``step`` of a run: clips of clip_blocks * block_frames frames, drawn from (seed, step) only."""
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    F_ = cfg.clip_blocks * cfg.block_frames
+    frames, acts, dyn, prompts = [], [], [], []
+    for _ in range(cfg.batch):
+        ep_seed = int(rng.integers(2 ** 31))
+        prompt = sim.random_prompt(rng)
+        start = int(rng.integers(0, cfg.max_start + 1))
+        n = start + F_
+        a = sim.random_actions(rng, n)
+        fr, _, bg = sim.simulate(ep_seed, a, prompt, n, return_background=True)
+        moving = (fr != bg[None]).any(-1)  # [n, H, W]: agent or ball pixels
+        was = np.concatenate([np.zeros_like(moving[:1]), moving[:-1]])  # uncovered when they move away
+        frames.append(fr[start:])
+        acts.append(a[start:])
+        dyn.append((moving | was)[start:])
+        prompts.append(prompt)
+    return {"x0": to_latent(np.stack(frames)),  # [B, F, 3, H, W]
+            "actions": torch.as_tensor(np.stack(acts)),  # [B, F]
+            "dynamic": torch.as_tensor(np.stack(dyn)),  # bool [B, F, H, W]
+            "prompts": prompts}
+
+
+def _box_blur(x: torch.Tensor) -> torch.Tensor:  # x [N, 3, H, W]
+    return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+def corrupt_context(x0: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Small perturbations of clean context (labelled clean): per clip, noise and/or blur with random strength."""
+    B = x0.shape[0]
+    sel = (torch.rand(B, generator=g) < cfg.p_corrupt).float()
+    amp = torch.rand(B, generator=g) * cfg.corrupt_noise * sel
+    blur_mix = torch.rand(B, generator=g) * 0.6 * sel * (torch.rand(B, generator=g) < 0.5).float()
+    blurred = _box_blur(x0.flatten(0, 1)).view_as(x0)
+    x = x0 + blur_mix.view(B, 1, 1, 1, 1) * (blurred - x0)
+    return x + amp.view(B, 1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, device: str = "cpu", backend: str | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dit, self.text = build_models(cfg)
+        self.dit.to(self.device)
+        self.text.to(self.device)
+        self.params = list(self.dit.parameters()) + list(self.text.parameters())
+        self.ema = [p.detach().clone() for p in self.params]
+        decay, no_decay = [], []
+        for p in self.params:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+        self.backend = TeacherForcingBackend() if backend is None else get_backend(backend, self.device)
+        self.step = 0
+        self.wall = 0.0  # seconds spent in training steps, summed over resumes
+        # With a time budget the cosine follows whichever is further along, steps or wall time, so a run on a
+        # contended machine still ends its schedule (at the price of batch-exact reproducibility of the lr).
+        self.time_budget_s: float | None = None
+        self.history: list[dict] = []
+        mc = cfg.model_config
+        self.frame_tokens = (sim.SIZE // mc.patch_size[1]) * (sim.SIZE // mc.patch_size[2])
+        self.meta = TeacherForcingMeta(self.frame_tokens, cfg.block_frames, cfg.clip_blocks)
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        p = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
+        if self.time_budget_s:
+            p = max(p, min(1.0, self.wall / self.time_budget_s))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def loss_on(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        c, dev = self.cfg, self.device
+        x0 = batch["x0"].to(dev)
+        B, F_ = x0.shape[:2]
+        nb, bf = c.clip_blocks, c.block_frames
+        # Per target block noise level: a share at sigma = 1 (first sampling step), the rest uniform.
+        sig = torch.rand(B, nb, generator=g).clamp_min(0.02)
+        sig = torch.where(torch.rand(B, nb, generator=g) < c.p_sigma_one, torch.ones_like(sig), sig)
+        sig_f = sig.repeat_interleave(bf, dim=1).to(dev)  # [B, F]
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        s5 = sig_f[:, :, None, None, None]
+        noised = (1 - s5) * x0 + s5 * noise
+        clean = corrupt_context(x0.cpu(), c, g).to(dev)
+        x_in = torch.cat([clean, noised], dim=1)  # [B, 2F, 3, H, W]
+        t_in = torch.cat([torch.full((B, F_), c.context_timestep, device=dev), sig_f * 1000], dim=1)
+        pos = torch.arange(F_, device=dev).repeat(2)[None].expand(B, 2 * F_)
+        acts = batch["actions"].to(dev).repeat(1, 2)
+        ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])  # [B, text_len, text_dim]
+        pred = self.dit(x_in, t_in, ctx, frame_pos=pos, meta=self.meta, backend=self.backend, actions=acts)
+        pred = pred[:, F_:]  # predictions for the noised copies, [B, F, 3, H, W]
+        w_pix = 1 + c.dynamic_weight * batch["dynamic"].to(dev).float()  # [B, F, H, W]
+        err = ((pred - x0) ** 2).mean(2) * w_pix  # [B, F, H, W]
+        per_block = err.view(B, nb, bf, -1).mean((2, 3)) / w_pix.view(B, nb, bf, -1).mean((2, 3))  # [B, nb]
+        bw = torch.ones(nb, device=dev)
+        bw[0] = c.first_block_weight
+        loss = (per_block * bw).sum(1).mean() / bw.sum()
+        with torch.no_grad():
+            plain = ((pred - x0) ** 2).mean((2, 3, 4)).view(B, nb, bf).mean(2)  # unweighted MSE [B, nb]
+        return loss, {"mse_block": plain.mean(0).tolist()}
+
+    def train_step(self) -> dict:
+        c = self.cfg
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
+        batch = make_batch(c, self.step)
+        lr = self.lr_at(self.step)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        loss, info = self.loss_on(batch, g)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        self.opt.step()
+        d = min(c.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - d)
+        self.step += 1
+        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(gn), **info}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def named(self, ema: bool) -> dict:
+        src = self.ema if ema else [p.detach() for p in self.params]
+        names = [f"dit.{n}" for n, _ in self.dit.named_parameters()] + \
+                [f"text.{n}" for n, _ in self.text.named_parameters()]
+        return {n: t.detach().cpu().contiguous() for n, t in zip(names, src)}
+
+    def save(self, out: Path) -> None:
+        from safetensors.torch import save_file
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = self.named(False)
+        tensors.update({f"ema.{k}": v for k, v in self.named(True).items()})
+        save_file(tensors, str(out / "ckpt.safetensors.tmp"))
+        torch.save(self.opt.state_dict(), out / "optim.pt.tmp")
+        state = {"step": self.step, "wall_s": self.wall, "config": self.cfg.to_dict(), "history": self.history}
+        (out / "state.json.tmp").write_text(json.dumps(state))
+        for n in ("ckpt.safetensors", "optim.pt", "state.json"):  # renames last: a crash never leaves half a set
+            os.replace(out / f"{n}.tmp", out / n)
+
+    def load(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+        for n in ("ckpt.safetensors", "optim.pt", "state.json"):
+            if not (ckpt / n).exists():
+                raise FileNotFoundError(f"checkpoint {ckpt} has no {n}")
+        sd = load_file(str(ckpt / "ckpt.safetensors"))
+        names = list(self.named(False))
+        missing = [n for n in names if n not in sd or f"ema.{n}" not in sd]
+        if missing:
+            raise KeyError(f"checkpoint {ckpt} lacks tensors {missing[:5]}")
+        with torch.no_grad():
+            for n, p, e in zip(names, self.params, self.ema):
+                if sd[n].shape != p.shape:
+                    raise ValueError(f"checkpoint tensor {n} has shape {tuple(sd[n].shape)}, model {tuple(p.shape)}")
+                p.copy_(sd[n])
+                e.copy_(sd[f"ema.{n}"])
+        self.opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        self.step, self.wall, self.history = int(state["step"]), float(state["wall_s"]), state["history"]
+
+
+def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | None = None,
+                  final_loss: float | None = None) -> Path:
+    """Write the EMA weights as an inferix bundle: <name>.safetensors (dit.*, text.*) and <name>.json."""
+    from safetensors.torch import save_file
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    c = trainer.cfg
+    sampling = sampling or default_sampling(c.block_frames)
+    if sampling.block_frames != c.block_frames:
+        raise ValueError(f"sampling.block_frames {sampling.block_frames} != trained block_frames {c.block_frames}")
+    tensors = trainer.named(True)
+    # The bundle's text encoder is the shared HashTextEncoder (models/text_encoder.py), whose hashing differs
+    # from the trainer's: move every training word's EMA row to its shared id in a table without collisions.
+    words = sorted(set(sim.FILLER_WORDS) | {w for ws in sim.THEME_WORDS.values() for w in ws})
+    vocab = collision_free_vocab(words, 4096)
+    local = LocalHashTextEncoder(trainer.text.text_dim, trainer.text.text_len, trainer.text.vocab,
+                                 trainer.text.seed)
+    with torch.no_grad():
+        local.embedding.weight.copy_(tensors.pop("text.embedding.weight"))
+    if any(k.startswith("text.") for k in tensors):
+        raise KeyError(f"unexpected text-encoder tensors {[k for k in tensors if k.startswith('text.')]}")
+    tensors["text.embedding.weight"] = to_shared_table(local, words, vocab).contiguous()
+    save_file(tensors, str(out_json.with_suffix(".safetensors")), metadata={"format": "inferix-bundle"})
+    mc = c.model_config
+    meta = {
+        "format": "inferix-bundle", "name": "toyworld",
+        "dit": mc.to_dict(), "sampling": sampling.to_dict(),
+        "text_encoder": {"type": "hash", "text_dim": mc.text_dim, "text_len": mc.text_len, "vocab": vocab},
+        "decoder": {"type": "pixel"}, "height": sim.SIZE, "width": sim.SIZE, "fps": 16,
+        "actions": list(sim.ACTIONS), "window": WINDOW_FRAMES, "sink": SINK_FRAMES,
+        "themes": {t: w for t, w in sim.THEME_WORDS.items()},
+        "train": {"steps": trainer.step, "seed": c.seed, "batch": c.batch, "final_loss": final_loss,
+                  "wall_time_s": round(trainer.wall, 1), "config": c.to_dict()},
+    }
+    out_json.write_text(json.dumps(meta, indent=2))
+    return out_json
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="inferix train toyworld", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=2000, help="total optimizer steps (also sets the cosine schedule)")
+    ap.add_argument("--out", default="runs/toyworld", help="directory for checkpoints and the exported bundle")
+    ap.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between checkpoints")
+    ap.add_argument("--config", default=None, help="JSON file with TrainConfig fields (e.g. a micro model)")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="training-time budget: the lr schedule also follows it and training stops (checkpoint, "
+                         "export) when it is spent; without it the run is step-based and exactly reproducible")
+    ap.add_argument("--export-only", action="store_true",
+                    help="with --resume: write the bundle of that checkpoint's EMA weights to --out, no training")
+    args = ap.parse_args(argv)
+    if args.export_only and not args.resume:
+        ap.error("--export-only needs --resume CHECKPOINT_DIR")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    fields = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.resume:
+        state = json.loads((Path(args.resume) / "state.json").read_text())
+        fields = {**state["config"], **fields}
+    fields.update(steps=args.steps if not (args.export_only and args.resume) else fields.get("steps", args.steps),
+                  seed=args.seed if not args.resume else fields.get("seed", args.seed),
+                  checkpoint_every_s=args.checkpoint_every)
+    if args.batch:
+        fields["batch"] = args.batch
+    if args.lr:
+        fields["lr"] = args.lr
+    cfg = TrainConfig.from_dict(fields, what="train config")
+    tr = Trainer(cfg, device=args.device)
+    if args.resume:
+        tr.load(Path(args.resume))
+    if args.export_only:
+        last = tr.history[-1]["loss_ema"] if tr.history else None
+        path = export_bundle(tr, Path(args.out) / "toyworld.json", final_loss=last)
+        print(f"exported {path} and {path.with_suffix('.safetensors')} (step {tr.step})", flush=True)
+        return 0
+    if args.max_minutes is not None:
+        tr.time_budget_s = 60 * args.max_minutes
+    out = Path(args.out)
+    from tqdm import tqdm
+
+    n_params = sum(p.numel() for p in tr.dit.parameters())
+    print(f"toyworld: {n_params / 1e6:.2f} M DiT params, device {args.device}, threads {torch.get_num_threads()}, "
+          f"steps {tr.step} -> {cfg.steps}", flush=True)
+    last_ckpt = time.time()
+    loss_ema = None
+    bar = tqdm(total=cfg.steps, initial=tr.step, desc="toyworld", mininterval=10.0, dynamic_ncols=True)
+    while tr.step < cfg.steps:
+        t0 = time.time()
+        info = tr.train_step()
+        dt = time.time() - t0
+        tr.wall += dt
+        loss_ema = info["loss"] if loss_ema is None else 0.95 * loss_ema + 0.05 * info["loss"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", s_step=f"{dt:.2f}")
+        if tr.step % cfg.log_every == 0 or tr.step == cfg.steps:
+            rec = {"step": tr.step, "loss_ema": round(loss_ema, 5), "loss": round(info["loss"], 5),
+                   "mse_block": [round(v, 4) for v in info["mse_block"]], "lr": round(info["lr"], 6),
+                   "grad_norm": round(info["grad_norm"], 3), "s_per_step": round(dt, 3),
+                   "wall_s": round(tr.wall, 1)}
+            tr.history.append(rec)
+            tqdm.write(json.dumps(rec))  # above the bar, one record per line in a log file
+        stop = tr.time_budget_s is not None and tr.wall >= tr.time_budget_s
+        if time.time() - last_ckpt > cfg.checkpoint_every_s or tr.step == cfg.steps or stop:
+            tr.save(out)
+            last_ckpt = time.time()
+        if stop:
+            print(f"time budget of {args.max_minutes} minutes spent at step {tr.step}", flush=True)
+            break
+    bar.close()
+    tr.save(out)
+    path = export_bundle(tr, out / "toyworld.json", final_loss=loss_ema)
+    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,279 @@
+"""Toy world: simulator, teacher-forcing attention, trainer, export, standalone rollout and metrics."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
+from inferix.models.schedule import SamplingConfig
+from inferix.models.toyworld import simulator as sim
+from inferix.models.toyworld.eval import (RolloutMeta, WindowKVBackend, detect_color, drift_curve_png,
+                                          load_toyworld, palette_share, psnr, rollout, rollout_metrics, strip_png)
+from inferix.models.toyworld.text import LocalHashTextEncoder
+from inferix.models.toyworld.train import (TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
+                                           export_bundle, make_batch, to_latent, to_pixels)
+from inferix.models.wan_dit import CausalWanDiT, WanDiTConfig
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second thread buys nothing and, on a busy machine, oversubscription costs 10-20x.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
+
+
+def micro_config(**kw) -> TrainConfig:
+    model = WanDiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_dim=3, out_dim=3, patch_size=(1, 8, 8),
+                         freq_dim=16, text_dim=8, text_len=8, num_actions=5, prediction="x0").to_dict()
+    base = dict(batch=2, clip_blocks=2, block_frames=2, lr=3e-3, warmup=2, max_start=20, model=model,
+                checkpoint_every_s=1e9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- simulator -----------------------------------------------------------------------------------
+def test_simulator_is_deterministic_and_seed_dependent():
+    a, pa = sim.simulate(5, None, "desert", 20)
+    b, pb = sim.simulate(5, None, "desert", 20)
+    c, _ = sim.simulate(6, None, "desert", 20)
+    assert a.dtype == np.uint8 and a.shape == (20, 64, 64, 3) and pa.shape == (20, 2)
+    assert np.array_equal(a, b) and np.array_equal(pa, pb)
+    assert not np.array_equal(a, c)
+
+
+def test_agent_moves_two_pixels_per_action_and_stops_at_the_wall():
+    acts = ["right"] * 3 + ["down"] * 2 + ["none"] * 2 + ["left"] * 60 + ["up"] * 60
+    world = sim.World(1, "")
+    x, y = world.agent_center()
+    lo, hi = sim.WALL + sim.AGENT_SIZE / 2, sim.SIZE - sim.WALL - sim.AGENT_SIZE / 2
+    step = {"none": (0, 0), "up": (0, -2), "down": (0, 2), "left": (-2, 0), "right": (2, 0)}
+    for a in acts:
+        _, p = world.step(sim.ACTIONS.index(a))
+        x, y = min(max(x + step[a][0], lo), hi), min(max(y + step[a][1], lo), hi)
+        assert tuple(p) == (x, y), a
+    assert (x, y) == (lo, lo)  # held left and up: flush in the top-left corner
+
+
+def test_agent_position_is_exactly_found_by_colour():
+    frames, pos = sim.simulate(3, None, "night", 40)
+    assert np.allclose(detect_color(frames, sim.AGENT_COLOR), pos)
+
+
+def test_ball_stays_inside_and_bounces():
+    world = sim.World(11, "snow")
+    flips, v_prev = 0, world.ball_v.copy()
+    for _ in range(200):
+        world.step(0)
+        assert sim.WALL <= world.ball.min() and world.ball.max() <= sim.SIZE - sim.WALL - sim.BALL_DIAMETER
+        flips += int((np.sign(world.ball_v) != np.sign(v_prev)).any())
+        v_prev = world.ball_v.copy()
+    assert flips >= 2
+
+
+def test_scene_is_static_and_every_pixel_is_a_palette_colour():
+    frames, _, bg = sim.simulate(9, None, "a snowy field", 30, return_background=True)
+    moving = (frames != bg[None]).any(-1)  # [T, H, W]
+    assert moving.mean() < 0.05  # only the agent (36 px) and the ball (<= 64 px) differ from the scene
+    pal = sim.palette("snow")
+    d = np.abs(frames[..., None, :].astype(int) - pal.astype(int)).sum(-1).min(-1)
+    assert d.max() == 0
+    assert palette_share(frames, pal, tol=0.5).min() == 1.0
+
+
+def test_prompt_selects_theme():
+    assert sim.theme_of("A cube in the SNOWY woods") == "snow"  # the first theme word wins
+    assert sim.theme_of("desert at night") == "desert"
+    assert sim.theme_of("nothing here") == sim.DEFAULT_THEME
+    night, _ = sim.simulate(2, None, "night", 1)
+    day, _ = sim.simulate(2, None, "meadow", 1)
+    assert night.mean() < day.mean() - 50
+    with pytest.raises(ValueError, match="unknown action"):
+        sim.simulate(0, ["jump"], "", 1)
+    with pytest.raises(ValueError, match="need one action per frame"):
+        sim.simulate(0, [1, 2], "", 3)
+
+
+# ---- teacher forcing -----------------------------------------------------------------------------
+def test_teacher_forcing_mask_matches_its_definition():
+    T, bf, n = 2, 2, 3
+    meta = TeacherForcingMeta(T, bf, n)
+    L = 2 * n * bf * T
+    m = meta.mask(L, "cpu")
+    P = T * bf
+    for q in range(L):
+        for k in range(L):
+            qn, qb, kn, kb = q // P >= n, (q // P) % n, k // P >= n, (k // P) % n
+            want = (kb <= qb) if (not qn and not kn) else (qn and ((not kn and kb < qb) or (kn and kb == qb)))
+            assert bool(m[q, k]) == want, (q, k)
+
+
+def test_teacher_forcing_backend_equals_masked_reference():
+    torch.manual_seed(0)
+    meta = TeacherForcingMeta(frame_tokens=4, block_frames=2, num_blocks=3)
+    L = 2 * 3 * 2 * 4
+    q, k, v = (torch.randn(2, L, 2, 8) for _ in range(3))
+    want = ReferenceBackend().masked(q, k, v, meta.mask(L, "cpu"))
+    got = TeacherForcingBackend().attend(q, k, v, 0, meta)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_noised_block_prediction_sees_only_clean_context():
+    """Changing a later clean block or another noised block must not change a noised block's prediction."""
+    cfg = micro_config(clip_blocks=3)
+    tr = Trainer(cfg)
+    b = make_batch(cfg, 0)
+    F_ = 6
+    x = torch.cat([b["x0"], torch.randn_like(b["x0"])], 1)
+    t = torch.cat([torch.zeros(2, F_), torch.full((2, F_), 700.0)], 1)
+    pos = torch.arange(F_).repeat(2)[None].expand(2, -1)
+    acts = b["actions"].repeat(1, 2)
+    ctx = torch.cat([tr.text.encode(p) for p in b["prompts"]])
+    with torch.no_grad():
+        base = tr.dit(x, t, ctx, frame_pos=pos, meta=tr.meta, backend=tr.backend, actions=acts)
+        x2 = x.clone()
+        x2[:, 4:6] += 1.0  # clean block 2
+        x2[:, 10:12] += 1.0  # noised block 2
+        out = tr.dit(x2, t, ctx, frame_pos=pos, meta=tr.meta, backend=tr.backend, actions=acts)
+    assert torch.allclose(out[:, 6:10], base[:, 6:10], atol=1e-5)  # noised blocks 0 and 1 unchanged
+    assert not torch.allclose(out[:, 10:12], base[:, 10:12], atol=1e-3)
+
+
+# ---- trainer -------------------------------------------------------------------------------------
+def test_batches_are_a_function_of_seed_and_step():
+    cfg = micro_config()
+    a, b, c = make_batch(cfg, 3), make_batch(cfg, 3), make_batch(cfg, 4)
+    assert torch.equal(a["x0"], b["x0"]) and a["prompts"] == b["prompts"]
+    assert not torch.equal(a["x0"], c["x0"])
+    assert a["x0"].shape == (2, 4, 3, 64, 64) and a["actions"].shape == (2, 4)
+    assert a["x0"].min() >= -1 and a["x0"].max() <= 1
+    assert np.array_equal(to_pixels(to_latent(np.arange(256, dtype=np.uint8).reshape(1, 1, 256, 1)
+                                              .repeat(3, -1))).ravel()[::3], np.arange(256))
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    tr = Trainer(micro_config(steps=40))
+    losses = [tr.train_step()["loss"] for _ in range(40)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4]), losses
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = micro_config(steps=6)
+    a = Trainer(cfg)
+    for _ in range(3):
+        a.train_step()
+    a.save(tmp_path / "ck")
+    assert set(p.name for p in (tmp_path / "ck").iterdir()) == {"ckpt.safetensors", "optim.pt", "state.json"}
+    torch.load(tmp_path / "ck" / "optim.pt", weights_only=True)  # loadable without pickled code
+    b = Trainer(cfg)
+    b.load(tmp_path / "ck")
+    assert b.step == 3
+    la, lb = a.train_step()["loss"], b.train_step()["loss"]
+    assert la == pytest.approx(lb, rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="optim.pt"):
+        (tmp_path / "ck" / "optim.pt").unlink()
+        Trainer(cfg).load(tmp_path / "ck")
+
+
+def test_export_loads_and_rollout_equals_block_causal_forward(tmp_path):
+    cfg = micro_config(steps=2)
+    tr = Trainer(cfg)
+    tr.train_step()
+    path = export_bundle(tr, tmp_path / "toyworld.json",
+                         sampling=SamplingConfig(denoising_steps=[1000.0, 500.0], warp=False, shift=1.0,
+                                                 block_frames=2))
+    meta = json.loads(path.read_text())
+    assert meta["format"] == "inferix-bundle" and meta["decoder"] == {"type": "pixel"}
+    assert meta["actions"] == sim.ACTIONS and meta["window"] > meta["sampling"]["block_frames"]
+    dit, text, _ = load_toyworld(path)
+    # The shared text encoder reads the re-indexed table exactly like the trainer's encoder read its own.
+    local = LocalHashTextEncoder(8, 8, cfg.text_vocab, cfg.text_seed)
+    local.embedding.weight.data.copy_(tr.named(ema=True)["text.embedding.weight"])  # the bundle holds EMA weights
+    for p in ("a cube walks through the snow", "desert", ""):
+        assert torch.equal(text.encode(p), local.encode(p).detach()), p
+    # Incremental (committed K/V) equals one block-causal pass over [clean context | noised block].
+    frames, _ = sim.simulate(4, None, "forest", 6)
+    acts = torch.tensor([[1, 1, 2, 0, 3, 4]])
+    ctx = dit.prepare_text(text.encode("forest"))
+    be = WindowKVBackend(1, 64, window=6, sink=0, block_frames=2)
+    x_ctx = to_latent(frames[:4])[None]
+    with torch.no_grad():
+        for b in (0, 2):
+            dit(x_ctx[:, b:b + 2], torch.zeros(1, 2), ctx, frame_pos=torch.tensor([[b, b + 1]]),
+                meta=RolloutMeta(True), backend=be, actions=acts[:, b:b + 2])
+        noisy = torch.randn(1, 2, 3, 64, 64)
+        inc = dit(noisy, torch.full((1, 2), 800.0), ctx, frame_pos=torch.tensor([[4, 5]]), meta=RolloutMeta(False),
+                  backend=be, actions=acts[:, 4:])
+        full = dit(torch.cat([x_ctx, noisy], 1), torch.tensor([[0.0] * 4 + [800.0] * 2]), ctx,
+                   frame_pos=torch.arange(6)[None], meta=BlockCausalMeta(64, 2), backend=ReferenceBackend(),
+                   actions=acts)
+    assert torch.allclose(inc, full[:, 4:], atol=1e-4)
+    assert be.frames_cached() == 4
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    blocks = list(rollout(dit, text, sampling, "forest", frames[:4], [1, 2, 3, 4, 0], seed=0,
+                          window=meta["window"]))
+    assert [b.shape for b in blocks] == [(2, 64, 64, 3), (2, 64, 64, 3), (1, 64, 64, 3)]
+    with pytest.raises(ValueError, match="multiple of block_frames"):
+        next(rollout(dit, text, sampling, "forest", frames[:3], [1], window=6))
+
+
+def test_window_backend_keeps_sink_and_recent_frames():
+    be = WindowKVBackend(1, frame_tokens=1, window=4, sink=1, block_frames=2)
+    for f in range(5):  # commit frames 0..4 one at a time; keys carry their frame index
+        k = torch.full((1, 1, 1, 2), float(f))
+        be.attend(k, k, k, 0, RolloutMeta(True))
+    assert be.k[0][0, :, 0, 0].tolist() == [0.0, 3.0, 4.0]  # sink frame 0 + the 2 most recent
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def test_rollout_metrics_on_truth_and_on_a_frozen_copy():
+    frames, pos = sim.simulate(21, None, "meadow", 140)
+    ctx, true, tpos = frames[:8], frames[8:], pos[8:]
+    m = rollout_metrics(true, true, tpos, ctx)["summary"]
+    assert m["agent_error_median_px"] == 0.0 and m["agent_found_share"] == 1.0
+    assert m["palette_share_min_window"] == 1.0
+    frozen = np.repeat(ctx[-1:], len(true), 0)
+    f = rollout_metrics(frozen, true, tpos, ctx)
+    assert np.allclose(f["per_frame"]["psnr"], f["per_frame"]["psnr_copy_last"])
+    assert not f["summary"]["targets"]["psnr_beats_baselines_every_32_of_first_256"]
+    blank = np.zeros_like(true)
+    b = rollout_metrics(blank, true, tpos, ctx)["summary"]
+    assert b["agent_found_share"] == 0.0 and math.isinf(b["agent_error_median_px"])
+    assert psnr(true[:1], true[:1])[0] > 90
+
+
+def test_pictures(tmp_path):
+    frames, pos = sim.simulate(2, None, "snow", 40)
+    m = rollout_metrics(frames[8:], frames[8:], pos[8:], frames[:8])
+    p = drift_curve_png(m, tmp_path / "d.png")
+    s = strip_png([("truth", frames), ("again", frames)], [0, 5, 39], tmp_path / "s.png")
+    from PIL import Image
+    assert Image.open(p).size[0] == 900
+    assert Image.open(s).size == (70 + 3 * 130, 14 + 2 * 130)
+
+
+# ---- the shipped weights -------------------------------------------------------------------------
+def test_shipped_bundle_is_small_and_continues_the_scene():
+    """A floor that broken or badly loaded weights cannot pass (random weights: 6 dB, 5% palette pixels), not the
+    quality targets: the shipped model gives 17.9 dB and 67% here (docs/toyworld.md)."""
+    meta = json.loads(WEIGHTS.read_text())
+    assert WEIGHTS.with_suffix(".safetensors").stat().st_size <= 20 * 2 ** 20
+    assert meta["dit"]["prediction"] == "x0" and meta["dit"]["in_dim"] == 3 and meta["height"] == 64
+    assert meta["actions"] == sim.ACTIONS and meta["train"]["steps"] > 0
+    dit, text, meta = load_toyworld(WEIGHTS)
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    acts = sim.random_actions(np.random.default_rng(777), 24)
+    frames, pos = sim.simulate(777, acts, "snow", 24)
+    gen = np.concatenate(list(rollout(dit, text, sampling, "snow", frames[:8], acts[8:], seed=0,
+                                      window=meta["window"], sink=meta["sink"], init_actions=acts[:8])))
+    m = rollout_metrics(gen, frames[8:], pos[8:], frames[:8])["summary"]
+    assert m["psnr_per_32"][0] > 15.0, m
+    assert m["palette_share_per_100"][0] > 0.5, m
