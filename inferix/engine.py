@@ -211,12 +211,20 @@ class Engine:
         return n
 
     # ---- sessions -------------------------------------------------------------------------------
-    def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames=None,
+    def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames="auto",
                      actions=None, prompt_schedule=None, negative_prompt: str | None = None, noise=None,
                      recache: bool = False, text_embeds: torch.Tensor | None = None) -> Session:
-        """Start a stream. num_frames counts output pixel frames (None: until cancelled, needs a window)."""
+        """Start a stream. num_frames counts output pixel frames (None: until cancelled, needs a window).
+
+        init_frames: uint8 [T, H, W, 3] to continue from; "auto" (default) uses the model's own start (the toy world
+        starts from its simulator's view of the prompt and seed; other models from nothing); None: from nothing.
+        """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if isinstance(init_frames, str):
+            if init_frames != "auto":
+                raise ValueError(f"init_frames must be frames, None or 'auto', got {init_frames!r}")
+            init_frames = self.bundle.start_frames(prompt, seed)
         if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames <= 0):
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         bf = self.block_frames
@@ -353,7 +361,7 @@ class Engine:
             n += 1
         return n
 
-    def generate(self, prompt: str, num_frames: int, *, seed: int = 0, init_frames=None, actions=None,
+    def generate(self, prompt: str, num_frames: int, *, seed: int = 0, init_frames="auto", actions=None,
                  prompt_schedule=None, **kw) -> Iterator[np.ndarray]:
         """Yield uint8 frame blocks [T, H, W, 3] as soon as each block is decoded; num_frames pixel frames in all."""
         sess = self.open_session(prompt, num_frames=num_frames, seed=seed, init_frames=init_frames,

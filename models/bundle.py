@@ -87,6 +87,17 @@ class ModelBundle:
             return n_latent
         return self.decoder.pixel_frames(n_latent)
 
+    def start_frames(self, prompt: str, seed: int = 0):
+        """The frames a session of this model starts from when none are given: a world model with a simulator
+        (the toy world) starts from an observation its simulator renders for the prompt and seed; others from
+        nothing (None)."""
+        if self.extra.get("simulator") != "toyworld":
+            return None
+        from .toyworld.simulator import simulate
+        n = int(self.extra.get("start_frames", 2 * self.sampling.block_frames))
+        frames, _ = simulate(int(seed), ["none"] * n, prompt, n)
+        return frames
+
     def encode_prompt(self, prompt) -> torch.Tensor:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -157,6 +168,7 @@ def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.flo
         if not p.exists():
             raise FileNotFoundError(f"the toy world weights are missing from this install ({p})")
         bundle = load_bundle_json(p, device, dtype)
+        bundle.extra.setdefault("simulator", "toyworld")
     elif name == "tiny":
         from .vae import WanVAE
         cfg = PRESETS["tiny"]
