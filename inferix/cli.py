@@ -183,11 +183,12 @@ def build_parser():
     v.add_argument("dir")
     v.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"])
     v.add_argument("--tol", type=float, default=None)
-    b = sub.add_parser("bench", help="benchmarks (print JSON)")
+    # these pass their arguments (including -h) on to their own parsers
+    b = sub.add_parser("bench", help="benchmarks (print JSON)", add_help=False)
     b.add_argument("what", choices=["attention", "generate", "engine"])
-    t = sub.add_parser("train", help="train a model")
+    t = sub.add_parser("train", help="train a model (toyworld)", add_help=False)
     t.add_argument("what")
-    tw = sub.add_parser("toyworld", help="toy world tools")
+    tw = sub.add_parser("toyworld", help="toy world tools (eval)", add_help=False)
     tw.add_argument("what", choices=["eval"])
     for ep in entry_points(group="inferix.commands"):
         try:

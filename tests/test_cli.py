@@ -122,3 +122,16 @@ def test_flv_stream_container_keeps_encoding_across_batches(tmp_path):
         for i in range(0, 12, 3):
             w.write(frames[i:i + 3])
     assert _count_frames(p) == 12
+
+
+def test_toyworld_eval_through_engine_and_default_main_job(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["toyworld", "eval", "--frames", "16", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["summary"]
+    assert m["engine"] and m["frames"] == 16 and m["pixel_fps_including_decode"] > 0
+    assert (out / "drift.png").stat().st_size > 0 and (out / "strip.png").stat().st_size > 0
+    # the main job: no --model gives the embedded toy world, which starts from its simulator's view of the prompt
+    video = tmp_path / "v.mp4"
+    assert main(["generate", "--prompt", "a snowy field", "--frames", "20", "--out", str(video)]) == 0
+    assert _count_frames(video) == 20
+    assert "toyworld" in capsys.readouterr().err  # the progress bar names the model
