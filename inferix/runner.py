@@ -185,7 +185,7 @@ class Runner:
         meta = PagedMeta(pool=self.pool, block_tables=bt.to(self.device), context_pages=torch.tensor(ctx, dtype=torch.int32).to(self.device),
                          write_pages=None if wp is None else wp.to(self.device), cache_cos=cos, cache_sin=sin,
                          context_pages_list=ctx)
-        return meta, qpos.to(self.device)
+        return meta, qpos  # positions stay on the host: the RoPE cache is keyed by them without a device sync
 
     def _rope(self, pos: torch.Tensor) -> tuple:
         """cos/sin for frame positions [B, F], cached: every pass of a block (and, with cache-relative
@@ -207,7 +207,8 @@ class Runner:
         rope = self._rope(qpos)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.dit(x, t, ctx, frame_pos=qpos, meta=meta, backend=self.backend, actions=actions, rope=rope)
+            out = self.dit(x, t, ctx, frame_pos=qpos.to(self.device), meta=meta, backend=self.backend,
+                           actions=actions, rope=rope)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.timing["forward"] += time.perf_counter() - t0
@@ -257,7 +258,7 @@ class Runner:
             rows_meta = [type(r)(**{**r.__dict__, "context_pages": [], "context_frames": []}) for r in rows]
             meta, qpos = self._meta(rows_meta, n, write=True)
             if self.positions == "absolute":
-                qpos = torch.tensor([r.context_frames for r in rows], device=self.device)
+                qpos = torch.tensor([r.context_frames for r in rows])
         else:
             meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
         pred = self._forward(x, t, rows, meta, qpos, actions)
