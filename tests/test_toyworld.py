@@ -14,7 +14,7 @@ from inferix.models.toyworld.eval import (RolloutMeta, WindowKVBackend, detect_c
                                           load_toyworld, palette_share, psnr, rollout, rollout_metrics, strip_png)
 from inferix.models.toyworld.text import LocalHashTextEncoder
 from inferix.models.toyworld.train import (TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
-                                           export_bundle, make_batch, to_latent, to_pixels)
+                                           export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
 from inferix.models.wan_dit import CausalWanDiT, WanDiTConfig
 
 @pytest.fixture(autouse=True)
@@ -181,6 +181,52 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(FileNotFoundError, match="optim.pt"):
         (tmp_path / "ck" / "optim.pt").unlink()
         Trainer(cfg).load(tmp_path / "ck")
+
+
+def test_rollout_mode_trains_on_the_models_own_context(tmp_path):
+    cfg = micro_config(steps=4, rollout_p=1.0, rollout_max_blocks=3)
+    plain = micro_config(steps=4)
+    assert [rollout_blocks_at(plain, s) for s in range(20)] == [0] * 20
+    depths = [rollout_blocks_at(cfg, s) for s in range(20)]
+    assert min(depths) >= 1 and max(depths) <= 3 and len(set(depths)) > 1
+    assert [rollout_blocks_at(micro_config(rollout_p=0.5), s) for s in range(40)].count(0) in range(8, 33)
+    tr = Trainer(cfg)
+    tr.train_step()  # move the weights off their init, so the rollout is not a trivial function
+    step = tr.step
+    d = rollout_blocks_at(cfg, step)
+    batch = tr.make_train_batch(step, torch.Generator().manual_seed(123))
+    long = make_batch(cfg, step, extra_blocks=d)  # the true frames the rollout started from
+    bf = cfg.block_frames
+    assert batch["rollout_blocks"] == d
+    assert torch.equal(batch["x0"], long["x0"][:, -2 * bf:]) and torch.equal(batch["actions"], long["actions"][:, -2 * bf:])
+    assert batch["context"].shape == (2, bf, 3, 64, 64)
+    # Naive re-computation of the rollout: true block 0, then one block at a time from pure noise (sigma 1),
+    # the previous block as clean context at t = 0, positions 0.., masked reference attention, clamped x0.
+    g = torch.Generator().manual_seed(123)
+    ctx = torch.cat([tr.text.encode(p) for p in long["prompts"]]).detach()
+    prev = long["x0"][:, :bf]
+    meta = BlockCausalMeta(frame_tokens=64, block_frames=bf)
+    with torch.no_grad():
+        for j in range(1, d + 1):
+            x = torch.cat([prev, torch.randn((2, bf, 3, 64, 64), generator=g)], 1)
+            t = torch.tensor([0.0] * bf + [1000.0] * bf).expand(2, -1)
+            out = tr.dit(x, t, ctx, frame_pos=torch.arange(2 * bf).expand(2, -1), meta=meta,
+                         backend=ReferenceBackend(), actions=long["actions"][:, (j - 1) * bf:(j + 1) * bf])
+            prev = out[:, bf:].clamp(-1, 1)
+    assert torch.allclose(batch["context"], prev, atol=1e-4)
+    true_ctx = long["x0"][:, d * bf:(d + 1) * bf]
+    assert (batch["context"] - true_ctx).abs().mean() > 0.05  # the model's frames, not the truth
+    # Training steps on it: finite losses, every step a rollout step, and the weights move.
+    before = [p.detach().clone() for p in tr.params]
+    infos = [tr.train_step() for _ in range(3)]
+    assert all(math.isfinite(i["loss"]) and i["rollout"] >= 1 for i in infos)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.params))
+    # --init: a new run that starts from the checkpoint's EMA weights.
+    tr.save(tmp_path / "ck")
+    fresh = Trainer(micro_config(seed=5, rollout_p=0.5))
+    fresh.init_from(tmp_path / "ck")
+    assert fresh.step == 0
+    assert all(torch.equal(p, e) for p, e in zip(fresh.params, tr.ema))
 
 
 def test_export_loads_and_rollout_equals_block_causal_forward(tmp_path):

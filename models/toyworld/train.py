@@ -1,6 +1,7 @@
 """Train the toy world model: a pixel-space causal Wan DiT, conditioned on actions and a prompt.
 
     python -m inferix.models.toyworld.train --steps 2000 --out runs/toyworld [--resume runs/toyworld] [--seed 0]
+    python -m inferix.models.toyworld.train --init runs/toyworld --rollout-p 0.5 --lr 3e-4 --out runs/toyworld_ft
 
 Data are made on the fly by the simulator; batch ``step`` is a pure function of (seed, step), so a run is
 reproducible from its seed and a resumed run sees the same batches it would have seen without the break.
@@ -85,6 +86,12 @@ class TrainConfig(ConfigBase):
     model: dict = field(default_factory=lambda: default_model_config().to_dict())
     checkpoint_every_s: float = 240.0
     log_every: int = 25
+    # Rollout fine-tuning (self-forcing style). With probability rollout_p a batch's context blocks are not the
+    # true frames but the model's own 1-step rollout from true start blocks and the true actions, made exactly as
+    # the engine makes them; the targets stay the simulator's frames. This teaches recovery from its own errors,
+    # which teacher forcing never shows (rollouts on own frames otherwise collapse within ~32 frames).
+    rollout_p: float = 0.0
+    rollout_max_blocks: int = 6  # generated blocks before the clip's last block: uniform in [1, rollout_max_blocks]
 
     def __post_init__(self):
         for k in ("steps", "batch", "clip_blocks", "block_frames"):
@@ -92,6 +99,11 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
         if not 0 < self.ema < 1:
             raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+        if not 0 <= self.rollout_p <= 1:
+            raise ValueError(f"rollout_p must be in [0, 1], got {self.rollout_p}")
+        if self.rollout_p > 0 and (int(self.rollout_max_blocks) < 1 or int(self.clip_blocks) < 2):
+            raise ValueError(f"rollout needs rollout_max_blocks >= 1 and clip_blocks >= 2, got "
+                             f"{self.rollout_max_blocks} and {self.clip_blocks}")
 
     @property
     def model_config(self) -> WanDiTConfig:
@@ -168,10 +180,23 @@ def build_models(cfg: TrainConfig) -> tuple[CausalWanDiT, LocalHashTextEncoder]:
     return dit, text
 
 
-def make_batch(cfg: TrainConfig, step: int) -> dict:
-    """Batch ``step`` of a run: clips of clip_blocks * block_frames frames, drawn from (seed, step) only."""
+def rollout_blocks_at(cfg: TrainConfig, step: int) -> int:
+    """How many blocks batch ``step`` rolls out before its clip (0: plain teacher forcing); from (seed, step) only."""
+    if cfg.rollout_p <= 0:
+        return 0
+    rng = np.random.default_rng([cfg.seed, step, 11])  # own stream: plain batches stay those of a run without it
+    if rng.random() >= cfg.rollout_p:
+        return 0
+    return int(rng.integers(1, cfg.rollout_max_blocks + 1))
+
+
+def make_batch(cfg: TrainConfig, step: int, extra_blocks: int = 0) -> dict:
+    """Batch ``step`` of a run: clips of clip_blocks * block_frames frames, drawn from (seed, step) only.
+
+    ``extra_blocks`` > 0 lengthens every clip by that many blocks in front (the frames a rollout starts from).
+    """
     rng = np.random.default_rng([cfg.seed, step, 7])
-    F_ = cfg.clip_blocks * cfg.block_frames
+    F_ = (cfg.clip_blocks + extra_blocks) * cfg.block_frames
     frames, acts, dyn, prompts = [], [], [], []
     for _ in range(cfg.batch):
         ep_seed = int(rng.integers(2 ** 31))
@@ -222,6 +247,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
         self.backend = TeacherForcingBackend() if backend is None else get_backend(backend, self.device)
+        self.rollout_backend = SDPABackend() if backend is None else self.backend
         self.step = 0
         self.wall = 0.0  # seconds spent in training steps, summed over resumes
         # With a time budget the cosine follows whichever is further along, steps or wall time, so a run on a
@@ -241,8 +267,43 @@ class Trainer:
             p = max(p, min(1.0, self.wall / self.time_budget_s))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
+    @torch.no_grad()
+    def rollout_context(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
+                        g: torch.Generator) -> torch.Tensor:
+        """The model's own rollout, as the engine makes it with a window of clip_blocks blocks and relative
+        positions: each block is one x0 prediction from pure noise (sigma 1), given the previous clip_blocks - 1
+        blocks as clean context at ``context_timestep`` at frame positions 0.., then clamped to [-1, 1] like the
+        engine's pixel-space x0. Starts from the first clip_blocks - 1 TRUE blocks of ``x0_long``
+        [B, (clip_blocks - 1 + d + 1) * block_frames, 3, H, W] with the true actions; returns the clip_blocks - 1
+        blocks before the last one, [B, (clip_blocks - 1) * block_frames, 3, H, W] (generated ones where d allows).
+        Uses the live weights.
+        """
+        c, dev = self.cfg, self.device
+        nb, bf = c.clip_blocks, c.block_frames
+        B, L = x0_long.shape[:2]
+        n_blocks = L // bf
+        d = n_blocks - nb
+        if L % bf or d < 1:
+            raise ValueError(f"rollout needs (clip_blocks + d) * block_frames frames with d >= 1, got {L}")
+        blocks = [x0_long[:, i * bf:(i + 1) * bf] for i in range(nb - 1)]  # true start blocks
+        meta = BlockCausalMeta(frame_tokens=self.frame_tokens, block_frames=bf)
+        pos = torch.arange(nb * bf, device=dev)[None].expand(B, nb * bf)
+        t_in = torch.cat([torch.full((B, (nb - 1) * bf), c.context_timestep, device=dev),
+                          torch.full((B, bf), 1000.0, device=dev)], dim=1)
+        for j in range(nb - 1, nb - 1 + d):  # generate block j from blocks j-nb+1 .. j-1
+            noise = torch.randn((B, bf) + tuple(x0_long.shape[2:]), generator=g).to(dev)
+            x_in = torch.cat(blocks[-(nb - 1):] + [noise], dim=1)  # [B, nb*bf, 3, H, W]
+            acts = actions_long[:, (j - nb + 1) * bf:(j + 1) * bf]
+            pred = self.dit(x_in, t_in, text_ctx, frame_pos=pos, meta=meta, backend=self.rollout_backend,
+                            actions=acts)
+            blocks.append(pred[:, -bf:].clamp(-1, 1))
+        return torch.cat(blocks[-(nb - 1):], dim=1)
+
     def loss_on(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         c, dev = self.cfg, self.device
+        if "context" in batch and batch["context"].shape[1] != batch["x0"].shape[1] - c.block_frames:
+            raise ValueError(f"batch context must have {batch['x0'].shape[1] - c.block_frames} frames, "
+                             f"got {batch['context'].shape[1]}")
         x0 = batch["x0"].to(dev)
         B, F_ = x0.shape[:2]
         nb, bf = c.clip_blocks, c.block_frames
@@ -254,6 +315,8 @@ class Trainer:
         s5 = sig_f[:, :, None, None, None]
         noised = (1 - s5) * x0 + s5 * noise
         clean = corrupt_context(x0.cpu(), c, g).to(dev)
+        if "context" in batch:  # rollout batch: the model's own blocks as context (the last clean block is unused)
+            clean = torch.cat([batch["context"].to(dev), x0[:, -bf:]], dim=1)
         x_in = torch.cat([clean, noised], dim=1)  # [B, 2F, 3, H, W]
         t_in = torch.cat([torch.full((B, F_), c.context_timestep, device=dev), sig_f * 1000], dim=1)
         pos = torch.arange(F_, device=dev).repeat(2)[None].expand(B, 2 * F_)
@@ -271,10 +334,27 @@ class Trainer:
             plain = ((pred - x0) ** 2).mean((2, 3, 4)).view(B, nb, bf).mean(2)  # unweighted MSE [B, nb]
         return loss, {"mse_block": plain.mean(0).tolist()}
 
+    def make_train_batch(self, step: int, g: torch.Generator) -> dict:
+        """Batch ``step``; for rollout steps its context blocks are replaced by the model's own rollout."""
+        c = self.cfg
+        d = rollout_blocks_at(c, step)
+        batch = make_batch(c, step, extra_blocks=d)
+        batch["rollout_blocks"] = d
+        if d:
+            with torch.no_grad():
+                text_ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])
+            context = self.rollout_context(batch["x0"].to(self.device), batch["actions"].to(self.device),
+                                           text_ctx, g)
+            F_ = c.clip_blocks * c.block_frames
+            batch = {"x0": batch["x0"][:, -F_:], "actions": batch["actions"][:, -F_:],
+                     "dynamic": batch["dynamic"][:, -F_:], "prompts": batch["prompts"], "context": context,
+                     "rollout_blocks": d}
+        return batch
+
     def train_step(self) -> dict:
         c = self.cfg
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
-        batch = make_batch(c, self.step)
+        batch = self.make_train_batch(self.step, g)
         lr = self.lr_at(self.step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
@@ -287,7 +367,8 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - d)
         self.step += 1
-        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(gn), **info}
+        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(gn), "rollout": batch["rollout_blocks"],
+                **info}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def named(self, ema: bool) -> dict:
@@ -327,6 +408,25 @@ class Trainer:
         self.opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         self.step, self.wall, self.history = int(state["step"]), float(state["wall_s"]), state["history"]
+
+    def init_from(self, ckpt: Path) -> None:
+        """Start a new run (step 0, fresh optimizer) from a checkpoint's EMA weights, e.g. to fine-tune."""
+        from safetensors.torch import load_file
+        path = Path(ckpt) / "ckpt.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {ckpt} has no ckpt.safetensors")
+        sd = load_file(str(path))
+        names = list(self.named(False))
+        missing = [n for n in names if f"ema.{n}" not in sd]
+        if missing:
+            raise KeyError(f"checkpoint {ckpt} lacks EMA tensors {missing[:5]}")
+        with torch.no_grad():
+            for n, p, e in zip(names, self.params, self.ema):
+                if sd[f"ema.{n}"].shape != p.shape:
+                    raise ValueError(f"checkpoint tensor ema.{n} has shape {tuple(sd[f'ema.{n}'].shape)}, "
+                                     f"model {tuple(p.shape)}")
+                p.copy_(sd[f"ema.{n}"])
+                e.copy_(sd[f"ema.{n}"])
 
 
 def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | None = None,
@@ -372,6 +472,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000, help="total optimizer steps (also sets the cosine schedule)")
     ap.add_argument("--out", default="runs/toyworld", help="directory for checkpoints and the exported bundle")
     ap.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    ap.add_argument("--init", default=None,
+                    help="checkpoint directory whose EMA weights (and config) start a new run: step 0, fresh "
+                         "optimizer and schedule (fine-tuning)")
+    ap.add_argument("--rollout-p", type=float, default=None,
+                    help="share of batches whose context is the model's own rollout (self-forcing fine-tuning)")
+    ap.add_argument("--rollout-max-blocks", type=int, default=None,
+                    help="rollout depth before the clip, uniform in [1, N] blocks (default 6)")
+    ap.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -387,13 +495,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.export_only and not args.resume:
         ap.error("--export-only needs --resume CHECKPOINT_DIR")
+    if args.init and args.resume:
+        ap.error("--init starts a new run from a checkpoint; --resume continues one: give only one")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
-    if args.resume:
-        state = json.loads((Path(args.resume) / "state.json").read_text())
+    if args.resume or args.init:
+        state_path = Path(args.resume or args.init) / "state.json"
+        if not state_path.exists():
+            raise FileNotFoundError(f"checkpoint {state_path.parent} has no state.json")
+        state = json.loads(state_path.read_text())
         fields = {**state["config"], **fields}
+        if args.init:
+            fields["seed"] = args.seed  # a new run: its own batches
     fields.update(steps=args.steps if not (args.export_only and args.resume) else fields.get("steps", args.steps),
                   seed=args.seed if not args.resume else fields.get("seed", args.seed),
                   checkpoint_every_s=args.checkpoint_every)
@@ -401,10 +516,15 @@ def main(argv=None) -> int:
         fields["batch"] = args.batch
     if args.lr:
         fields["lr"] = args.lr
+    for name in ("rollout_p", "rollout_max_blocks", "warmup"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     cfg = TrainConfig.from_dict(fields, what="train config")
     tr = Trainer(cfg, device=args.device)
     if args.resume:
         tr.load(Path(args.resume))
+    if args.init:
+        tr.init_from(Path(args.init))
     if args.export_only:
         last = tr.history[-1]["loss_ema"] if tr.history else None
         path = export_bundle(tr, Path(args.out) / "toyworld.json", final_loss=last)
@@ -417,9 +537,9 @@ def main(argv=None) -> int:
 
     n_params = sum(p.numel() for p in tr.dit.parameters())
     print(f"toyworld: {n_params / 1e6:.2f} M DiT params, device {args.device}, threads {torch.get_num_threads()}, "
-          f"steps {tr.step} -> {cfg.steps}", flush=True)
+          f"steps {tr.step} -> {cfg.steps}, rollout_p {cfg.rollout_p}", flush=True)
     last_ckpt = time.time()
-    loss_ema = None
+    loss_ema = ro_ema = None
     bar = tqdm(total=cfg.steps, initial=tr.step, desc="toyworld", mininterval=10.0, dynamic_ncols=True)
     while tr.step < cfg.steps:
         t0 = time.time()
@@ -427,12 +547,16 @@ def main(argv=None) -> int:
         dt = time.time() - t0
         tr.wall += dt
         loss_ema = info["loss"] if loss_ema is None else 0.95 * loss_ema + 0.05 * info["loss"]
+        if info["rollout"]:  # loss on the model's own context, tracked apart (it starts higher)
+            ro_ema = info["loss"] if ro_ema is None else 0.9 * ro_ema + 0.1 * info["loss"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.4f}", s_step=f"{dt:.2f}")
         if tr.step % cfg.log_every == 0 or tr.step == cfg.steps:
             rec = {"step": tr.step, "loss_ema": round(loss_ema, 5), "loss": round(info["loss"], 5),
                    "mse_block": [round(v, 4) for v in info["mse_block"]], "lr": round(info["lr"], 6),
-                   "grad_norm": round(info["grad_norm"], 3), "s_per_step": round(dt, 3),
+                   "grad_norm": round(info["grad_norm"], 3), "rollout_blocks": info["rollout"],
+                   "loss_rollout_ema": None if ro_ema is None else round(ro_ema, 5),
+                   "s_per_step": round(dt, 3),
                    "wall_s": round(tr.wall, 1)}
             tr.history.append(rec)
             tqdm.write(json.dumps(rec))  # above the bar, one record per line in a log file
