@@ -88,6 +88,18 @@ def bench_engine(a) -> dict:
     out["engine_overhead"] = {"steps_wall_s": eng.profiler.step_time, "model_forward_s": t["forward"],
                               "overhead_fraction": 1 - t["forward"] / eng.profiler.step_time,
                               "note": "scheduling, page-table edits, metadata, noise, solver math per step"}
+    # 2b) the same on the embedded default model (the toy world: 64 tokens/frame, 1.8 M params), decode included
+    from inferix.models.bundle import WEIGHTS_DIR
+    if (WEIGHTS_DIR / "toyworld.json").exists():
+        from .engine import Engine
+        tw = Engine.from_pretrained("toyworld", device=device, max_sessions=1)
+        for _ in tw.generate("a snowy field", num_frames=4 * a.toy_blocks, seed=0):
+            pass
+        tt = tw.runner.timing
+        out["engine_overhead_toyworld"] = {
+            "blocks": a.toy_blocks, "steps_wall_s": tw.profiler.step_time, "model_forward_s": tt["forward"],
+            "decode_s": tt["decode"],
+            "overhead_fraction": 1 - (tt["forward"] + tt["decode"]) / tw.profiler.step_time}
     # 3) 4 sessions batched vs one after another (same total work)
     frames = 3 * a.batch_blocks
     seq_eng = _tiny_engine(window=None, kv_pages=4 * frames, device=device)
@@ -120,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a corgi running on a beach")
     p.add_argument("--blocks", type=int, default=1000, help="engine: blocks in the long session")
     p.add_argument("--batch-blocks", type=int, default=20, help="engine: blocks per session in the batching test")
+    p.add_argument("--toy-blocks", type=int, default=100, help="engine: blocks of the toy-world overhead run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: 1 for the engine benchmark, whose tiny passes only lose "
                         "from threading, and 2 for generate)")
