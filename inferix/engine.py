@@ -162,8 +162,6 @@ class Engine:
         self.lock = threading.RLock()
         self.profiler = Profiler(self)
         self.hooks: list = []  # callables(plan, outputs) run after each executed plan, before counters advance
-        if self.positions == "absolute" and self.window is not None:
-            pass  # absolute positions with a window: fine until rope_max_frames, then positions extrapolate
 
     @classmethod
     def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
