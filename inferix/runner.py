@@ -6,6 +6,7 @@ per session, the decoded frames of blocks that became clean.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ class Runner:
             actions = torch.tensor([r.actions if r.actions is not None else [0] * n for r in rows],
                                    dtype=torch.long, device=self.device)
         if g.kind == RECACHE:
-            rows_meta = [type(r)(**{**r.__dict__, "context_pages": [], "context_frames": []}) for r in rows]
+            rows_meta = [dataclasses.replace(r, context_pages=[], context_frames=[]) for r in rows]
             meta, qpos = self._meta(rows_meta, n, write=True)
             if self.positions == "absolute":
                 qpos = torch.tensor([r.context_frames for r in rows])
@@ -264,8 +265,8 @@ class Runner:
         pred = self._forward(x, t, rows, meta, qpos, actions)
         outs = []
         if g.kind == DENOISE:
-            outs = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
-            self.timing["denoise"] += time.perf_counter() - tic - self._decode_time
+            outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
+            self.timing["denoise"] += time.perf_counter() - tic - decode_s
         else:
             self.timing["commit"] += time.perf_counter() - tic
         return outs
@@ -275,8 +276,8 @@ class Runner:
             return pred
         return flow_to_x0(x, pred, sigma)
 
-    def _after_denoise(self, rows, x, pred, meta, qpos, actions, t) -> list[BlockOutput]:
-        self._decode_time = 0.0
+    def _after_denoise(self, rows, x, pred, meta, qpos, actions, t) -> tuple[list[BlockOutput], float]:
+        decode_s = 0.0
         s = self.sampling
         step_sig = torch.tensor([self.sigmas[r.step] for r in rows], dtype=torch.float64,
                                 device=self.device)[:, None, None, None, None]
@@ -307,12 +308,10 @@ class Runner:
                     tic = time.perf_counter()
                     frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
                     dt = time.perf_counter() - tic
-                    self._decode_time += dt
+                    decode_s += dt
                     self.timing["decode"] += dt
                 outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
-        return outs
-
-    _decode_time = 0.0
+        return outs, decode_s
 
     def _remember(self, st: SessionTensors, frame: int, latent: torch.Tensor) -> None:
         if latent.dim() == 4:
