@@ -323,3 +323,97 @@ def test_shipped_bundle_is_small_and_continues_the_scene():
     m = rollout_metrics(gen, frames[8:], pos[8:], frames[:8])["summary"]
     assert m["psnr_per_32"][0] > 15.0, m
     assert m["palette_share_per_100"][0] > 0.5, m
+
+
+# ---- sink layout (the engine's cache: sink blocks + the blocks generated last) ---------------------
+def test_teacher_forcing_with_sink_targets_masks_and_backend():
+    T, bf, n, ft = 2, 2, 4, 2
+    meta = TeacherForcingMeta(T, bf, n, first_target=ft)
+    P = T * bf
+    slots = [("c", b) for b in range(n - 1)] + [("n", b) for b in range(ft, n)]  # the clean last block is left out
+    L = len(slots) * P
+    m = meta.mask(L, "cpu")
+    for q in range(L):
+        for k in range(L):
+            (qk, qb), (kk, kb) = slots[q // P], slots[k // P]
+            want = (kb <= qb) if (qk == kk == "c") else (qk == "n" and ((kk == "c" and kb < qb) or (kk == "n" and kb == qb)))
+            assert bool(m[q, k]) == want, (q, k)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, L, 2, 8) for _ in range(3))
+    want = ReferenceBackend().masked(q, k, v, m)
+    assert torch.allclose(TeacherForcingBackend().attend(q, k, v, 0, meta), want, atol=1e-5)
+    with pytest.raises(ValueError, match="tokens"):
+        meta.mask(L + P, "cpu")
+    with pytest.raises(ValueError, match="first_target"):
+        TeacherForcingMeta(T, bf, n, first_target=n)
+
+
+def test_sink_batches_hold_the_episode_start_then_a_later_stretch():
+    cfg = micro_config(clip_blocks=4, sink_blocks=2, max_start=40, batch=6, p_no_gap=0.5)
+    S = 4
+    gaps = []
+    for step in range(4):
+        b = make_batch(cfg, step)
+        assert b["x0"].shape == (6, 8, 3, 64, 64) and b["gap"].shape == (6,)
+        px = to_pixels(b["x0"])  # [B, F, H, W, 3]
+        for i in range(6):
+            gap = int(b["gap"][i])
+            gaps.append(gap)
+            # The same episode on both sides of the gap: the static scene (pixels not agent or ball) agrees.
+            moving = lambda f: (np.abs(f.astype(int) - sim.AGENT_COLOR).sum(-1) < 30) | \
+                (np.abs(f.astype(int) - sim.BALL_COLOR).sum(-1) < 30)
+            still = ~moving(px[i, 0]) & ~moving(px[i, -1])
+            assert np.array_equal(px[i, 0][still], px[i, -1][still])
+            # No gap: the agent moves at most 2 px from the last sink frame to the next frame.
+            if gap == 0:
+                a, c = detect_color(px[i, S - 1:S + 1], sim.AGENT_COLOR)
+                assert np.abs(a - c).max() <= 2 + 1e-6
+    assert min(gaps) == 0 and max(gaps) > 8 and sum(g == 0 for g in gaps) in range(4, 21)
+    # A rollout batch: the episode from frame 0, sink + d + 1 blocks.
+    long = make_batch(cfg, 0, extra_blocks=3)
+    assert long["x0"].shape[1] == S + 4 * 2 and (long["gap"] == 3 * 2 - 2).all()
+
+
+def test_sink_rollout_is_the_engines_cache_and_a_gap_block_gets_no_loss():
+    cfg = micro_config(clip_blocks=4, sink_blocks=2, rollout_p=1.0, rollout_max_blocks=3, max_start=30)
+    tr = Trainer(cfg)
+    tr.train_step()
+    step = tr.step
+    d = rollout_blocks_at(cfg, step)
+    assert 1 <= d <= 3
+    batch = tr.make_train_batch(step, torch.Generator().manual_seed(7))
+    long = make_batch(cfg, step, extra_blocks=d)
+    bf, S = 2, 4
+    assert batch["x0"].shape[1] == 8 and batch["context"].shape[1] == 6
+    assert torch.equal(batch["x0"][:, :S], long["x0"][:, :S]) and torch.equal(batch["x0"][:, -bf:], long["x0"][:, -bf:])
+    # Naive: the true sink, then each block from pure noise given the sink and the block generated before it,
+    # positions 0.. (relative), masked reference attention, clamped x0.
+    g = torch.Generator().manual_seed(7)
+    ctx = torch.cat([tr.text.encode(p) for p in long["prompts"]]).detach()
+    sink, acts = long["x0"][:, :S], long["actions"]
+    prev, prev_a = None, None
+    meta = BlockCausalMeta(frame_tokens=64, block_frames=bf)
+    with torch.no_grad():
+        for j in range(d):
+            parts = [sink] + ([prev] if prev is not None else [])
+            a_parts = [acts[:, :S]] + ([prev_a] if prev_a is not None else [])
+            a_new = acts[:, S + j * bf:S + (j + 1) * bf]
+            x = torch.cat(parts + [torch.randn((2, bf, 3, 64, 64), generator=g)], 1)
+            n_ctx = x.shape[1] - bf
+            t = torch.tensor([0.0] * n_ctx + [1000.0] * bf).expand(2, -1)
+            out = tr.dit(x, t, ctx, frame_pos=torch.arange(x.shape[1]).expand(2, -1), meta=meta,
+                         backend=ReferenceBackend(), actions=torch.cat(a_parts + [a_new], 1))
+            prev, prev_a = out[:, -bf:].clamp(-1, 1), a_new
+    assert torch.allclose(batch["context"][:, S:], prev, atol=1e-4)
+    assert torch.equal(batch["actions"], torch.cat([acts[:, :S], prev_a, acts[:, -bf:]], 1))
+    # The first block after the sink is a target only when no gap lies before it: with the clean context given
+    # apart, changing that block's target changes the loss only for clips without a gap.
+    plain = make_batch(micro_config(clip_blocks=4, sink_blocks=2, max_start=30, p_no_gap=0.0, batch=2), 1)
+    plain["gap"] = torch.tensor([3, 5])
+    plain["context"] = plain["x0"][:, :-bf].clone()
+    changed = {**plain, "x0": plain["x0"].clone()}
+    changed["x0"][:, S:S + bf] = -changed["x0"][:, S:S + bf]
+    loss = lambda b: tr.loss_on(b, torch.Generator().manual_seed(1))[0].item()
+    assert loss(changed) == pytest.approx(loss(plain), rel=1e-6)
+    nogap = lambda b: {**b, "gap": torch.zeros_like(b["gap"])}
+    assert loss(nogap(changed)) != pytest.approx(loss(nogap(plain)), rel=1e-3)

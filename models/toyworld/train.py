@@ -92,6 +92,14 @@ class TrainConfig(ConfigBase):
     # which teacher forcing never shows (rollouts on own frames otherwise collapse within ~32 frames).
     rollout_p: float = 0.0
     rollout_max_blocks: int = 6  # generated blocks before the clip's last block: uniform in [1, rollout_max_blocks]
+    # Sink layout (sink_blocks > 0): the first sink_blocks blocks of every clip are the first frames of its
+    # episode, the rest of the clip starts at a random later frame, and frame positions run on without the gap:
+    # exactly what the engine's cache holds with a sink of sink_blocks blocks, a window of clip_blocks blocks and
+    # cache-relative positions. The first block after a gap gets no loss (it only sees the sink); a share
+    # p_no_gap of clips has no gap (the first generated blocks of a session). Rollouts then start right after
+    # the sink, each generated block seeing the sink and the blocks generated just before it, as in the engine.
+    sink_blocks: int = 0
+    p_no_gap: float = 0.25
 
     def __post_init__(self):
         for k in ("steps", "batch", "clip_blocks", "block_frames"):
@@ -104,6 +112,16 @@ class TrainConfig(ConfigBase):
         if self.rollout_p > 0 and (int(self.rollout_max_blocks) < 1 or int(self.clip_blocks) < 2):
             raise ValueError(f"rollout needs rollout_max_blocks >= 1 and clip_blocks >= 2, got "
                              f"{self.rollout_max_blocks} and {self.clip_blocks}")
+        if int(self.sink_blocks) < 0 or int(self.sink_blocks) > max(0, int(self.clip_blocks) - 2):
+            raise ValueError(f"sink_blocks must leave at least 2 blocks of the clip after the sink: "
+                             f"sink_blocks {self.sink_blocks}, clip_blocks {self.clip_blocks}")
+        if int(self.sink_blocks) and self.rollout_p > 0 and \
+                int(self.rollout_max_blocks) < int(self.clip_blocks) - int(self.sink_blocks) - 1:
+            raise ValueError(f"with a sink, rollout_max_blocks must be >= the clip's blocks after the sink minus "
+                             f"one ({int(self.clip_blocks) - int(self.sink_blocks) - 1}), got {self.rollout_max_blocks}")
+        if self.sink_blocks and self.max_start < int(self.sink_blocks) * int(self.block_frames):
+            raise ValueError(f"max_start {self.max_start} must be >= the sink's frames "
+                             f"{int(self.sink_blocks) * int(self.block_frames)}")
 
     @property
     def model_config(self) -> WanDiTConfig:
@@ -123,22 +141,38 @@ def to_pixels(latent: torch.Tensor) -> np.ndarray:
 
 
 class TeacherForcingMeta(BlockCausalMeta):
-    """Block-causal mask over [clean clip | noised copy of every block] (2 * num_blocks blocks).
+    """Block-causal mask over [clean blocks | a noised copy of every target block].
 
-    Clean block i sees clean blocks <= i; noised block i sees clean blocks < i and itself.
+    Clean block i sees clean blocks <= i; the noised copy of block i sees clean blocks < i and itself. By default
+    every block of the clip is a target and all clip blocks appear clean. With ``first_target`` > 0 (the sink
+    layout) only blocks first_target .. num_blocks-1 are targets, and the clean copy of the last block, which no
+    target reads, is left out.
     """
 
-    def __init__(self, frame_tokens: int, block_frames: int, num_blocks: int):
+    def __init__(self, frame_tokens: int, block_frames: int, num_blocks: int, first_target: int = 0):
         super().__init__(frame_tokens=frame_tokens, block_frames=block_frames)
+        if not 0 <= first_target < num_blocks:
+            raise ValueError(f"first_target must be in [0, {num_blocks}), got {first_target}")
         self.num_blocks = num_blocks
+        self.first_target = first_target
+        self.clean_blocks = num_blocks if first_target == 0 else num_blocks - 1
+
+    @property
+    def total_blocks(self) -> int:
+        return self.clean_blocks + self.num_blocks - self.first_target
+
+    def _check(self, length: int) -> None:
+        want = self.total_blocks * self.frame_tokens * self.block_frames
+        if length != want:
+            raise ValueError(f"teacher-forcing pass must have {want} tokens, got {length}")
 
     def mask(self, length: int, device) -> torch.Tensor:
+        self._check(length)
         per_block = self.frame_tokens * self.block_frames
-        n = self.num_blocks
-        if length != 2 * n * per_block:
-            raise ValueError(f"teacher-forcing pass must have {2 * n * per_block} tokens, got {length}")
-        idx = torch.arange(length, device=device) // per_block  # block index in [0, 2n)
-        noised, blk = idx >= n, idx % n
+        nc, ft = self.clean_blocks, self.first_target
+        idx = torch.arange(length, device=device) // per_block  # block slot in [0, total_blocks)
+        noised = idx >= nc
+        blk = torch.where(noised, idx - nc + ft, idx)  # clip block index
         q_noised, k_noised = noised[:, None], noised[None, :]
         q_blk, k_blk = blk[:, None], blk[None, :]
         clean_q = ~q_noised & ~k_noised & (k_blk <= q_blk)
@@ -157,18 +191,17 @@ class TeacherForcingBackend(SDPABackend):
     def attend(self, q, k, v, layer, meta, k_raw=None):
         if not isinstance(meta, TeacherForcingMeta):
             return super().attend(q, k, v, layer, meta, k_raw=k_raw)
+        meta._check(q.shape[1])
         P = meta.frame_tokens * meta.block_frames
-        n = meta.num_blocks
-        if q.shape[1] != 2 * n * P:
-            raise ValueError(f"teacher-forcing pass must have {2 * n * P} tokens, got {q.shape[1]}")
-        outs = [None] * (2 * n)
-        for i in range(n):
-            own = slice(i * P, (i + 1) * P)
-            outs[i] = self.masked(q[:, own], k[:, :(i + 1) * P], v[:, :(i + 1) * P], None)
-            nz = slice((n + i) * P, (n + i + 1) * P)
+        nc, ft, n = meta.clean_blocks, meta.first_target, meta.num_blocks
+        outs = []
+        for i in range(nc):
+            outs.append(self.masked(q[:, i * P:(i + 1) * P], k[:, :(i + 1) * P], v[:, :(i + 1) * P], None))
+        for j, i in enumerate(range(ft, n)):
+            nz = slice((nc + j) * P, (nc + j + 1) * P)
             kk = torch.cat([k[:, :i * P], k[:, nz]], dim=1)  # [B, (i+1)*P, H, D]: clean before, own noised
             vv = torch.cat([v[:, :i * P], v[:, nz]], dim=1)
-            outs[n + i] = self.masked(q[:, nz], kk, vv, None)
+            outs.append(self.masked(q[:, nz], kk, vv, None))
         return torch.cat(outs, dim=1)
 
 
@@ -187,33 +220,58 @@ def rollout_blocks_at(cfg: TrainConfig, step: int) -> int:
     rng = np.random.default_rng([cfg.seed, step, 11])  # own stream: plain batches stay those of a run without it
     if rng.random() >= cfg.rollout_p:
         return 0
-    return int(rng.integers(1, cfg.rollout_max_blocks + 1))
+    lo = max(1, cfg.clip_blocks - cfg.sink_blocks - 1) if cfg.sink_blocks else 1
+    return int(rng.integers(lo, cfg.rollout_max_blocks + 1))
 
 
 def make_batch(cfg: TrainConfig, step: int, extra_blocks: int = 0) -> dict:
     """Batch ``step`` of a run: clips of clip_blocks * block_frames frames, drawn from (seed, step) only.
 
     ``extra_blocks`` > 0 lengthens every clip by that many blocks in front (the frames a rollout starts from).
+
+    With ``cfg.sink_blocks`` the clip is [the episode's first sink_blocks blocks | the rest from frame ``start``]
+    and ``gap`` [B] holds start - sink frames. With a sink and ``extra_blocks`` = d, the episode's frames
+    0 .. sink + (d + 1) * block_frames are returned whole (the rollout starts after the sink) and ``gap`` is
+    where the clip's part after the sink will start once the rollout has made its context.
     """
     rng = np.random.default_rng([cfg.seed, step, 7])
-    F_ = (cfg.clip_blocks + extra_blocks) * cfg.block_frames
-    frames, acts, dyn, prompts = [], [], [], []
+    bf, S = cfg.block_frames, cfg.sink_blocks * cfg.block_frames
+    F_ = (cfg.clip_blocks + extra_blocks) * bf
+    R = (cfg.clip_blocks - cfg.sink_blocks) * bf  # frames after the sink
+    frames, acts, dyn, prompts, gaps = [], [], [], [], []
     for _ in range(cfg.batch):
         ep_seed = int(rng.integers(2 ** 31))
         prompt = sim.random_prompt(rng)
         start = int(rng.integers(0, cfg.max_start + 1))
-        n = start + F_
+        if S:
+            no_gap = rng.random() < cfg.p_no_gap
+            if extra_blocks:
+                start = S + (extra_blocks - (cfg.clip_blocks - cfg.sink_blocks - 1)) * bf
+            elif no_gap or start < S:
+                start = S
+            n = start + R
+        else:
+            n = start + F_
         a = sim.random_actions(rng, n)
         fr, _, bg = sim.simulate(ep_seed, a, prompt, n, return_background=True)
         moving = (fr != bg[None]).any(-1)  # [n, H, W]: agent or ball pixels
         was = np.concatenate([np.zeros_like(moving[:1]), moving[:-1]])  # uncovered when they move away
-        frames.append(fr[start:])
-        acts.append(a[start:])
-        dyn.append((moving | was)[start:])
+        dyn_ep = moving | was
+        if S and not extra_blocks:
+            keep = np.r_[0:S, start:n]
+        elif S:
+            keep = np.arange(n)
+        else:
+            keep = np.arange(start, n)
+        frames.append(fr[keep])
+        acts.append(a[keep])
+        dyn.append(dyn_ep[keep])
         prompts.append(prompt)
+        gaps.append(start - S if S else 0)
     return {"x0": to_latent(np.stack(frames)),  # [B, F, 3, H, W]
             "actions": torch.as_tensor(np.stack(acts)),  # [B, F]
             "dynamic": torch.as_tensor(np.stack(dyn)),  # bool [B, F, H, W]
+            "gap": torch.as_tensor(gaps),  # [B]
             "prompts": prompts}
 
 
@@ -256,7 +314,7 @@ class Trainer:
         self.history: list[dict] = []
         mc = cfg.model_config
         self.frame_tokens = (sim.SIZE // mc.patch_size[1]) * (sim.SIZE // mc.patch_size[2])
-        self.meta = TeacherForcingMeta(self.frame_tokens, cfg.block_frames, cfg.clip_blocks)
+        self.meta = TeacherForcingMeta(self.frame_tokens, cfg.block_frames, cfg.clip_blocks, cfg.sink_blocks)
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -299,6 +357,46 @@ class Trainer:
             blocks.append(pred[:, -bf:].clamp(-1, 1))
         return torch.cat(blocks[-(nb - 1):], dim=1)
 
+    @torch.no_grad()
+    def rollout_sink_context(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
+                             g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's rollout with a sink (cache = sink blocks + the blocks generated last, relative positions).
+
+        ``x0_long`` [B, S + (d + 1) * block_frames, 3, H, W] is an episode from its first frame; its first S
+        (sink) frames are true, then d blocks are generated, each one x0 prediction from pure noise given the
+        sink and the up to (clip_blocks - sink_blocks - 1) blocks generated before it, with the true actions.
+        Returns (context, actions): the sink plus the last generated blocks, i.e. the clean context of the clip
+        whose last block is the episode's last (true) block, and that clip's actions. Uses the live weights.
+        """
+        c, dev = self.cfg, self.device
+        bf, S = c.block_frames, c.sink_blocks * c.block_frames
+        keep = c.clip_blocks - c.sink_blocks - 1  # generated blocks the cache keeps besides the sink
+        B, L = x0_long.shape[:2]
+        d = (L - S) // bf - 1
+        if (L - S) % bf or d < max(1, keep):
+            raise ValueError(f"sink rollout needs {S} + (d + 1) * {bf} frames with d >= {max(1, keep)}, got {L}")
+        sink, sink_acts = x0_long[:, :S], actions_long[:, :S]
+        meta = BlockCausalMeta(frame_tokens=self.frame_tokens, block_frames=bf)
+        gen, gen_acts = [], []
+        for j in range(d):
+            recent, recent_acts = gen[-keep:] if keep else [], gen_acts[-keep:] if keep else []
+            noise = torch.randn((B, bf) + tuple(x0_long.shape[2:]), generator=g).to(dev)
+            a_new = actions_long[:, S + j * bf:S + (j + 1) * bf]
+            x_in = torch.cat([sink] + recent + [noise], dim=1)
+            acts = torch.cat([sink_acts] + recent_acts + [a_new], dim=1)
+            n_ctx = x_in.shape[1] - bf
+            pos = torch.arange(x_in.shape[1], device=dev)[None].expand(B, -1)
+            t_in = torch.cat([torch.full((B, n_ctx), c.context_timestep, device=dev),
+                              torch.full((B, bf), 1000.0, device=dev)], dim=1)
+            pred = self.dit(x_in, t_in, text_ctx, frame_pos=pos, meta=meta, backend=self.rollout_backend,
+                            actions=acts)
+            gen.append(pred[:, -bf:].clamp(-1, 1))
+            gen_acts.append(a_new)
+        recent, recent_acts = gen[len(gen) - keep:], gen_acts[len(gen) - keep:]
+        context = torch.cat([sink] + recent, dim=1)
+        actions = torch.cat([sink_acts] + recent_acts + [actions_long[:, -bf:]], dim=1)
+        return context, actions
+
     def loss_on(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         c, dev = self.cfg, self.device
         if "context" in batch and batch["context"].shape[1] != batch["x0"].shape[1] - c.block_frames:
@@ -307,31 +405,41 @@ class Trainer:
         x0 = batch["x0"].to(dev)
         B, F_ = x0.shape[:2]
         nb, bf = c.clip_blocks, c.block_frames
+        m = self.meta
+        ft, nc = m.first_target, m.clean_blocks
+        nt = nb - ft  # target blocks
+        T0 = ft * bf  # first target frame
         # Per target block noise level: a share at sigma = 1 (first sampling step), the rest uniform.
-        sig = torch.rand(B, nb, generator=g).clamp_min(0.02)
-        sig = torch.where(torch.rand(B, nb, generator=g) < c.p_sigma_one, torch.ones_like(sig), sig)
-        sig_f = sig.repeat_interleave(bf, dim=1).to(dev)  # [B, F]
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+        sig = torch.rand(B, nt, generator=g).clamp_min(0.02)
+        sig = torch.where(torch.rand(B, nt, generator=g) < c.p_sigma_one, torch.ones_like(sig), sig)
+        sig_f = sig.repeat_interleave(bf, dim=1).to(dev)  # [B, nt * bf]
+        x_t = x0[:, T0:]
+        noise = torch.randn(x_t.shape, generator=g).to(dev)
         s5 = sig_f[:, :, None, None, None]
-        noised = (1 - s5) * x0 + s5 * noise
+        noised = (1 - s5) * x_t + s5 * noise
         clean = corrupt_context(x0.cpu(), c, g).to(dev)
         if "context" in batch:  # rollout batch: the model's own blocks as context (the last clean block is unused)
             clean = torch.cat([batch["context"].to(dev), x0[:, -bf:]], dim=1)
-        x_in = torch.cat([clean, noised], dim=1)  # [B, 2F, 3, H, W]
-        t_in = torch.cat([torch.full((B, F_), c.context_timestep, device=dev), sig_f * 1000], dim=1)
-        pos = torch.arange(F_, device=dev).repeat(2)[None].expand(B, 2 * F_)
-        acts = batch["actions"].to(dev).repeat(1, 2)
+        clean = clean[:, :nc * bf]
+        x_in = torch.cat([clean, noised], dim=1)  # [B, (nc + nt) * bf, 3, H, W]
+        t_in = torch.cat([torch.full((B, nc * bf), c.context_timestep, device=dev), sig_f * 1000], dim=1)
+        pos = torch.cat([torch.arange(nc * bf, device=dev), torch.arange(T0, F_, device=dev)])[None].expand(B, -1)
+        acts = batch["actions"].to(dev)
+        acts = torch.cat([acts[:, :nc * bf], acts[:, T0:]], dim=1)
         ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])  # [B, text_len, text_dim]
-        pred = self.dit(x_in, t_in, ctx, frame_pos=pos, meta=self.meta, backend=self.backend, actions=acts)
-        pred = pred[:, F_:]  # predictions for the noised copies, [B, F, 3, H, W]
-        w_pix = 1 + c.dynamic_weight * batch["dynamic"].to(dev).float()  # [B, F, H, W]
-        err = ((pred - x0) ** 2).mean(2) * w_pix  # [B, F, H, W]
-        per_block = err.view(B, nb, bf, -1).mean((2, 3)) / w_pix.view(B, nb, bf, -1).mean((2, 3))  # [B, nb]
-        bw = torch.ones(nb, device=dev)
-        bw[0] = c.first_block_weight
-        loss = (per_block * bw).sum(1).mean() / bw.sum()
+        pred = self.dit(x_in, t_in, ctx, frame_pos=pos, meta=m, backend=self.backend, actions=acts)
+        pred = pred[:, nc * bf:]  # predictions for the noised copies, [B, nt * bf, 3, H, W]
+        w_pix = 1 + c.dynamic_weight * batch["dynamic"][:, T0:].to(dev).float()  # [B, nt * bf, H, W]
+        err = ((pred - x_t) ** 2).mean(2) * w_pix
+        per_block = err.view(B, nt, bf, -1).mean((2, 3)) / w_pix.view(B, nt, bf, -1).mean((2, 3))  # [B, nt]
+        bw = torch.ones(B, nt, device=dev)
+        if ft == 0:
+            bw[:, 0] = c.first_block_weight
+        elif "gap" in batch:  # the first block after a gap sees only the sink: no loss
+            bw[:, 0] = (batch["gap"].to(dev) == 0).float()
+        loss = ((per_block * bw).sum(1) / bw.sum(1)).mean()
         with torch.no_grad():
-            plain = ((pred - x0) ** 2).mean((2, 3, 4)).view(B, nb, bf).mean(2)  # unweighted MSE [B, nb]
+            plain = ((pred - x_t) ** 2).mean((2, 3, 4)).view(B, nt, bf).mean(2)  # unweighted MSE [B, nt]
         return loss, {"mse_block": plain.mean(0).tolist()}
 
     def make_train_batch(self, step: int, g: torch.Generator) -> dict:
@@ -340,7 +448,16 @@ class Trainer:
         d = rollout_blocks_at(c, step)
         batch = make_batch(c, step, extra_blocks=d)
         batch["rollout_blocks"] = d
-        if d:
+        if d and c.sink_blocks:
+            with torch.no_grad():
+                text_ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])
+            context, actions = self.rollout_sink_context(batch["x0"].to(self.device),
+                                                         batch["actions"].to(self.device), text_ctx, g)
+            S, R = c.sink_blocks * c.block_frames, (c.clip_blocks - c.sink_blocks) * c.block_frames
+            keep = torch.as_tensor(np.r_[0:S, batch["x0"].shape[1] - R:batch["x0"].shape[1]])
+            batch = {"x0": batch["x0"][:, keep], "actions": actions.cpu(), "dynamic": batch["dynamic"][:, keep],
+                     "prompts": batch["prompts"], "context": context, "gap": batch["gap"], "rollout_blocks": d}
+        elif d:
             with torch.no_grad():
                 text_ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])
             context = self.rollout_context(batch["x0"].to(self.device), batch["actions"].to(self.device),
@@ -458,7 +575,10 @@ def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | N
         "dit": mc.to_dict(), "sampling": sampling.to_dict(),
         "text_encoder": {"type": "hash", "text_dim": mc.text_dim, "text_len": mc.text_len, "vocab": vocab},
         "decoder": {"type": "pixel"}, "height": sim.SIZE, "width": sim.SIZE, "fps": 16,
-        "actions": list(sim.ACTIONS), "window": WINDOW_FRAMES, "sink": SINK_FRAMES,
+        "actions": list(sim.ACTIONS),
+        # A run with a sink layout has been trained on exactly the cache the engine keeps with these.
+        "window": c.clip_blocks * c.block_frames if c.sink_blocks else WINDOW_FRAMES,
+        "sink": c.sink_blocks * c.block_frames if c.sink_blocks else SINK_FRAMES,
         "themes": {t: w for t, w in sim.THEME_WORDS.items()},
         "train": {"steps": trainer.step, "seed": c.seed, "batch": c.batch, "final_loss": final_loss,
                   "wall_time_s": round(trainer.wall, 1), "config": c.to_dict()},
@@ -480,6 +600,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rollout-max-blocks", type=int, default=None,
                     help="rollout depth before the clip, uniform in [1, N] blocks (default 6)")
     ap.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps")
+    ap.add_argument("--sink-blocks", type=int, default=None,
+                    help="train on the engine's sink layout: this many blocks from each episode's start, then the "
+                         "rest of the clip from a later frame (0: contiguous clips)")
+    ap.add_argument("--clip-blocks", type=int, default=None, help="blocks per training clip (the inference window)")
+    ap.add_argument("--p-no-gap", type=float, default=None, help="with a sink: share of clips without a gap")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -516,7 +641,7 @@ def main(argv=None) -> int:
         fields["batch"] = args.batch
     if args.lr:
         fields["lr"] = args.lr
-    for name in ("rollout_p", "rollout_max_blocks", "warmup"):
+    for name in ("rollout_p", "rollout_max_blocks", "warmup", "sink_blocks", "clip_blocks", "p_no_gap"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     cfg = TrainConfig.from_dict(fields, what="train config")
