@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The recipe of the shipped toy-world weights, stage by stage (docs/toyworld.md, "How the shipped weights were
+# made"). Every stage has a wall-clock budget in minutes; SCALE multiplies all of them (SCALE=0.5 halves the
+# run). Each stage starts from the previous stage's EMA weights (--init) and writes its own checkpoint folder,
+# so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
+#
+#   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
+#   then: cp OUT_DIR/4_sink/toyworld.{json,safetensors} models/weights/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/toyworld_recipe}
+SCALE=${SCALE:-1}
+THREADS=${THREADS:-2}
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+minutes() { "$PY" -c "print(round($1 * $SCALE, 2))"; }
+train() { "$PY" -m inferix.models.toyworld.train --threads "$THREADS" --checkpoint-every 300 "$@"; }
+
+# 1. Teacher forcing from scratch: contiguous 3-block clips (66 min).
+train --seed 0 --steps 2000 --batch 4 --max-minutes "$(minutes 66)" --out "$OUT/1_teacher"
+# 2. Rollout fine-tuning: half of the batches have the model's own blocks as context (24 min).
+train --init "$OUT/1_teacher" --seed 1 --rollout-p 0.5 --rollout-max-blocks 6 --lr 3e-4 --warmup 20 --batch 4 \
+      --steps 3000 --max-minutes "$(minutes 24)" --out "$OUT/2_rollout"
+# 3. More of the same, more rollouts (20 min).
+train --init "$OUT/2_rollout" --seed 2 --rollout-p 0.7 --lr 2e-4 --warmup 20 --batch 4 --steps 3000 \
+      --max-minutes "$(minutes 20)" --out "$OUT/3_rollout"
+# 4. The engine's cache layout: 2 sink blocks from the episode start + the latest block + the target, with
+#    sink rollouts, and 10x loss weight on the agent and the ball (110 min). The bundle it exports says
+#    window 16, sink 8.
+train --init "$OUT/3_rollout" --seed 3 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
+      --dynamic-weight 10 --lr 5e-4 --warmup 50 --batch 8 --steps 4000 --max-minutes "$(minutes 110)" \
+      --out "$OUT/4_sink"
+echo "done: $OUT/4_sink/toyworld.json (+ .safetensors)"
