@@ -15,7 +15,7 @@ from inferix.models.toyworld.eval import (RolloutMeta, WindowKVBackend, detect_c
 from inferix.models.toyworld.text import LocalHashTextEncoder
 from inferix.models.toyworld.train import (TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
                                            export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
-from inferix.models.wan_dit import CausalWanDiT, WanDiTConfig
+from inferix.models.wan_dit import WanDiTConfig
 
 @pytest.fixture(autouse=True)
 def one_thread():
