@@ -219,10 +219,10 @@ BACKENDS = {"reference": ReferenceBackend, "sdpa": SDPABackend, "flex": FlexBack
 
 
 def get_backend(name: str | None, device: str | torch.device = "cpu") -> AttentionBackend:
-    """Backend by name; None picks triton on CUDA and the reference on CPU."""
+    """Backend by name; None picks triton on CUDA and sdpa (torch fused attention) on CPU."""
     dev = torch.device(device).type
     if name is None:
-        name = "triton" if dev == "cuda" else "reference"
+        name = "triton" if dev == "cuda" else "sdpa"
     if name == "triton":
         from .paged_attention import TritonBackend  # imported lazily: decorating kernels needs the env set
         return TritonBackend()
