@@ -24,9 +24,9 @@ train --init "$OUT/1_teacher" --seed 1 --rollout-p 0.5 --rollout-max-blocks 6 --
 train --init "$OUT/2_rollout" --seed 2 --rollout-p 0.7 --lr 2e-4 --warmup 20 --batch 4 --steps 3000 \
       --max-minutes "$(minutes 20)" --out "$OUT/3_rollout"
 # 4. The engine's cache layout: 2 sink blocks from the episode start + the latest block + the target, with
-#    sink rollouts, and 10x loss weight on the agent and the ball (110 min). The bundle it exports says
+#    sink rollouts, and 10x loss weight on the agent and the ball (135 min). The bundle it exports says
 #    window 16, sink 8.
 train --init "$OUT/3_rollout" --seed 3 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
-      --dynamic-weight 10 --lr 5e-4 --warmup 50 --batch 8 --steps 4000 --max-minutes "$(minutes 110)" \
+      --dynamic-weight 10 --lr 5e-4 --warmup 50 --batch 8 --steps 4000 --max-minutes "$(minutes 135)" \
       --out "$OUT/4_sink"
 echo "done: $OUT/4_sink/toyworld.json (+ .safetensors)"
