@@ -13,7 +13,7 @@ from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.eval import (RolloutMeta, WindowKVBackend, detect_color, drift_curve_png,
                                           load_toyworld, palette_share, psnr, rollout, rollout_metrics, strip_png)
 from inferix.models.toyworld.text import LocalHashTextEncoder
-from inferix.models.toyworld.train import (TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
+from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
                                            export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
 from inferix.models.wan_dit import WanDiTConfig
 
@@ -163,6 +163,22 @@ def test_training_reduces_the_loss():
     losses = [tr.train_step()["loss"] for _ in range(40)]
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4]), losses
+
+
+def test_prefetched_batches_train_exactly_like_batches_made_in_the_loop():
+    # worker processes simulate ahead; the trainer must see the very same batches (rollout steps included)
+    cfg = micro_config(steps=4, rollout_p=0.5, rollout_max_blocks=2, seed=1)
+    a, b = Trainer(cfg), Trainer(cfg)
+    pre = BatchPrefetcher(cfg, workers=1, depth=2)
+    try:
+        with pytest.raises(ValueError, match="step 1"):
+            b.train_step(pre.get(1))  # b is at step 0
+        la = [a.train_step()["loss"] for _ in range(4)]
+        lb = [b.train_step(pre.get(s))["loss"] for s in range(4)]
+    finally:
+        pre.close()
+    assert any(rollout_blocks_at(cfg, s) for s in range(4))
+    assert la == pytest.approx(lb, rel=1e-6, abs=0)
 
 
 def test_resume_continues_exactly(tmp_path):

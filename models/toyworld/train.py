@@ -132,8 +132,8 @@ class TrainConfig(ConfigBase):
 
 def to_latent(frames_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1] (latent = pixel / 127.5 - 1)."""
-    f = torch.as_tensor(np.asarray(frames_u8)).float()
-    return (f / 127.5 - 1).movedim(-1, -3)
+    f = frames_u8 if isinstance(frames_u8, torch.Tensor) else torch.as_tensor(np.asarray(frames_u8))
+    return (f.float() / 127.5 - 1).movedim(-1, -3)
 
 
 def to_pixels(latent: torch.Tensor) -> np.ndarray:
@@ -277,19 +277,63 @@ def make_batch(cfg: TrainConfig, step: int, extra_blocks: int = 0) -> dict:
             "prompts": prompts}
 
 
+def prefetch_job(cfg: TrainConfig, step: int) -> dict:
+    """Batch ``step`` as ``make_batch`` makes it for the trainer, frames as uint8 (a quarter of the bytes to move
+    between processes); ``to_latent`` of them gives the same floats bit for bit."""
+    b = make_batch(cfg, step, extra_blocks=rollout_blocks_at(cfg, step))
+    b["x0"] = torch.from_numpy(to_pixels(b["x0"]))
+    b["step"] = step
+    return b
+
+
+class BatchPrefetcher:
+    """Simulates the batches of the next steps in worker processes while the trainer runs the current one.
+
+    Batches are a function of (config, step) alone, so a run with workers sees exactly the batches of a run
+    without them. ``get(step)`` returns that step's batch (``prefetch_job``) and keeps ``depth`` steps queued.
+    """
+
+    def __init__(self, cfg: TrainConfig, workers: int, depth: int | None = None):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.cfg, self.depth = cfg, depth or 2 * workers
+        # spawn: the workers never inherit a CUDA context or the trainer's threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pending: dict[int, object] = {}
+
+    def get(self, step: int) -> dict:
+        for s in range(step, step + self.depth + 1):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(prefetch_job, self.cfg, s)
+        for s in [s for s in self.pending if s < step]:  # a resumed or skipped range: drop stale work
+            self.pending.pop(s).cancel()
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
 def _box_blur(x: torch.Tensor) -> torch.Tensor:  # x [N, 3, H, W]
     return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
 def corrupt_context(x0: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Small perturbations of clean context (labelled clean): per clip, noise and/or blur with random strength."""
-    B = x0.shape[0]
+    """Small perturbations of clean context (labelled clean): per clip, noise and/or blur with random strength.
+
+    Random numbers come from the CPU generator ``g`` (the same on every device); the arithmetic runs on x0's device.
+    """
+    B, dev = x0.shape[0], x0.device
     sel = (torch.rand(B, generator=g) < cfg.p_corrupt).float()
-    amp = torch.rand(B, generator=g) * cfg.corrupt_noise * sel
-    blur_mix = torch.rand(B, generator=g) * 0.6 * sel * (torch.rand(B, generator=g) < 0.5).float()
+    amp = (torch.rand(B, generator=g) * cfg.corrupt_noise * sel).to(dev)
+    blur_mix = (torch.rand(B, generator=g) * 0.6 * sel * (torch.rand(B, generator=g) < 0.5).float()).to(dev)
     blurred = _box_blur(x0.flatten(0, 1)).view_as(x0)
     x = x0 + blur_mix.view(B, 1, 1, 1, 1) * (blurred - x0)
-    return x + amp.view(B, 1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    return x + amp.view(B, 1, 1, 1, 1) * torch.randn(x0.shape, generator=g).to(dev)
 
 
 class Trainer:
@@ -414,7 +458,7 @@ class Trainer:
         noise = torch.randn(x_t.shape, generator=g).to(dev)
         s5 = sig_f[:, :, None, None, None]
         noised = (1 - s5) * x_t + s5 * noise
-        clean = corrupt_context(x0.cpu(), c, g).to(dev)
+        clean = corrupt_context(x0, c, g)
         if "context" in batch:  # rollout batch: the model's own blocks as context (the last clean block is unused)
             clean = torch.cat([batch["context"].to(dev), x0[:, -bf:]], dim=1)
         clean = clean[:, :nc * bf]
@@ -439,11 +483,19 @@ class Trainer:
             plain = ((pred - x_t) ** 2).mean((2, 3, 4)).view(B, nt, bf).mean(2)  # unweighted MSE [B, nt]
         return loss, {"mse_block": plain.mean(0).tolist()}
 
-    def make_train_batch(self, step: int, g: torch.Generator) -> dict:
-        """Batch ``step``; for rollout steps its context blocks are replaced by the model's own rollout."""
+    def make_train_batch(self, step: int, g: torch.Generator, raw: dict | None = None) -> dict:
+        """Batch ``step``; for rollout steps its context blocks are replaced by the model's own rollout.
+
+        ``raw``: that step's simulator batch made ahead (``prefetch_job``, frames as uint8) instead of here."""
         c = self.cfg
         d = rollout_blocks_at(c, step)
-        batch = make_batch(c, step, extra_blocks=d)
+        if raw is None:
+            batch = make_batch(c, step, extra_blocks=d)
+        else:
+            if raw.get("step") != step:
+                raise ValueError(f"prefetched batch is for step {raw.get('step')}, the trainer is at step {step}")
+            batch = dict(raw)
+            batch["x0"] = to_latent(torch.as_tensor(raw["x0"]).to(self.device))
         batch["rollout_blocks"] = d
         if d and c.sink_blocks:
             with torch.no_grad():
@@ -465,10 +517,10 @@ class Trainer:
                      "rollout_blocks": d}
         return batch
 
-    def train_step(self) -> dict:
+    def train_step(self, raw: dict | None = None) -> dict:
         c = self.cfg
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
-        batch = self.make_train_batch(self.step, g)
+        batch = self.make_train_batch(self.step, g, raw)
         lr = self.lr_at(self.step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
@@ -609,6 +661,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes that simulate the next batches ahead (same batches as without; useful on a GPU)")
     ap.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between checkpoints")
     ap.add_argument("--config", default=None, help="JSON file with TrainConfig fields (e.g. a micro model)")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -659,16 +713,34 @@ def main(argv=None) -> int:
         tr.time_budget_s = 60 * args.max_minutes
     out = Path(args.out)
     from tqdm import tqdm
+    if tr.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # a 2 M-parameter model: fp32 storage, tf32 products
+        torch.backends.cudnn.allow_tf32 = True
 
     n_params = sum(p.numel() for p in tr.dit.parameters())
     print(f"toyworld: {n_params / 1e6:.2f} M DiT params, device {args.device}, threads {torch.get_num_threads()}, "
-          f"steps {tr.step} -> {cfg.steps}, rollout_p {cfg.rollout_p}", flush=True)
+          f"steps {tr.step} -> {cfg.steps}, rollout_p {cfg.rollout_p}, workers {args.workers}", flush=True)
+    bar = tqdm(total=cfg.steps, initial=tr.step, desc="toyworld", mininterval=10.0, dynamic_ncols=True)
+    prefetch = BatchPrefetcher(cfg, args.workers) if args.workers > 0 else None
+    try:
+        _train_loop(tr, cfg, args, out, bar, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    bar.close()
+    tr.save(out)
+    path = export_bundle(tr, out / "toyworld.json", final_loss=tr.history[-1]["loss_ema"] if tr.history else None)
+    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
+    return 0
+
+
+def _train_loop(tr: Trainer, cfg: TrainConfig, args, out: Path, bar, prefetch: BatchPrefetcher | None) -> None:
+    from tqdm import tqdm
     last_ckpt = time.time()
     loss_ema = ro_ema = None
-    bar = tqdm(total=cfg.steps, initial=tr.step, desc="toyworld", mininterval=10.0, dynamic_ncols=True)
     while tr.step < cfg.steps:
         t0 = time.time()
-        info = tr.train_step()
+        info = tr.train_step(prefetch.get(tr.step) if prefetch is not None else None)
         dt = time.time() - t0
         tr.wall += dt
         loss_ema = info["loss"] if loss_ema is None else 0.95 * loss_ema + 0.05 * info["loss"]
@@ -692,11 +764,6 @@ def main(argv=None) -> int:
         if stop:
             print(f"time budget of {args.max_minutes} minutes spent at step {tr.step}", flush=True)
             break
-    bar.close()
-    tr.save(out)
-    path = export_bundle(tr, out / "toyworld.json", final_loss=loss_ema)
-    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
