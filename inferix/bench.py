@@ -32,8 +32,9 @@ def bench_generate(a) -> dict:
     if eng.window is not None and eng.kv.alloc.num_pages < eng.window:  # the model's own window: size for it
         eng = Engine.from_pretrained(preset, device=device, attention=a.attention, height=a.height,
                                      width=a.width, window=-1, max_sessions=1, kv_pages=eng.window)
-    # warm-up: one short session (allocator, kernels, autotuning), not counted
-    for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(eng.block_frames)):
+    # warm-up, not counted: a two-block session (allocator, and the kernels of a block without and with cached
+    # context, which Triton compiles separately)
+    for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(2 * eng.block_frames)):
         pass
     eng.profiler.__init__(eng)
     eng.runner.timing = {k: 0.0 for k in eng.runner.timing}

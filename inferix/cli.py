@@ -28,7 +28,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "0 = no window (global attention); default: the model's")
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"],
-                   help="attention backend (default: triton on CUDA, sdpa on CPU)")
+                   help="attention backend (default: sdpa)")
     p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
 
 
