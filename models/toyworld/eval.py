@@ -29,7 +29,7 @@ from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
 from ...kernels.attention import SDPABackend
 from . import simulator as sim
-from .train import to_latent, to_pixels
+from .data import to_latent, to_pixels
 
 __all__ = ["detect_color", "palette_share", "psnr", "rollout_metrics", "drift_curve_png", "strip_png",
            "WindowKVBackend", "RolloutMeta", "load_toyworld", "rollout", "main"]
