@@ -5,7 +5,7 @@
 # so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
 #
 #   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
-#   then: cp OUT_DIR/4_sink/toyworld.{json,safetensors} models/weights/
+#   then: cp OUT_DIR/5_sink_more/toyworld.{json,safetensors} models/weights/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/toyworld_recipe}
@@ -29,4 +29,8 @@ train --init "$OUT/2_rollout" --seed 2 --rollout-p 0.7 --lr 2e-4 --warmup 20 --b
 train --init "$OUT/3_rollout" --seed 3 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
       --dynamic-weight 10 --lr 5e-4 --warmup 50 --batch 8 --steps 4000 --max-minutes "$(minutes 135)" \
       --out "$OUT/4_sink"
-echo "done: $OUT/4_sink/toyworld.json (+ .safetensors)"
+# 5. More of stage 4 from its EMA weights at a lower peak rate (85 min).
+train --init "$OUT/4_sink" --seed 6 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
+      --dynamic-weight 10 --lr 2e-4 --warmup 50 --batch 8 --steps 3000 --max-minutes "$(minutes 85)" \
+      --out "$OUT/5_sink_more"
+echo "done: $OUT/5_sink_more/toyworld.json (+ .safetensors)"
