@@ -30,8 +30,8 @@ def bench_generate(a) -> dict:
                                  window=-1 if a.window is None else a.window, max_sessions=1,
                                  kv_pages=a.window or whole)
     if eng.window is not None and eng.kv.alloc.num_pages < eng.window:  # the model's own window: size for it
-        eng = Engine.from_pretrained(preset, device=device, attention=a.attention, height=a.height,
-                                     width=a.width, window=-1, max_sessions=1, kv_pages=eng.window)
+        eng = Engine(eng.bundle, device=device, attention=a.attention, height=a.height, width=a.width, window=-1,
+                     max_sessions=1, kv_pages=eng.window)  # same weights, no second load
     # warm-up, not counted: a two-block session (allocator, and the kernels of a block without and with cached
     # context, which Triton compiles separately)
     for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(2 * eng.block_frames)):

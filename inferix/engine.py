@@ -152,7 +152,7 @@ class Engine:
         dtype = next(self.dit.parameters()).dtype
         self.pool = KVPool.allocate(cfg.num_layers, kv_pages, page_tokens, cfg.num_heads, cfg.head_dim,
                                     dtype=dtype, device=self.device)
-        self.backend = get_backend(attention, self.device)
+        self.backend = get_backend(attention)
         self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
         keep = None if self.window is None else self.window
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,

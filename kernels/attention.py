@@ -218,7 +218,7 @@ class FlexBackend(SDPABackend):
 BACKENDS = {"reference": ReferenceBackend, "sdpa": SDPABackend, "flex": FlexBackend}
 
 
-def get_backend(name: str | None, device: str | torch.device = "cpu") -> AttentionBackend:
+def get_backend(name: str | None) -> AttentionBackend:
     """Backend by name; None picks sdpa (torch fused attention over the gathered pages) on every device: on an
     H200 it measured faster end to end than the paged Triton kernel (README, "Measured figures")."""
     if name is None:

@@ -220,7 +220,7 @@ class Trainer:
             (decay if p.dim() >= 2 else no_decay).append(p)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
-        self.backend = TeacherForcingBackend() if backend is None else get_backend(backend, self.device)
+        self.backend = TeacherForcingBackend() if backend is None else get_backend(backend)
         self.rollout_backend = SDPABackend() if backend is None else self.backend
         self.step = 0
         self.wall = 0.0  # seconds spent in training steps, summed over resumes
