@@ -20,7 +20,7 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
              sink: int | None = None, positions: str = "auto") -> dict:
     from inferix.models.toyworld import simulator as sim
-    from inferix.models.toyworld.eval import drift_curve_png, rollout_metrics, strip_png
+    from inferix.models.toyworld.metrics import drift_curve_png, rollout_metrics, strip_png
     from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
