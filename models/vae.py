@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, read_tensor_file
+from .tensor_files import CheckpointError, read_tensor_file
 
 __all__ = ["WanVAE", "VAEStream", "original_to_diffusers_vae_keys", "TINY_VAE_CONFIG", "WAN21_VAE_CONFIG"]
 
