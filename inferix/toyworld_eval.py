@@ -18,7 +18,7 @@ __all__ = ["main", "evaluate"]
 
 def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
-             sink: int | None = None, positions: str = "auto") -> dict:
+             sink: int | None = None, positions: str = "auto", save_frames: bool = False) -> dict:
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.metrics import drift_curve_png, rollout_metrics, strip_png
     from .engine import Engine
@@ -57,6 +57,8 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
     drift_curve_png(m, out / "drift.png", title=f"toy world via engine, {frames} frames, {prompt!r}, seed {seed}")
     cols = [c for c in (0, 4, 8, 16, 32, 64, 128, 256, 512, 999) if c < frames]
     strip_png([("truth", true[context:]), ("model", gen)], cols, out / "strip.png")
+    if save_frames:
+        np.savez_compressed(out / "frames.npz", gen=gen, true=true[context:], positions=pos[context:])
     return m
 
 
@@ -75,11 +77,14 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=-1, help="latent frames attended (default: the model's)")
     ap.add_argument("--sink", type=int, default=None, help="pinned first frames (default: the model's)")
     ap.add_argument("--positions", default="auto", choices=["auto", "absolute", "relative"])
+    ap.add_argument("--save-frames", action="store_true",
+                    help="also write frames.npz (generated and true uint8 frames, true agent positions)")
     a = ap.parse_args(argv)
     if a.frames <= 0:
         ap.error(f"--frames must be positive, got {a.frames}")
     m = evaluate(frames=a.frames, out=Path(a.out), seed=a.seed, prompt=a.prompt, context=a.context, model=a.model,
-                 threads=a.threads, window=a.window, sink=a.sink, positions=a.positions)
+                 threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
+                 save_frames=a.save_frames)
     s = m["summary"]
     keys = ("agent_error_median_px", "agent_found_share", "palette_share_min_window", "psnr_per_32",
             "psnr_copy_last_per_32", "psnr_context_mean_per_32", "pixel_fps_including_decode",

@@ -47,6 +47,20 @@ def test_ball_stays_inside_and_bounces():
     assert flips >= 2
 
 
+def test_ball_path_predicts_the_ball_without_moving_it():
+    world = sim.World(5, "desert")
+    before = (world.ball.copy(), world.ball_v.copy(), world.agent.copy())
+    path, bounced = world.ball_path(120)
+    assert all(np.array_equal(a, b) for a, b in zip(before, (world.ball, world.ball_v, world.agent)))
+    v_prev = world.ball_v.copy()
+    for t in range(120):
+        world.step(int(t % 5))
+        assert np.array_equal(world.ball, path[t])
+        assert bounced[t] == (world.ball_v != v_prev).any()
+        v_prev = world.ball_v.copy()
+    assert bounced.sum() >= 2
+
+
 def test_scene_is_static_and_every_pixel_is_a_palette_colour():
     frames, _, bg = sim.simulate(9, None, "a snowy field", 30, return_background=True)
     moving = (frames != bg[None]).any(-1)  # [T, H, W]

@@ -49,6 +49,7 @@ def make_batch(cfg, step: int, extra_blocks: int = 0) -> dict:
     where the clip's part after the sink will start once the rollout has made its context.
     """
     rng = np.random.default_rng([cfg.seed, step, 7])
+    bounce_rng = np.random.default_rng([cfg.seed, step, 13])  # own stream: without bounce_p batches are unchanged
     bf, S = cfg.block_frames, cfg.sink_blocks * cfg.block_frames
     F_ = (cfg.clip_blocks + extra_blocks) * bf
     R = (cfg.clip_blocks - cfg.sink_blocks) * bf  # frames after the sink
@@ -66,6 +67,8 @@ def make_batch(cfg, step: int, extra_blocks: int = 0) -> dict:
             n = start + R
         else:
             n = start + F_
+        if cfg.bounce_p > 0 and bounce_rng.random() < cfg.bounce_p:
+            ep_seed = _episode_bouncing_in(ep_seed, n - bf, n, bounce_rng)
         a = sim.random_actions(rng, n)
         fr, _, bg = sim.simulate(ep_seed, a, prompt, n, return_background=True)
         moving = (fr != bg[None]).any(-1)  # [n, H, W]: agent or ball pixels
@@ -87,6 +90,18 @@ def make_batch(cfg, step: int, extra_blocks: int = 0) -> dict:
             "dynamic": torch.as_tensor(np.stack(dyn)),  # bool [B, F, H, W]
             "gap": torch.as_tensor(gaps),  # [B]
             "prompts": prompts}
+
+
+def _episode_bouncing_in(ep_seed: int, t0: int, t1: int, rng: np.random.Generator, tries: int = 64) -> int:
+    """The first of ep_seed and fresh seeds from rng whose ball bounces off the wall in frames [t0, t1) (the
+    clip's last block, which always gets a loss); ep_seed itself if none of ``tries`` seeds does."""
+    seed = ep_seed
+    for _ in range(tries):
+        _, bounced = sim.World(seed).ball_path(t1)
+        if bounced[t0:t1].any():
+            return seed
+        seed = int(rng.integers(2 ** 31))
+    return ep_seed
 
 
 def prefetch_job(cfg, step: int) -> dict:

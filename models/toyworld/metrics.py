@@ -132,6 +132,7 @@ def rollout_metrics(gen_frames, true_frames, true_positions, context_frames, *, 
     }
     return {"summary": summary,
             "per_frame": {"agent_error_px": [None if np.isnan(e) else float(e) for e in err],
+                          "ball_error_px": [None if np.isnan(e) else float(e) for e in ball_err],
                           "palette_share": share.tolist(), "psnr": p_model.tolist(),
                           "psnr_copy_last": p_last.tolist(), "psnr_context_mean": p_mean.tolist()}}
 

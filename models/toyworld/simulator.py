@@ -181,18 +181,18 @@ class World:
         dx, dy = ACTION_DELTAS[int(action)]
         lo, hi = WALL, SIZE - WALL - AGENT_SIZE
         self.agent = np.clip(self.agent + AGENT_SPEED * np.array([dx, dy]), lo, hi)
-        # Ball: move, then reflect off the wall (mirror the overshoot so the speed is kept).
-        blo, bhi = WALL, SIZE - WALL - BALL_DIAMETER
-        p = self.ball + self.ball_v
-        for i in range(2):
-            if p[i] < blo:
-                p[i] = 2 * blo - p[i]
-                self.ball_v[i] = -self.ball_v[i]
-            elif p[i] > bhi:
-                p[i] = 2 * bhi - p[i]
-                self.ball_v[i] = -self.ball_v[i]
-        self.ball = p
+        self.ball, self.ball_v, _ = _ball_tick(self.ball, self.ball_v)
         return self.render(), self.agent_center()
+
+    def ball_path(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ball's next n positions (top-left, int64 [n, 2]) and whether it bounced on each step (bool [n]),
+        without changing the world (the ball does not depend on the actions)."""
+        p, v = self.ball.copy(), self.ball_v.copy()
+        path, bounced = np.empty((n, 2), dtype=np.int64), np.zeros(n, dtype=bool)
+        for t in range(n):
+            p, v, bounced[t] = _ball_tick(p, v)
+            path[t] = p
+        return path, bounced
 
     def agent_center(self) -> np.ndarray:
         return self.agent.astype(np.float64) + AGENT_SIZE / 2
@@ -205,6 +205,18 @@ class World:
         ax, ay = (int(v) for v in self.agent)
         img[ay:ay + AGENT_SIZE, ax:ax + AGENT_SIZE] = AGENT_COLOR  # the agent is drawn over the ball
         return img
+
+
+def _ball_tick(p: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """One tick of ball physics: move, then reflect off the wall (mirror the overshoot so the speed is kept)."""
+    blo, bhi = WALL, SIZE - WALL - BALL_DIAMETER
+    p, v, bounced = p + v, v.copy(), False
+    for i in range(2):
+        if p[i] < blo:
+            p[i], v[i], bounced = 2 * blo - p[i], -v[i], True
+        elif p[i] > bhi:
+            p[i], v[i], bounced = 2 * bhi - p[i], -v[i], True
+    return p, v, bounced
 
 
 def simulate(seed: int, actions=None, prompt: str = "", num_frames: int = 64, *, return_background: bool = False):

@@ -106,6 +106,9 @@ class TrainConfig(ConfigBase):
     # the sink, each generated block seeing the sink and the blocks generated just before it, as in the engine.
     sink_blocks: int = 0
     p_no_gap: float = 0.25
+    # Share of clips whose episode is picked so that the ball bounces off the wall in the clip's last block (one
+    # block in four has a bounce anyway; models trained without it still fly the ball on into the wall).
+    bounce_p: float = 0.0
 
     def __post_init__(self):
         for k in ("steps", "batch", "clip_blocks", "block_frames"):
@@ -113,6 +116,8 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
         if not 0 < self.ema < 1:
             raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+        if not 0 <= self.bounce_p <= 1:
+            raise ValueError(f"bounce_p must be in [0, 1], got {self.bounce_p}")
         if not 0 <= self.rollout_p <= 1:
             raise ValueError(f"rollout_p must be in [0, 1], got {self.rollout_p}")
         if self.rollout_p > 0 and (int(self.rollout_max_blocks) < 1 or int(self.clip_blocks) < 2):
@@ -462,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--p-no-gap", type=float, default=None, help="with a sink: share of clips without a gap")
     ap.add_argument("--dynamic-weight", type=float, default=None,
                     help="extra loss weight on pixels where the agent or the ball is or just was (default 4)")
+    ap.add_argument("--bounce-p", type=float, default=None,
+                    help="share of clips picked so that the ball bounces off the wall in their last block (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -501,7 +508,7 @@ def main(argv=None) -> int:
     if args.lr:
         fields["lr"] = args.lr
     for name in ("rollout_p", "rollout_max_blocks", "warmup", "sink_blocks", "clip_blocks", "p_no_gap",
-                 "dynamic_weight"):
+                 "dynamic_weight", "bounce_p"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     cfg = TrainConfig.from_dict(fields, what="train config")
