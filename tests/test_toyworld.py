@@ -15,6 +15,7 @@ from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_toyworld, rollout
 from inferix.models.toyworld.metrics import detect_color, rollout_metrics
 from inferix.models.toyworld.text import LocalHashTextEncoder
+from inferix.models.toyworld.train import main as train_main
 from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
                                            export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
 from inferix.models.wan_dit import WanDiTConfig
@@ -137,6 +138,13 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(FileNotFoundError, match="optim.pt"):
         (tmp_path / "ck" / "optim.pt").unlink()
         Trainer(cfg).load(tmp_path / "ck")
+    # Exporting needs the weights only: no optimizer state, the EMA weights as they were saved.
+    assert train_main(["--resume", str(tmp_path / "ck"), "--export-only", "--out", str(tmp_path / "ex")]) == 0
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "ex" / "toyworld.safetensors"))
+    saved = load_file(str(tmp_path / "ck" / "ckpt.safetensors"))
+    ema = {k[4:]: v for k, v in saved.items() if k.startswith("ema.dit.")}
+    assert ema and all(torch.equal(exported[k], v) for k, v in ema.items())
 
 
 def test_rollout_mode_trains_on_the_models_own_context(tmp_path):

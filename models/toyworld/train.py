@@ -366,9 +366,10 @@ class Trainer:
         for n in ("ckpt.safetensors", "optim.pt", "state.json"):  # renames last: a crash never leaves half a set
             os.replace(out / f"{n}.tmp", out / n)
 
-    def load(self, ckpt: Path) -> None:
+    def load(self, ckpt: Path, optimizer: bool = True) -> None:
+        """Continue from a checkpoint: weights, EMA, step, history and (``optimizer``) the optimizer state."""
         from safetensors.torch import load_file
-        for n in ("ckpt.safetensors", "optim.pt", "state.json"):
+        for n in ("ckpt.safetensors", "state.json") + (("optim.pt",) if optimizer else ()):
             if not (ckpt / n).exists():
                 raise FileNotFoundError(f"checkpoint {ckpt} has no {n}")
         sd = load_file(str(ckpt / "ckpt.safetensors"))
@@ -382,7 +383,8 @@ class Trainer:
                     raise ValueError(f"checkpoint tensor {n} has shape {tuple(sd[n].shape)}, model {tuple(p.shape)}")
                 p.copy_(sd[n])
                 e.copy_(sd[f"ema.{n}"])
-        self.opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        if optimizer:
+            self.opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         self.step, self.wall, self.history = int(state["step"]), float(state["wall_s"]), state["history"]
 
@@ -514,7 +516,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig.from_dict(fields, what="train config")
     tr = Trainer(cfg, device=args.device)
     if args.resume:
-        tr.load(Path(args.resume))
+        tr.load(Path(args.resume), optimizer=not args.export_only)  # exporting needs the weights only
     if args.init:
         tr.init_from(Path(args.init))
     if args.export_only:
