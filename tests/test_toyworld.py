@@ -287,24 +287,26 @@ def test_teacher_forcing_with_sink_targets_masks_and_backend():
 
 
 def _ball_turns_in_last_block(px: np.ndarray, bf: int) -> bool:
-    """From pixels alone: does the ball stop or turn on some axis in the clip's last block? (Its speed is never 0
-    on an axis, so a zero or reversed displacement there is a bounce.) px: uint8 [F, H, W, 3]."""
+    """From pixels alone: does the ball stop or turn on some axis in the clip's last bf frames? (Its speed is
+    never 0 on an axis, so a zero or reversed displacement there is a bounce.) px: uint8 [F, H, W, 3]."""
     c = detect_color(px[-bf - 2:], sim.BALL_COLOR, tol=10.0, min_pixels=1)  # [bf + 2, 2]
     d = np.diff(c, axis=0)  # displacements into the frames from the one before the last block on
     return bool(((np.abs(d) < 0.5) | (np.sign(d) != np.sign(d[:1]))).any())
 
 
 def test_bounce_p_picks_episodes_whose_ball_bounces_in_the_last_block():
-    for kw in ({}, {"clip_blocks": 4, "sink_blocks": 2, "max_start": 40}):
+    for kw in ({}, {"clip_blocks": 4, "sink_blocks": 2, "max_start": 40}, {"clip_blocks": 3, "bounce_blocks": 2}):
         turned = {}
         for p in (0.0, 1.0):
             cfg = micro_config(batch=12, bounce_p=p, **kw)
-            hits = [_ball_turns_in_last_block(clip, cfg.block_frames)
+            hits = [_ball_turns_in_last_block(clip, cfg.block_frames * cfg.bounce_blocks)
                     for step in range(2) for clip in to_pixels(make_batch(cfg, step)["x0"])]
             turned[p] = float(np.mean(hits))
         assert turned[1.0] == 1.0 and turned[0.0] < 0.6, (kw, turned)
     with pytest.raises(ValueError, match="bounce_p"):
         micro_config(bounce_p=1.5)
+    with pytest.raises(ValueError, match="bounce_blocks"):
+        micro_config(clip_blocks=4, sink_blocks=2, bounce_blocks=3)
 
 
 def test_sink_batches_hold_the_episode_start_then_a_later_stretch():

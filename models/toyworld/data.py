@@ -68,7 +68,7 @@ def make_batch(cfg, step: int, extra_blocks: int = 0) -> dict:
         else:
             n = start + F_
         if cfg.bounce_p > 0 and bounce_rng.random() < cfg.bounce_p:
-            ep_seed = _episode_bouncing_in(ep_seed, n - bf, n, bounce_rng)
+            ep_seed = _episode_bouncing_in(ep_seed, n - cfg.bounce_blocks * bf, n, bounce_rng)
         a = sim.random_actions(rng, n)
         fr, _, bg = sim.simulate(ep_seed, a, prompt, n, return_background=True)
         moving = (fr != bg[None]).any(-1)  # [n, H, W]: agent or ball pixels
@@ -94,7 +94,8 @@ def make_batch(cfg, step: int, extra_blocks: int = 0) -> dict:
 
 def _episode_bouncing_in(ep_seed: int, t0: int, t1: int, rng: np.random.Generator, tries: int = 64) -> int:
     """The first of ep_seed and fresh seeds from rng whose ball bounces off the wall in frames [t0, t1) (the
-    clip's last block, which always gets a loss); ep_seed itself if none of ``tries`` seeds does."""
+    clip's last blocks: the last one always gets a loss, the ones before it are its context, in rollout batches
+    made by the model); ep_seed itself if none of ``tries`` seeds does."""
     seed = ep_seed
     for _ in range(tries):
         _, bounced = sim.World(seed).ball_path(t1)

@@ -109,6 +109,7 @@ class TrainConfig(ConfigBase):
     # Share of clips whose episode is picked so that the ball bounces off the wall in the clip's last block (one
     # block in four has a bounce anyway; models trained without it still fly the ball on into the wall).
     bounce_p: float = 0.0
+    bounce_blocks: int = 1  # the bounce falls in one of the clip's last bounce_blocks blocks (>1: also in context)
 
     def __post_init__(self):
         for k in ("steps", "batch", "clip_blocks", "block_frames"):
@@ -118,6 +119,9 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"ema must be in (0, 1), got {self.ema}")
         if not 0 <= self.bounce_p <= 1:
             raise ValueError(f"bounce_p must be in [0, 1], got {self.bounce_p}")
+        if not 1 <= int(self.bounce_blocks) <= int(self.clip_blocks) - int(self.sink_blocks):
+            raise ValueError(f"bounce_blocks must be in [1, clip_blocks - sink_blocks = "
+                             f"{int(self.clip_blocks) - int(self.sink_blocks)}], got {self.bounce_blocks}")
         if not 0 <= self.rollout_p <= 1:
             raise ValueError(f"rollout_p must be in [0, 1], got {self.rollout_p}")
         if self.rollout_p > 0 and (int(self.rollout_max_blocks) < 1 or int(self.clip_blocks) < 2):
@@ -471,6 +475,9 @@ def main(argv=None) -> int:
                     help="extra loss weight on pixels where the agent or the ball is or just was (default 4)")
     ap.add_argument("--bounce-p", type=float, default=None,
                     help="share of clips picked so that the ball bounces off the wall in their last block (default 0)")
+    ap.add_argument("--bounce-blocks", type=int, default=None,
+                    help="with --bounce-p: the bounce falls in one of the clip's last N blocks (default 1, the target "
+                         "block; more puts it in the context too, which rollout batches generate)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -510,7 +517,7 @@ def main(argv=None) -> int:
     if args.lr:
         fields["lr"] = args.lr
     for name in ("rollout_p", "rollout_max_blocks", "warmup", "sink_blocks", "clip_blocks", "p_no_gap",
-                 "dynamic_weight", "bounce_p"):
+                 "dynamic_weight", "bounce_p", "bounce_blocks"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     cfg = TrainConfig.from_dict(fields, what="train config")
