@@ -4,7 +4,6 @@ import json
 import av
 import numpy as np
 import pytest
-import torch
 
 from inferix.cli import main
 from inferix.sinks import VideoWriter
@@ -135,3 +134,23 @@ def test_toyworld_eval_through_engine_and_default_main_job(tmp_path, capsys):
     assert main(["generate", "--prompt", "a snowy field", "--frames", "20", "--out", str(video)]) == 0
     assert _count_frames(video) == 20
     assert "toyworld" in capsys.readouterr().err  # the progress bar names the model
+
+
+def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
+    out = tmp_path / "ft"
+    assert main(["toyworld", "eval", "--from-truth", "6", "--out", str(out)]) == 0
+    r = json.loads((out / "from_truth.json").read_text())
+    rows = r["per_block"]
+    assert [b["first_frame"] for b in rows] == [8 + 4 * i for i in range(6)]
+    # The bounce flags are the simulator's (same seed and actions as the eval).
+    from inferix.models.toyworld import simulator as sim
+    _, bounced = sim.World(12345, "a red cube in a snowy field").ball_path(8 + 24)
+    assert [b["bounce"] for b in rows] == [bool(bounced[k:k + 4].any()) for k in range(8, 32, 4)]
+    assert r["summary"]["bounce_blocks"] == sum(b["bounce"] for b in rows)
+    # From true context the shipped model puts the agent and the ball near their true places in ordinary blocks.
+    s = r["summary"]
+    assert all(b["agent_found_frames"] == 4 for b in rows)
+    assert s["agent_error_max_px_median"]["no_bounce"] < 4 and s["ball_error_max_px_median"]["no_bounce"] < 4
+    from inferix.toyworld_eval import evaluate_from_truth
+    with pytest.raises(ValueError, match="context 6"):
+        evaluate_from_truth(blocks=2, out=out, context=6)
