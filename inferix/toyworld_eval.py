@@ -20,16 +20,14 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
              sink: int | None = None, positions: str = "auto", save_frames: bool = False) -> dict:
     from inferix.models.toyworld import simulator as sim
-    from inferix.models.toyworld.metrics import drift_curve_png, rollout_metrics, strip_png
+    from inferix.models.toyworld.metrics import drift_curve_png, eval_episode, rollout_metrics, strip_png
     from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
     eng = Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions)
     if context % eng.block_frames:
         raise ValueError(f"--context {context} must be a multiple of the block ({eng.block_frames} frames)")
-    rng = np.random.default_rng([seed, 99])
-    acts = sim.random_actions(rng, context + frames)
-    true, pos = sim.simulate(seed, acts, prompt, context + frames)
+    acts, true, pos = eval_episode(seed, prompt, context + frames)
     t0 = time.perf_counter()
     gen, t_first = [], None
     from tqdm import tqdm
@@ -69,7 +67,7 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
     one-block error from the drift of a rollout on its own frames; blocks where the ball bounces are reported apart.
     """
     from inferix.models.toyworld import simulator as sim
-    from inferix.models.toyworld.metrics import detect_color
+    from inferix.models.toyworld.metrics import detect_color, eval_episode
     from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
@@ -78,13 +76,13 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
     if context <= 0 or context % bf:
         raise ValueError(f"--context {context} must be a positive multiple of the block ({bf} frames)")
     n = context + blocks * bf
-    rng = np.random.default_rng([seed, 99])
-    acts = sim.random_actions(rng, n)
-    true, pos = sim.simulate(seed, acts, prompt, n)
-    world = sim.World(seed, prompt)
-    _, bounced = world.ball_path(n)
+    acts, true, pos = eval_episode(seed, prompt, n)
+    _, bounced = sim.World(seed, prompt).ball_path(n)
     true_ball = detect_color(true, sim.BALL_COLOR, tol=10.0, min_pixels=1)
     from tqdm import tqdm
+
+    def worst(e):  # a block's worst frame; frames where the object is not found are left out
+        return None if np.isnan(e).all() else float(np.nanmax(e))
     rows = []
     for i in tqdm(range(blocks), desc="blocks from true context", unit="block"):
         k = context + i * bf
@@ -92,7 +90,6 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
                                      actions=[int(a) for a in acts[k:k + bf]])))
         ball = np.linalg.norm(detect_color(blk, sim.BALL_COLOR) - true_ball[k:k + bf], axis=1)
         agent = np.linalg.norm(detect_color(blk, sim.AGENT_COLOR) - pos[k:k + bf], axis=1)
-        worst = lambda e: None if np.isnan(e).all() else float(np.nanmax(e))  # noqa: E731
         rows.append({"first_frame": k, "bounce": bool(bounced[k:k + bf].any()),
                      "ball_error_max_px": worst(ball), "ball_found_frames": int((~np.isnan(ball)).sum()),
                      "agent_error_max_px": worst(agent), "agent_found_frames": int((~np.isnan(agent)).sum())})

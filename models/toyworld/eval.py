@@ -2,7 +2,7 @@
 
     python -m inferix.models.toyworld.eval --frames 1000 --out DIR [--weights models/weights/toyworld.json]
 
-The metrics and pictures live in ``metrics.py`` (re-exported here). The rollout here needs no engine: a plain per-layer K/V list (``WindowKVBackend``) holds the committed frames,
+The metrics and pictures live in ``metrics.py``. The rollout here needs no engine: a plain per-layer K/V list (``WindowKVBackend``) holds the committed frames,
 trimmed to sink + window like the engine's cache. It follows the engine's semantics: each block is denoised
 from noise with the bundle's few-step schedule (predict x0, re-noise to the next level), then committed by one
 more pass on the clean x0 at ``context_timestep``; later blocks attend to the committed K/V.
@@ -24,11 +24,9 @@ from ..wan_dit import CausalWanDiT, WanDiTConfig
 from ...kernels.attention import SDPABackend
 from . import simulator as sim
 from .data import to_latent, to_pixels
-from .metrics import (_as_frames, detect_color, drift_curve_png, palette_share, psnr, rollout_metrics,  # noqa: F401
-                      strip_png)
+from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
 
-__all__ = ["detect_color", "palette_share", "psnr", "rollout_metrics", "drift_curve_png", "strip_png",
-           "WindowKVBackend", "RolloutMeta", "load_toyworld", "rollout", "main"]
+__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "rollout", "main"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
@@ -167,9 +165,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
         sampling = sampling.replace(denoising_steps=[float(s) for s in steps])
     window = meta.get("window", 12) if window is None else window
     sink = meta.get("sink", 0) if sink is None else sink
-    rng = np.random.default_rng([seed, 99])
-    acts = sim.random_actions(rng, context + frames)
-    true, pos = sim.simulate(seed, acts, prompt, context + frames)
+    acts, true, pos = eval_episode(seed, prompt, context + frames)
     # Speed: wall time from the call to the first yielded block (context commit included) and over all frames.
     t0 = time.perf_counter()
     gen, t_first = [], None

@@ -15,7 +15,16 @@ import numpy as np
 
 from . import simulator as sim
 
-__all__ = ["detect_color", "palette_share", "psnr", "rollout_metrics", "drift_curve_png", "strip_png"]
+__all__ = ["eval_episode", "detect_color", "palette_share", "psnr", "rollout_metrics", "drift_curve_png",
+           "strip_png"]
+
+
+def eval_episode(seed: int, prompt: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The episode every evaluation compares against: the simulator for (seed, prompt) played by a random player
+    drawn from (seed, 99). Returns actions int64 [T], frames uint8 [T, H, W, 3], agent centres float [T, 2]."""
+    acts = sim.random_actions(np.random.default_rng([seed, 99]), num_frames)
+    frames, pos = sim.simulate(seed, acts, prompt, num_frames)
+    return acts, frames, pos
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
