@@ -155,10 +155,13 @@ def cmd_bench(a, rest) -> int:
 
 
 def cmd_train(a, rest) -> int:
-    if a.what != "toyworld":
-        print(f"error: unknown training target {a.what!r} (known: toyworld)", file=sys.stderr)
+    if a.what == "toyworld":
+        from inferix.models.toyworld.train import main as m
+    elif a.what == "toyworld-decoder":
+        from inferix.models.toyworld.decoder_train import main as m
+    else:
+        print(f"error: unknown training target {a.what!r} (known: toyworld, toyworld-decoder)", file=sys.stderr)
         return 2
-    from inferix.models.toyworld.train import main as m
     return m(rest) or 0
 
 
@@ -186,7 +189,7 @@ def build_parser():
     # these pass their arguments (including -h) on to their own parsers
     b = sub.add_parser("bench", help="benchmarks (print JSON)", add_help=False)
     b.add_argument("what", choices=["attention", "generate", "engine"])
-    t = sub.add_parser("train", help="train a model (toyworld)", add_help=False)
+    t = sub.add_parser("train", help="train a model (toyworld, toyworld-decoder)", add_help=False)
     t.add_argument("what")
     tw = sub.add_parser("toyworld", help="toy world tools (eval)", add_help=False)
     tw.add_argument("what", choices=["eval"])

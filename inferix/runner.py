@@ -123,7 +123,7 @@ class Runner:
             for c in chunks or [lat.shape[0]]:
                 bounds.append(bounds[-1] + c)
             st.prefill = [lat[a:b] for a, b in zip(bounds, bounds[1:])]
-            if self.bundle.decoder is not None:  # prime the causal decoder so the stream continues the given video
+            if st.decoder_state is not None:  # prime a causal decoder so the stream continues the given video
                 self.bundle.decoder.decode_block(st.decoder_state, lat[None])
         self.sessions[sid] = st
 

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .pixel_decoder import PixelDecoder, PixelRefiner
 from .schedule import SamplingConfig, SAMPLING_PRESETS
 from .wan_dit import CausalWanDiT, PRESETS, WanDiTConfig
 
@@ -24,34 +24,6 @@ __all__ = ["ModelBundle", "PixelDecoder", "load_model", "MODEL_NAMES", "WEIGHTS_
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_NAMES = ["toyworld", "tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
-
-
-class PixelDecoder:
-    """Identity "VAE" for pixel-space models: latent = pixel / 127.5 - 1, one latent frame per pixel frame."""
-    temporal_ratio = 1
-    spatial_ratio = 1
-
-    def __init__(self, channels: int = 3):
-        self.latent_channels = channels
-
-    def pixel_frames(self, n_latent: int) -> int:
-        return n_latent
-
-    def latent_frames(self, n_pixel: int) -> int:
-        return n_pixel
-
-    def new_stream(self):
-        return None
-
-    def decode_block(self, state, latents: torch.Tensor) -> np.ndarray:
-        x = latents[0].float().clamp(-1, 1)  # [F, 3, H, W]
-        return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    def encode(self, frames) -> torch.Tensor:
-        f = torch.as_tensor(np.asarray(frames))
-        if f.dim() != 4 or f.shape[-1] != 3 or f.dtype != torch.uint8:
-            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {f.dtype} {tuple(f.shape)}")
-        return (f.permute(0, 3, 1, 2).float() / 127.5 - 1)[None]  # [1, T, 3, H, W]
 
 
 @dataclass
@@ -130,6 +102,33 @@ def _random_dit(cfg: WanDiTConfig, seed: int, device="cpu") -> CausalWanDiT:
             return CausalWanDiT(cfg)
 
 
+def pixel_decoder_from(meta: dict, sd: dict, source, channels: int) -> PixelDecoder | None:
+    """The bundle's decoder: ``{"type": "pixel"}`` (identity), optionally with ``"refiner": {"channels": C,
+    "layers": L}`` whose weights are the ``decoder.`` tensors of the bundle's safetensors; None for other types."""
+    dec_meta = meta.get("decoder") or {"type": "pixel"}
+    if dec_meta.get("type") != "pixel":
+        return None
+    ref_meta = dec_meta.get("refiner")
+    if ref_meta is None:
+        return PixelDecoder(channels)
+    try:
+        refiner = PixelRefiner(int(ref_meta["channels"]), int(ref_meta["layers"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{source}: decoder.refiner must give integer 'channels' and 'layers', got {ref_meta!r}") from e
+    ref_sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
+    own = refiner.state_dict()
+    missing, unexpected = sorted(set(own) - set(ref_sd)), sorted(set(ref_sd) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{source}: refiner weights do not match decoder.refiner {ref_meta}: missing "
+                       f"{['decoder.' + k for k in missing[:4]]}, unexpected {['decoder.' + k for k in unexpected[:4]]}")
+    for k, v in ref_sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{source}: decoder.{k} has shape {tuple(v.shape)}, decoder.refiner {ref_meta} "
+                             f"expects {tuple(own[k].shape)}")
+    refiner.load_state_dict(ref_sd)
+    return PixelDecoder(channels, refiner)
+
+
 def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
     meta = json.loads(Path(path).read_text())
     if meta.get("format") != "inferix-bundle":
@@ -149,8 +148,7 @@ def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
         text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
         text.load_state_dict(text_sd, strict=True)
         text.eval()
-    dec_meta = meta.get("decoder") or {"type": "pixel"}
-    decoder = PixelDecoder(cfg.in_dim) if dec_meta.get("type") == "pixel" else None
+    decoder = pixel_decoder_from(meta, sd, weights, cfg.in_dim)
     bundle = ModelBundle(name=meta.get("name", Path(path).stem), dit=dit,
                          sampling=SamplingConfig.from_dict(meta["sampling"], what="sampling config"),
                          decoder=decoder, text_encoder=text, height=meta.get("height", 64),

@@ -12,7 +12,7 @@ import torch
 from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_toyworld, rollout
+from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
 from inferix.models.toyworld.metrics import detect_color, rollout_metrics
 from inferix.models.toyworld.text import LocalHashTextEncoder
 from inferix.models.toyworld.train import main as train_main
@@ -257,7 +257,8 @@ def test_shipped_bundle_is_small_and_continues_the_scene():
     acts = sim.random_actions(np.random.default_rng(777), 24)
     frames, pos = sim.simulate(777, acts, "snow", 24)
     gen = np.concatenate(list(rollout(dit, text, sampling, "snow", frames[:8], acts[8:], seed=0,
-                                      window=meta["window"], sink=meta["sink"], init_actions=acts[:8])))
+                                      window=meta["window"], sink=meta["sink"], init_actions=acts[:8],
+                                      decoder=load_decoder(WEIGHTS, meta))))
     m = rollout_metrics(gen, frames[8:], pos[8:], frames[:8])["summary"]
     assert m["psnr_per_32"][0] > 15.0, m
     assert m["palette_share_per_100"][0] > 0.5, m

@@ -26,7 +26,7 @@ from . import simulator as sim
 from .data import to_latent, to_pixels
 from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
 
-__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "rollout", "main"]
+__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "rollout", "main"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
@@ -93,6 +93,15 @@ def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
     return dit.to(device).eval(), text.to(device).eval(), meta
 
 
+def load_decoder(path, meta: dict):
+    """The bundle's ``PixelDecoder`` (with its refiner, if it has one)."""
+    from safetensors.torch import load_file
+    from ..bundle import pixel_decoder_from
+    wpath = Path(path).with_suffix(".safetensors")
+    sd = load_file(str(wpath)) if (meta.get("decoder") or {}).get("refiner") else {}
+    return pixel_decoder_from(meta, sd, wpath, meta["dit"]["in_dim"])
+
+
 def _load_strict(module: torch.nn.Module, sd: dict, source) -> None:
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
@@ -106,8 +115,10 @@ def _load_strict(module: torch.nn.Module, sd: dict, source) -> None:
 
 @torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
-            window: int = 12, sink: int = 0, init_actions=None):
+            window: int = 12, sink: int = 0, init_actions=None, decoder=None):
     """Generate len(actions) frames after init_frames (uint8 [T0, H, W, 3], T0 a multiple of the block size).
+
+    ``decoder``: a ``PixelDecoder`` (its refiner renders each block; the cache keeps the DiT's estimate).
 
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
@@ -151,7 +162,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         x0 = x0.clamp(-1, 1)
         dit(x0, torch.full((1, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos, meta=commit,
             backend=be, actions=a)
-        frames = to_pixels(x0[0])  # [bf, H, W, 3]
+        frames = to_pixels(x0[0] if decoder is None else decoder.refine(x0[0]))  # [bf, H, W, 3]
         yield frames[: min(bf, n - i * bf)]
 
 
@@ -160,6 +171,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
              init_actions: bool = True) -> dict:
     torch.set_num_threads(threads)
     dit, text, meta = load_toyworld(weights)
+    decoder = load_decoder(weights, meta)
     sampling = SamplingConfig.from_dict(meta["sampling"])
     if steps:
         sampling = sampling.replace(denoising_steps=[float(s) for s in steps])
@@ -171,7 +183,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     gen, t_first = [], None
     for blk in rollout(dit, text, sampling, prompt, true[:context] if context else None, acts[context:], seed=seed,
                        window=window,
-                       sink=sink, init_actions=acts[:context] if init_actions else None):
+                       sink=sink, init_actions=acts[:context] if init_actions else None, decoder=decoder):
         if t_first is None:
             t_first = time.perf_counter() - t0
         gen.append(blk)

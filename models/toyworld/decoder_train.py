@@ -1,0 +1,252 @@
+"""Train the toy world's pixel refiner (``inferix train toyworld-decoder``).
+
+The DiT's few-step x0 estimate is soft where things move. The refiner (``models/pixel_decoder.PixelRefiner``) learns
+to render it crisp from pairs (engine block made from the simulator's true frames, the true frames), made through
+the engine with the bundle's own window, sink, positions and sampling. The DiT is not changed; the result is the
+input bundle plus ``decoder.*`` weights and, with ``--denoising-steps``, another sampling schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..pixel_decoder import PixelDecoder, PixelRefiner
+from . import simulator as sim
+
+__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "sprite_zone", "train_refiner", "export_with_refiner",
+           "main"]
+
+
+@dataclass
+class RefinerConfig:
+    episodes: int = 200  # simulator episodes the pairs come from
+    blocks: int = 24  # blocks per episode, each made from the true frames before it
+    start_frames: int = 8  # true frames before the first block
+    rollout_episodes: int = 48  # episodes rolled out on the model's own frames (scene pixels only)
+    rollout_frames: int = 256
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 2e-3
+    channels: int = 32
+    layers: int = 6
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("episodes", "blocks", "start_frames", "rollout_frames", "steps", "batch", "channels"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"refiner config: {k} must be >= 1, got {getattr(self, k)}")
+        if self.rollout_episodes < 0:
+            raise ValueError(f"refiner config: rollout_episodes must be >= 0, got {self.rollout_episodes}")
+        if self.layers < 2:
+            raise ValueError(f"refiner config: layers must be >= 2, got {self.layers}")
+        if not self.lr > 0:
+            raise ValueError(f"refiner config: lr must be > 0, got {self.lr}")
+
+
+def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks the engine makes from TRUE context, and the simulator's frames for them: uint8 [N, H, W, 3] twice.
+
+    Episode e has a random prompt (themes in turn) and random actions, both from (cfg.seed, e). Its block b is
+    generated after the sink frames and the window's latest frames of the truth, as the engine's cache would hold
+    them after committing all true frames (the engine's decoder is bypassed: the pairs hold the DiT's estimate).
+    """
+    bf, sink, window = engine.block_frames, engine.sink, engine.window
+    if cfg.start_frames % bf:
+        raise ValueError(f"start_frames {cfg.start_frames} is not a multiple of the block ({bf} frames)")
+    if engine.positions != "relative" and window is not None:
+        raise ValueError("pairs need an engine with cache-relative positions (the toy world's setting)")
+    saved = engine.bundle.decoder
+    engine.bundle.decoder = PixelDecoder(3)  # identity: the pairs hold what the refiner will be given
+    themes = list(sim.THEMES)
+    gen, true = [], []
+    from tqdm import tqdm
+    try:
+        for e in tqdm(range(cfg.episodes), desc="refiner pairs", unit="episode", disable=not progress):
+            rng = np.random.default_rng([cfg.seed, e])
+            seed = int(rng.integers(2 ** 31))
+            prompt = sim.random_prompt(rng, themes[e % len(themes)])
+            n = cfg.start_frames + cfg.blocks * bf
+            acts = sim.random_actions(rng, n)
+            frames, _ = sim.simulate(seed, acts, prompt, n)
+            for b in range(cfg.start_frames, n, bf):
+                keep = np.arange(b) if window is None else np.r_[0:min(sink, b), max(sink, b - (window - bf)):b]
+                it = engine.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
+                                     actions=[int(a) for a in acts[b:b + bf]])
+                gen.append(np.concatenate(list(it)))
+                true.append(frames[b:b + bf])
+    finally:
+        engine.bundle.decoder = saved
+    return np.concatenate(gen), np.concatenate(true)
+
+
+def sprite_zone(gen: np.ndarray, true: np.ndarray, margin: int = 3) -> np.ndarray:
+    """bool [T, H, W]: within ``margin`` px of the agent or the ball of one episode, in the truth (their exact
+    colours) or in the generation (pixels nearer to their colours than to every other colour of the truth)."""
+    sprite = np.asarray([sim.AGENT_COLOR, sim.BALL_COLOR], np.float32)
+    colors = np.unique(true.reshape(-1, 3), axis=0).astype(np.float32)
+    scene = colors[np.abs(colors[:, None] - sprite[None]).sum(-1).min(1) > 0]
+    g = gen.astype(np.float32)
+
+    def nearest(cols):
+        return np.min([((g - c) ** 2).sum(-1) for c in cols], axis=0)
+    near = (true[..., None, :] == sprite.astype(true.dtype)).all(-1).any(-1) | (nearest(sprite) < nearest(scene))
+    k = 2 * margin + 1
+    grown = torch.nn.functional.max_pool2d(torch.as_tensor(near, dtype=torch.float32)[:, None], k, 1, margin)
+    return grown[:, 0].numpy() > 0
+
+
+def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
+    """Rollouts on the model's own frames (rollout_frames after start_frames true ones; random prompt and actions
+    from (cfg.seed, 10_000 + e)) with the truth and a per-pixel weight: uint8 [N, H, W, 3] twice, bool [N, H, W].
+
+    A long rollout drifts from the truth where things move, so only the scene is a valid target there: the weight
+    is 0 near the agent or the ball (true or generated, ``sprite_zone``) and 1 elsewhere. These pairs teach the
+    refiner what the model's own frames look like far into a stream (haze, speckle), which blocks made from true
+    context never show.
+    """
+    saved = engine.bundle.decoder
+    engine.bundle.decoder = PixelDecoder(3)
+    themes = list(sim.THEMES)
+    gen, true, weight = [], [], []
+    from tqdm import tqdm
+    try:
+        for e in tqdm(range(cfg.rollout_episodes), desc="refiner rollouts", unit="episode", disable=not progress):
+            rng = np.random.default_rng([cfg.seed, 10_000 + e])
+            seed = int(rng.integers(2 ** 31))
+            prompt = sim.random_prompt(rng, themes[e % len(themes)])
+            n = cfg.start_frames + cfg.rollout_frames
+            acts = sim.random_actions(rng, n)
+            frames, _ = sim.simulate(seed, acts, prompt, n)
+            g = np.concatenate(list(engine.generate(prompt, num_frames=cfg.rollout_frames, seed=seed,
+                                                    init_frames=frames[:cfg.start_frames],
+                                                    actions=[int(a) for a in acts[cfg.start_frames:]])))
+            t = frames[cfg.start_frames:]
+            gen.append(g)
+            true.append(t)
+            weight.append(~sprite_zone(g, t))
+    finally:
+        engine.bundle.decoder = saved
+    return np.concatenate(gen), np.concatenate(true), np.concatenate(weight)
+
+
+def train_refiner(gen: np.ndarray, true: np.ndarray, cfg: RefinerConfig, progress: bool = True,
+                  device="cpu", weight: np.ndarray | None = None) -> tuple[PixelRefiner, list[float]]:
+    """L1 regression of the true frame from the estimate (L1: where the estimate is unsure, the median edge, not
+    the mean blur), pixels weighted by ``weight`` (bool or float [N, H, W]; default all 1). Returns the refiner
+    and its loss per step."""
+    if gen.shape != true.shape or gen.ndim != 4 or gen.shape[-1] != 3:
+        raise ValueError(f"pairs must be two uint8 [N, H, W, 3] stacks of one shape, got {gen.shape} and {true.shape}")
+    if weight is not None and weight.shape != gen.shape[:3]:
+        raise ValueError(f"weight must be [N, H, W] = {gen.shape[:3]}, got {weight.shape}")
+    wt = None if weight is None else torch.as_tensor(np.asarray(weight, np.float32))[:, None]
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = PixelRefiner(cfg.channels, cfg.layers).to(device)
+    x = torch.as_tensor(gen).permute(0, 3, 1, 2).contiguous()
+    y = torch.as_tensor(true).permute(0, 3, 1, 2).contiguous()
+    opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    from tqdm import tqdm
+    losses, ema = [], None
+    bar = tqdm(range(cfg.steps), desc="refiner", mininterval=5.0, disable=not progress)
+    for step in bar:
+        i = torch.randint(len(x), (cfg.batch,), generator=g)
+        xb = (x[i].float() / 127.5 - 1).to(device)
+        yb = (y[i].float() / 127.5 - 1).to(device)
+        wb = None if wt is None else wt[i].to(device)
+        if step % 2:  # mirrored pairs: the world has no preferred side
+            xb, yb = xb.flip(-1), yb.flip(-1)
+            wb = None if wb is None else wb.flip(-1)
+        err = (model(xb) - yb).abs()
+        loss = err.mean() if wb is None else (err * wb).sum() / (wb.sum() * 3).clamp_min(1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        ema = losses[-1] if ema is None else 0.98 * ema + 0.02 * losses[-1]
+        if step % 50 == 0:
+            bar.set_postfix(l1=f"{ema:.4f}")
+    return model.cpu().eval(), losses
+
+
+def export_with_refiner(src: Path, refiner: PixelRefiner, out_json: Path, *, sampling: dict | None = None,
+                        info: dict | None = None) -> Path:
+    """The bundle ``src`` (json + safetensors) with ``refiner`` as its decoder, written to ``out_json`` (+ its
+    .safetensors); ``sampling`` replaces the bundle's sampling section."""
+    from safetensors.torch import load_file, save_file
+    src, out_json = Path(src), Path(out_json)
+    meta = json.loads(src.read_text())
+    sd = {k: v for k, v in load_file(str(src.with_suffix(".safetensors"))).items() if not k.startswith("decoder.")}
+    sd.update({f"decoder.{k}": v.detach().contiguous() for k, v in refiner.state_dict().items()})
+    meta["decoder"] = {"type": "pixel", "refiner": refiner.config()}
+    if sampling is not None:
+        meta["sampling"] = sampling
+    if info is not None:
+        meta["decoder_train"] = info
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_suffix(".safetensors.tmp")
+    save_file(sd, str(tmp), metadata={"format": "inferix-bundle"})  # written whole, then moved into place
+    tmp.replace(out_json.with_suffix(".safetensors"))
+    out_json.write_text(json.dumps(meta, indent=2))
+    return out_json
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="inferix train toyworld-decoder", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toyworld", help="the bundle to add a refiner to: 'toyworld' or a bundle .json")
+    ap.add_argument("--out", default="runs/toyworld_decoder", help="directory for the new bundle (toyworld.json)")
+    ap.add_argument("--denoising-steps", default=None,
+                    help="comma-separated timesteps the new bundle samples with (pairs are made with them), "
+                         "e.g. 1000 for one step; default: the bundle's own")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d = RefinerConfig()
+    for k, v in asdict(d).items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    a = ap.parse_args(argv)
+    cfg = RefinerConfig(**{k: getattr(a, k) for k in asdict(d)})
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from ..bundle import WEIGHTS_DIR
+    src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
+    if not src.exists():
+        raise FileNotFoundError(f"bundle not found: {src}")
+    sampling = json.loads(src.read_text())["sampling"]
+    if a.denoising_steps:
+        try:
+            steps = [float(s) for s in a.denoising_steps.split(",")]
+        except ValueError:
+            ap.error(f"--denoising-steps must be comma-separated numbers, got {a.denoising_steps!r}")
+        if not steps or any(not 0 < s <= sampling.get("num_train_timesteps", 1000) for s in steps):
+            ap.error(f"--denoising-steps must lie in (0, {sampling.get('num_train_timesteps', 1000)}], got {steps}")
+        sampling = {**sampling, "denoising_steps": steps}
+    from inferix.engine import Engine
+    from ..schedule import SamplingConfig
+    eng = Engine.from_pretrained(str(src), device="cpu", max_sessions=1,
+                                 sampling=SamplingConfig.from_dict(sampling, what="sampling"))
+    gen, true = make_pairs(eng, cfg)
+    base = float(np.abs(gen.astype(np.float32) - true).mean() / 127.5)
+    weight = None
+    if cfg.rollout_episodes:
+        rg, rt, rw = make_rollout_pairs(eng, cfg)
+        weight = np.concatenate([np.ones(gen.shape[:3], bool), rw])
+        gen, true = np.concatenate([gen, rg]), np.concatenate([true, rt])
+    refiner, losses = train_refiner(gen, true, cfg, weight=weight)
+    tail = float(np.mean(losses[-100:]))
+    info = {"config": asdict(cfg), "pairs": int(len(gen)), "source": src.name,
+            "l1_estimate_vs_truth_from_true_context": round(base, 5), "l1_refined_last_100_steps": round(tail, 5)}
+    path = export_with_refiner(src, refiner, Path(a.out) / "toyworld.json", sampling=sampling, info=info)
+    print(f"pairs {len(gen)}: L1 of the estimate from true context {base:.4f}, refined (last 100 steps) {tail:.4f}",
+          flush=True)
+    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

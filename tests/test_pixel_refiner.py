@@ -1,0 +1,188 @@
+"""The pixel refiner: the module, its place in a bundle and in the engine's decode, its training and export."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inferix.engine import Engine
+from inferix.models.bundle import load_model
+from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner
+from inferix.models.schedule import SamplingConfig
+from inferix.models.toyworld import simulator as sim
+from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, main as decoder_main,
+                                                   make_pairs, make_rollout_pairs, sprite_zone, train_refiner)
+from inferix.models.toyworld.metrics import palette_share
+from inferix.models.toyworld.train import Trainer, export_bundle
+
+from test_toyworld import micro_config
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def micro_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    tr = Trainer(micro_config(steps=1))
+    tr.train_step()
+    return export_bundle(tr, tmp_path_factory.mktemp("micro") / "toyworld.json",
+                         sampling=SamplingConfig(denoising_steps=[1000.0], warp=False, shift=1.0, block_frames=2))
+
+
+def _random_refiner(seed=0, channels=4, layers=3) -> PixelRefiner:
+    torch.manual_seed(seed)
+    r = PixelRefiner(channels, layers)
+    torch.nn.init.normal_(r.out.weight, std=0.05)  # not the identity it starts as
+    return r
+
+
+def test_untrained_refiner_is_the_identity_and_rejects_bad_input():
+    r = PixelRefiner(8, 3)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(r(x), x)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        r(torch.zeros(2, 4, 16, 16))
+    with pytest.raises(ValueError, match="layers >= 2"):
+        PixelRefiner(8, 1)
+    with pytest.raises(ValueError, match="3 channels"):
+        PixelDecoder(16, r)
+
+
+def test_bundle_decoder_refines_engine_frames_and_cache_keeps_the_estimate(micro_bundle, tmp_path):
+    ref = _random_refiner()
+    out = export_with_refiner(micro_bundle, ref, tmp_path / "b" / "toyworld.json")
+    meta = json.loads(out.read_text())
+    assert meta["decoder"] == {"type": "pixel", "refiner": {"channels": 4, "layers": 3}}
+    b = load_model(out)
+    assert isinstance(b.decoder, PixelDecoder) and b.decoder.refiner is not None
+    for k, v in ref.state_dict().items():
+        assert torch.equal(b.decoder.refiner.state_dict()[k], v), k
+
+    frames, _ = sim.simulate(3, None, "desert", 4)
+    kw = dict(num_frames=6, seed=5, init_frames=frames, actions=[1, 1, 2, 2, 3, 3])
+
+    def run(path):
+        eng = Engine.from_pretrained(str(path), device="cpu", max_sessions=1)
+        return np.concatenate(list(eng.generate("desert", **kw)))
+    raw, refined = run(micro_bundle), run(out)
+    # Decoding the same estimates (the cache holds the DiT's estimate, not the refined frame, so both runs make
+    # the same blocks): refined = refiner(raw), up to the raw frames' rounding.
+    with torch.no_grad():
+        expect = ref(torch.as_tensor(raw).permute(0, 3, 1, 2).float() / 127.5 - 1).clamp(-1, 1)
+    expect = ((expect + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(expect - refined.astype(np.float64)).max() <= 3
+    assert np.abs(raw.astype(int) - refined).max() > 10  # the refiner did something
+
+
+def test_bundle_refiner_weights_are_checked(micro_bundle, tmp_path):
+    from safetensors.torch import load_file, save_file
+    out = export_with_refiner(micro_bundle, _random_refiner(), tmp_path / "toyworld.json")
+    sd = load_file(str(out.with_suffix(".safetensors")))
+    save_file({k: v for k, v in sd.items() if k != "decoder.out.bias"}, str(out.with_suffix(".safetensors")))
+    with pytest.raises(KeyError, match="decoder.out.bias"):
+        load_model(out)
+    sd["decoder.out.bias"] = torch.zeros(5)
+    save_file(sd, str(out.with_suffix(".safetensors")))
+    with pytest.raises(ValueError, match=r"decoder.out.bias has shape \(5,\)"):
+        load_model(out)
+    meta = json.loads(out.read_text())
+    meta["decoder"]["refiner"] = {"channels": 4}
+    out.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="integer 'channels' and 'layers'"):
+        load_model(out)
+
+
+def test_pairs_are_engine_blocks_from_true_context(micro_bundle):
+    eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
+    cfg = RefinerConfig(episodes=2, blocks=3, start_frames=4, steps=1)
+    gen, true = make_pairs(eng, cfg, progress=False)
+    bf = eng.block_frames
+    assert gen.shape == true.shape == (2 * 3 * bf, 64, 64, 3) and gen.dtype == np.uint8
+    # Episode 1, block 2, remade by hand: its true frames, and the engine's block after the truth before it.
+    rng = np.random.default_rng([cfg.seed, 1])
+    seed, prompt = int(rng.integers(2 ** 31)), sim.random_prompt(rng, list(sim.THEMES)[1])
+    n = 4 + 3 * bf
+    acts = sim.random_actions(rng, n)
+    frames, _ = sim.simulate(seed, acts, prompt, n)
+    b = 4 + 2 * bf
+    i = (3 + 2) * bf
+    assert np.array_equal(true[i:i + bf], frames[b:b + bf])
+    keep = np.r_[0:min(eng.sink, b), max(eng.sink, b - (eng.window - bf)):b]
+    blk = np.concatenate(list(eng.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
+                                           actions=[int(a) for a in acts[b:b + bf]])))
+    assert np.array_equal(gen[i:i + bf], blk)
+    assert isinstance(eng.bundle.decoder, PixelDecoder) and eng.bundle.decoder.refiner is None
+    with pytest.raises(ValueError, match="start_frames 3"):
+        make_pairs(eng, RefinerConfig(episodes=1, blocks=1, start_frames=3), progress=False)
+
+
+def test_sprite_zone_covers_true_and_generated_sprites_with_a_margin():
+    frames, pos = sim.simulate(5, ["right"] * 6, "snow", 6)
+    gen = frames.copy()
+    gen[:, 40:46, 10:16] = sim.AGENT_COLOR  # a generated agent where the true one is not
+    gen[:, 50:54, 50:54] = (245, 200, 150)  # orange haze on the snow floor: nearer to the floor than to the ball
+    zone = sprite_zone(gen, frames, margin=2)
+    true_sprite = (frames == np.asarray(sim.AGENT_COLOR, np.uint8)).all(-1) | \
+        (frames == np.asarray(sim.BALL_COLOR, np.uint8)).all(-1)
+    assert zone[true_sprite].all()
+    own = sprite_zone(frames, frames, margin=2)  # the true sprites' zone alone
+    assert zone[:, 38:48, 8:18].all() and not (zone[:, 40:46, 18:20] & ~own[:, 40:46, 18:20]).any()  # 2-px margin
+    assert not zone[:, 50:54, 50:54].any()
+    x, y = (int(v) for v in pos[0])
+    assert zone[0, y, x] and zone.mean() < 0.2
+
+
+def test_rollout_pairs_are_the_engines_rollout_weighted_off_the_sprites(micro_bundle):
+    eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
+    cfg = RefinerConfig(rollout_episodes=1, rollout_frames=6, start_frames=4)
+    gen, true, w = make_rollout_pairs(eng, cfg, progress=False)
+    assert gen.shape == true.shape == (6, 64, 64, 3) and w.shape == (6, 64, 64) and w.dtype == bool
+    rng = np.random.default_rng([cfg.seed, 10_000])
+    seed, prompt = int(rng.integers(2 ** 31)), sim.random_prompt(rng, list(sim.THEMES)[0])
+    acts = sim.random_actions(rng, 10)
+    frames, _ = sim.simulate(seed, acts, prompt, 10)
+    assert np.array_equal(true, frames[4:])
+    again = np.concatenate(list(eng.generate(prompt, num_frames=6, seed=seed, init_frames=frames[:4],
+                                             actions=[int(a) for a in acts[4:]])))
+    assert np.array_equal(gen, again)
+    assert np.array_equal(w, ~sprite_zone(gen, true))
+
+
+def test_training_reduces_the_loss():
+    """Pairs (washed-out frame, frame): the L1 loss must fall well below the washed-out frames' own error."""
+    frames, _ = sim.simulate(11, None, "meadow", 48)
+    gen = (0.7 * frames + 0.3 * 128).round().astype(np.uint8)
+    base = np.abs(gen.astype(np.float32) - frames).mean() / 127.5
+    _, losses = train_refiner(gen, frames, RefinerConfig(steps=100, batch=8, channels=8, layers=3, lr=5e-3),
+                              progress=False)
+    assert losses[0] == pytest.approx(base, rel=0.1)  # starts as the identity
+    assert np.mean(losses[-20:]) < 0.3 * base, (base, losses[-20:])
+    with pytest.raises(ValueError, match="one shape"):
+        train_refiner(gen[:2], frames[:3], RefinerConfig(steps=1))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        RefinerConfig(steps=0)
+
+
+def test_cli_writes_a_loadable_bundle(micro_bundle, tmp_path, capsys):
+    out = tmp_path / "dec"
+    assert decoder_main(["--model", str(micro_bundle), "--out", str(out), "--episodes", "1", "--blocks", "1",
+                         "--start-frames", "2", "--steps", "3", "--batch", "2", "--channels", "4", "--layers", "2",
+                         "--rollout-episodes", "1", "--rollout-frames", "2", "--denoising-steps", "1000,500"]) == 0
+    meta = json.loads((out / "toyworld.json").read_text())
+    assert meta["sampling"]["denoising_steps"] == [1000.0, 500.0]
+    assert meta["decoder_train"]["pairs"] == 4 and meta["decoder"]["refiner"] == {"channels": 4, "layers": 2}
+    assert load_model(out / "toyworld.json").decoder.refiner is not None
+    with pytest.raises(SystemExit):
+        decoder_main(["--model", str(micro_bundle), "--out", str(out), "--denoising-steps", "0"])
+    assert "--denoising-steps must lie in" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        decoder_main(["--model", str(tmp_path / "nope.json"), "--out", str(out)])
