@@ -195,13 +195,21 @@ def test_single_tab_stream_keys_rewind_stop_download(context, demo, artifacts):
     rec = tab.recorded()
     assert len(got) == len(rec) == n_stop
     assert got[0].shape == (hub.engine.height, hub.engine.width, 3)
-    # the video is this recording, in order: among nearby recorded frames each decoded frame is closest to its
-    # own (h264 with 4:2:0 chroma blurs these tiny noisy frames too much for a tight per-pixel bound)
-    own = []
-    for i, g in enumerate(got):
-        near = range(max(0, i - 3), min(len(rec), i + 4))
-        own.append(min(near, key=lambda j: np.abs(g.astype(np.int16) - rec[j].astype(np.int16)).mean()) == i)
-    assert np.mean(own) >= 0.9, np.mean(own)
+    # the video is this recording, in order: where the recording changes between frame i and frame i + k (k = 1..3),
+    # the decoded frame i is nearer to recorded frame i than to i + k, and decoded i + k nearer to i + k than to i
+    # (h264 with 4:2:0 chroma blurs these tiny frames too much for a tight per-pixel bound everywhere)
+    def err(a, b):
+        return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+    n = len(got)
+    for k in (1, 2, 3):
+        own = other = 0.0
+        for i in range(n - k):
+            moved = np.abs(rec[i].astype(np.int16) - rec[i + k].astype(np.int16)).sum(-1) > 60
+            for g, mine, theirs in ((got[i], rec[i], rec[i + k]), (got[i + k], rec[i + k], rec[i])):
+                own += np.abs(g[moved].astype(np.int16) - mine[moved].astype(np.int16)).sum()
+                other += np.abs(g[moved].astype(np.int16) - theirs[moved].astype(np.int16)).sum()
+        assert other > 0 and own < 0.5 * other, (k, own, other)
+    assert np.mean([err(g, r) for g, r in zip(got, rec)]) < 8.0
 
 
 def test_two_tabs_stream_independently_and_prompt_change(context, demo):
