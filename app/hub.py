@@ -33,6 +33,7 @@ RUNNING, PAUSED, WAITING = "running", "paused", "waiting"
 ENDED = ("finished", "cancelled", "failed")
 # Buttons and keys shown for models without actions too (then they are recorded but reach no model input).
 DEFAULT_ACTIONS = ["none", "up", "down", "left", "right"]
+GENERIC_PROMPT = "a red car drives through a snowy city at night"
 
 
 @dataclass
@@ -51,7 +52,7 @@ class DemoConfig:
     snapshot_every: int = 3  # blocks between rewind points
     max_pixels: int = 832 * 480  # refuse larger frames (width * height)
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
-    default_prompt: str = "a red car drives through a snowy city at night"
+    default_prompt: str | None = None  # None: the model's own (a bundle's "default_prompt"), else GENERIC_PROMPT
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -153,6 +154,8 @@ class Hub:
         if self.model_actions:  # extra actions of a model beyond the five steering ones
             self.actions += [a for a in self.model_actions if a not in self.actions]
         self.fps = eng.fps
+        # a world model trained on a small vocabulary streams best from a prompt in its own words
+        self.default_prompt = cfg.default_prompt or eng.bundle.extra.get("default_prompt") or GENERIC_PROMPT
         self.block_pixels = max(1, eng.bundle.pixel_frames(eng.block_frames + 1) - eng.bundle.pixel_frames(1))
         self.kv_pages_total = eng.stats()["kv_pages_total"]
         self.record_cap = max(4 * self.block_pixels, cfg.record_mib * 2 ** 20 // (eng.height * eng.width * 3))
@@ -328,7 +331,7 @@ class Hub:
 
     def start(self, key: str, prompt: str, seed: int = 0) -> Tab:
         """(Re)start the tab's stream; the session waits for pages when the pool is full."""
-        prompt = (prompt or "").strip() or self.config.default_prompt
+        prompt = (prompt or "").strip() or self.default_prompt
         try:
             seed = int(seed)
         except (TypeError, ValueError):

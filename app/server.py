@@ -115,7 +115,7 @@ def build_demo(hub: Hub) -> gr.Blocks:
                                   height=420, buttons=[])
                 stats = gr.HTML(elem_id="stats", value="status: idle")
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt (Enter switches it while running)", value=cfg.default_prompt,
+                prompt = gr.Textbox(label="Prompt (Enter switches it while running)", value=hub.default_prompt,
                                     elem_id="prompt", lines=1, max_lines=1)
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 with gr.Row():

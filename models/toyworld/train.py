@@ -441,7 +441,7 @@ def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | N
         "dit": mc.to_dict(), "sampling": sampling.to_dict(),
         "text_encoder": {"type": "hash", "text_dim": mc.text_dim, "text_len": mc.text_len, "vocab": vocab},
         "decoder": {"type": "pixel"}, "height": sim.SIZE, "width": sim.SIZE, "fps": 16,
-        "actions": list(sim.ACTIONS),
+        "actions": list(sim.ACTIONS), "default_prompt": "a red cube in a snowy field",  # in the training words
         # A run with a sink layout has been trained on exactly the cache the engine keeps with these.
         "window": c.clip_blocks * c.block_frames if c.sink_blocks else WINDOW_FRAMES,
         "sink": c.sink_blocks * c.block_frames if c.sink_blocks else SINK_FRAMES,

@@ -70,3 +70,18 @@ def test_act_rejects_unknown_action(hub):
         hub.act("t", "jump")
     hub.act("t", "left")
     assert hub.stats("t")["action"] == "left"
+
+
+def test_default_prompt_is_the_models_own_unless_configured(hub, single_thread):
+    from inferix.app.hub import GENERIC_PROMPT, DemoConfig, Hub
+    assert hub.default_prompt == GENERIC_PROMPT  # the tiny preset names none
+    tab = hub.start("p", "", seed=1)
+    assert tab.session.prompt == GENERIC_PROMPT
+    hub.stop("p")
+    for given, want in ((None, "a red cube in a snowy field"), ("a dark forest", "a dark forest")):
+        h = Hub(DemoConfig(model="toyworld", device="cpu", max_sessions=1, default_prompt=given))
+        try:
+            assert h.engine.bundle.extra["default_prompt"] == "a red cube in a snowy field"
+            assert h.default_prompt == want
+        finally:
+            h.close()
