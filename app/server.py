@@ -93,7 +93,6 @@ def stats_html(st: dict) -> str:
 
 def build_demo(hub: Hub) -> gr.Blocks:
     eng = hub.engine
-    cfg = hub.config
 
     def key_of(request: gr.Request) -> str:
         if request is None or not request.session_hash:
