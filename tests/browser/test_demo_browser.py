@@ -140,18 +140,21 @@ def test_single_tab_stream_keys_rewind_stop_download(context, demo, artifacts):
 
     # rewind & branch: pause where the newest rewind point lies at least one block back, so the old branch
     # has frames after it to compare with
-    for _ in range(8):
+    for _ in range(12):
         page.click("#pause")
         wait_until(lambda: page.locator("#pause").inner_text().strip() == "Resume", 5, "the Resume label")
         wait_until(lambda: tab.session.status == "paused", 5, "the session to pause")
         time.sleep(0.2)
         if tab.snapshots and tab.total_frames - tab.snapshots[-1].frames >= hub.block_pixels:
             break
-        page.click("#pause")  # resume and try again a little later
+        page.click("#pause")  # resume and try again once a block between two rewind points is out
         wait_until(lambda: tab.session.status == "running", 5, "the session to resume")
-        time.sleep(0.3 + 0.2 * np.random.rand())
+        b0 = tab.blocks
+        wait_until(lambda: tab.blocks > b0 and tab.blocks % hub.config.snapshot_every, 10, "a block between rewind points")
+        time.sleep(0.1 * np.random.rand())
     else:
-        pytest.fail("no rewind point with frames after it came up")
+        pytest.fail(f"no rewind point with frames after it came up: {len(tab.snapshots)} rewind points, "
+                    f"newest at {tab.snapshots[-1].frames if tab.snapshots else None}, frames {tab.total_frames}")
     paused_at = tab.total_frames
     time.sleep(0.6)
     assert tab.total_frames == paused_at and stat(page, "status") == "paused"
