@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .pixel_decoder import PixelDecoder, PixelRefiner
+from .tensor_files import load_prefixed_strict
 from .schedule import SamplingConfig, SAMPLING_PRESETS
 from .wan_dit import CausalWanDiT, PRESETS, WanDiTConfig
 
@@ -115,17 +116,7 @@ def pixel_decoder_from(meta: dict, sd: dict, source, channels: int) -> PixelDeco
         refiner = PixelRefiner(int(ref_meta["channels"]), int(ref_meta["layers"]))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{source}: decoder.refiner must give integer 'channels' and 'layers', got {ref_meta!r}") from e
-    ref_sd = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
-    own = refiner.state_dict()
-    missing, unexpected = sorted(set(own) - set(ref_sd)), sorted(set(ref_sd) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{source}: refiner weights do not match decoder.refiner {ref_meta}: missing "
-                       f"{['decoder.' + k for k in missing[:4]]}, unexpected {['decoder.' + k for k in unexpected[:4]]}")
-    for k, v in ref_sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: decoder.{k} has shape {tuple(v.shape)}, decoder.refiner {ref_meta} "
-                             f"expects {tuple(own[k].shape)}")
-    refiner.load_state_dict(ref_sd)
+    load_prefixed_strict(refiner, sd, "decoder.", source)
     return PixelDecoder(channels, refiner)
 
 

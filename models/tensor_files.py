@@ -2,7 +2,8 @@
 
 ``read_tensor_file`` reads one file; ``torch.load`` only ever runs with ``weights_only=True``, and a pickle that
 holds anything else is refused with the file and the offending type named (``CheckpointError``). Used by the
-DiT checkpoint loaders (``checkpoints.py``), the VAE and LoRA loaders.
+DiT checkpoint loaders (``checkpoints.py``), the VAE and LoRA loaders. ``load_prefixed_strict`` loads one
+module's ``prefix.`` tensors of a bundle file, every key and shape checked.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "read_tensor_file"]
+__all__ = ["CheckpointError", "read_tensor_file", "load_prefixed_strict"]
 
 
 class CheckpointError(ValueError):
@@ -76,3 +77,19 @@ def _only_tensors(sd: dict, source: str) -> dict:
         raise CheckpointError(f"{source}: the state dict holds non-tensor values, refused: {', '.join(bad[:20])}"
                               + (f" ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
     return sd
+
+
+def load_prefixed_strict(module: torch.nn.Module, sd: dict, prefix: str, source) -> None:
+    """Load the tensors of ``sd`` under ``prefix`` (e.g. "dit.") into ``module``: missing or unexpected keys raise
+    KeyError, a shape mismatch ValueError, each naming the key as the file has it."""
+    own = module.state_dict()
+    mine = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{source}: missing keys {[prefix + k for k in missing[:5]]}, unexpected keys "
+                       f"{[prefix + k for k in unexpected[:5]]}")
+    for k, v in mine.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(own[k].shape)}")
+    module.load_state_dict(mine)

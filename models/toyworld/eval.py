@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..schedule import SamplingConfig
+from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
 from ...kernels.attention import SDPABackend
@@ -84,12 +85,12 @@ def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
     sd = load_file(str(wpath))
     cfg = WanDiTConfig.from_dict(meta["dit"], what="dit config")
     dit = CausalWanDiT(cfg)
-    _load_strict(dit, {k[4:]: v for k, v in sd.items() if k.startswith("dit.")}, wpath)
+    load_prefixed_strict(dit, sd, "dit.", wpath)
     te = meta["text_encoder"]
     if te.get("type") != "hash":
         raise ValueError(f"{path}: the toy world needs a 'hash' text encoder, got {te.get('type')!r}")
     text = HashTextEncoder(te["text_dim"], te["text_len"], te.get("vocab", 4096))
-    _load_strict(text, {k[5:]: v for k, v in sd.items() if k.startswith("text.")}, wpath)
+    load_prefixed_strict(text, sd, "text.", wpath)
     return dit.to(device).eval(), text.to(device).eval(), meta
 
 
@@ -100,17 +101,6 @@ def load_decoder(path, meta: dict):
     wpath = Path(path).with_suffix(".safetensors")
     sd = load_file(str(wpath)) if (meta.get("decoder") or {}).get("refiner") else {}
     return pixel_decoder_from(meta, sd, wpath, meta["dit"]["in_dim"])
-
-
-def _load_strict(module: torch.nn.Module, sd: dict, source) -> None:
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    module.load_state_dict(sd)
 
 
 @torch.no_grad()
