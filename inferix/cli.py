@@ -158,7 +158,7 @@ def cmd_train(a, rest) -> int:
     if a.what == "toyworld":
         from inferix.models.toyworld.train import main as m
     elif a.what == "toyworld-decoder":
-        from inferix.models.toyworld.decoder_train import main as m
+        from .toyworld_decoder import main as m
     else:
         print(f"error: unknown training target {a.what!r} (known: toyworld, toyworld-decoder)", file=sys.stderr)
         return 2

@@ -36,6 +36,6 @@ train --init "$OUT/4_sink" --seed 6 --sink-blocks 2 --clip-blocks 4 --rollout-p 
 # 6. The pixel refiner: stage 5's DiT unchanged, one denoising step, and a small conv decoder trained on the
 #    DiT's own blocks (from true context, and far into its own rollouts for the scene) to render them crisp
 #    (about 40 min; step-based, SCALE does not apply).
-"$PY" -m inferix.models.toyworld.decoder_train --model "$OUT/5_sink_more/toyworld.json" --denoising-steps 1000 \
+"$PY" -m inferix.toyworld_decoder --model "$OUT/5_sink_more/toyworld.json" --denoising-steps 1000 \
       --threads "$THREADS" --out "$OUT/6_decoder"
 echo "done: $OUT/6_decoder/toyworld.json (+ .safetensors)"

@@ -11,22 +11,15 @@ from inferix.models.bundle import load_model
 from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, main as decoder_main,
-                                                   make_pairs, make_rollout_pairs, sprite_zone, train_refiner)
+from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
+                                                   sprite_zone, train_refiner)
+from inferix.toyworld_decoder import main as decoder_main
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
 
-from test_toyworld import micro_config
+from test_toyworld import micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Train the toy world's pixel refiner (``inferix train toyworld-decoder``).
+"""Train the toy world's pixel refiner (the parts; ``inferix train toyworld-decoder`` in inferix/toyworld_decoder.py
+drives them with an engine).
 
 The DiT's few-step x0 estimate is soft where things move. The refiner (``models/pixel_decoder.PixelRefiner``) learns
 to render it crisp from pairs (engine block made from the simulator's true frames, the true frames), made through
@@ -7,9 +8,9 @@ input bundle plus ``decoder.*`` weights and, with ``--denoising-steps``, another
 """
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,7 @@ import torch
 from ..pixel_decoder import PixelDecoder, PixelRefiner
 from . import simulator as sim
 
-__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "sprite_zone", "train_refiner", "export_with_refiner",
-           "main"]
+__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "sprite_zone", "train_refiner", "export_with_refiner"]
 
 
 @dataclass
@@ -48,6 +48,28 @@ class RefinerConfig:
             raise ValueError(f"refiner config: lr must be > 0, got {self.lr}")
 
 
+@contextmanager
+def _raw_decoder(engine):
+    """The engine decodes with the identity while inside: its frames are the DiT's estimate, what a refiner is given."""
+    saved = engine.bundle.decoder
+    engine.bundle.decoder = PixelDecoder(3)
+    try:
+        yield engine
+    finally:
+        engine.bundle.decoder = saved
+
+
+def _episode(cfg: RefinerConfig, e: int, n: int) -> tuple[int, str, np.ndarray, np.ndarray]:
+    """Episode e of n frames: (seed, prompt, actions, frames); prompt (themes in turn) and actions from (cfg.seed, e)."""
+    rng = np.random.default_rng([cfg.seed, e])
+    themes = list(sim.THEMES)
+    seed = int(rng.integers(2 ** 31))
+    prompt = sim.random_prompt(rng, themes[e % len(themes)])
+    acts = sim.random_actions(rng, n)
+    frames, _ = sim.simulate(seed, acts, prompt, n)
+    return seed, prompt, acts, frames
+
+
 def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Blocks the engine makes from TRUE context, and the simulator's frames for them: uint8 [N, H, W, 3] twice.
 
@@ -60,27 +82,18 @@ def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.nd
         raise ValueError(f"start_frames {cfg.start_frames} is not a multiple of the block ({bf} frames)")
     if engine.positions != "relative" and window is not None:
         raise ValueError("pairs need an engine with cache-relative positions (the toy world's setting)")
-    saved = engine.bundle.decoder
-    engine.bundle.decoder = PixelDecoder(3)  # identity: the pairs hold what the refiner will be given
-    themes = list(sim.THEMES)
     gen, true = [], []
     from tqdm import tqdm
-    try:
+    n = cfg.start_frames + cfg.blocks * bf
+    with _raw_decoder(engine):
         for e in tqdm(range(cfg.episodes), desc="refiner pairs", unit="episode", disable=not progress):
-            rng = np.random.default_rng([cfg.seed, e])
-            seed = int(rng.integers(2 ** 31))
-            prompt = sim.random_prompt(rng, themes[e % len(themes)])
-            n = cfg.start_frames + cfg.blocks * bf
-            acts = sim.random_actions(rng, n)
-            frames, _ = sim.simulate(seed, acts, prompt, n)
+            seed, prompt, acts, frames = _episode(cfg, e, n)
             for b in range(cfg.start_frames, n, bf):
                 keep = np.arange(b) if window is None else np.r_[0:min(sink, b), max(sink, b - (window - bf)):b]
                 it = engine.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
                                      actions=[int(a) for a in acts[b:b + bf]])
                 gen.append(np.concatenate(list(it)))
                 true.append(frames[b:b + bf])
-    finally:
-        engine.bundle.decoder = saved
     return np.concatenate(gen), np.concatenate(true)
 
 
@@ -109,19 +122,12 @@ def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
     refiner what the model's own frames look like far into a stream (haze, speckle), which blocks made from true
     context never show.
     """
-    saved = engine.bundle.decoder
-    engine.bundle.decoder = PixelDecoder(3)
-    themes = list(sim.THEMES)
     gen, true, weight = [], [], []
     from tqdm import tqdm
-    try:
+    n = cfg.start_frames + cfg.rollout_frames
+    with _raw_decoder(engine):
         for e in tqdm(range(cfg.rollout_episodes), desc="refiner rollouts", unit="episode", disable=not progress):
-            rng = np.random.default_rng([cfg.seed, 10_000 + e])
-            seed = int(rng.integers(2 ** 31))
-            prompt = sim.random_prompt(rng, themes[e % len(themes)])
-            n = cfg.start_frames + cfg.rollout_frames
-            acts = sim.random_actions(rng, n)
-            frames, _ = sim.simulate(seed, acts, prompt, n)
+            seed, prompt, acts, frames = _episode(cfg, 10_000 + e, n)
             g = np.concatenate(list(engine.generate(prompt, num_frames=cfg.rollout_frames, seed=seed,
                                                     init_frames=frames[:cfg.start_frames],
                                                     actions=[int(a) for a in acts[cfg.start_frames:]])))
@@ -129,8 +135,6 @@ def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
             gen.append(g)
             true.append(t)
             weight.append(~sprite_zone(g, t))
-    finally:
-        engine.bundle.decoder = saved
     return np.concatenate(gen), np.concatenate(true), np.concatenate(weight)
 
 
@@ -196,57 +200,3 @@ def export_with_refiner(src: Path, refiner: PixelRefiner, out_json: Path, *, sam
     tmp.replace(out_json.with_suffix(".safetensors"))
     out_json.write_text(json.dumps(meta, indent=2))
     return out_json
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="inferix train toyworld-decoder", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="toyworld", help="the bundle to add a refiner to: 'toyworld' or a bundle .json")
-    ap.add_argument("--out", default="runs/toyworld_decoder", help="directory for the new bundle (toyworld.json)")
-    ap.add_argument("--denoising-steps", default=None,
-                    help="comma-separated timesteps the new bundle samples with (pairs are made with them), "
-                         "e.g. 1000 for one step; default: the bundle's own")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    d = RefinerConfig()
-    for k, v in asdict(d).items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    a = ap.parse_args(argv)
-    cfg = RefinerConfig(**{k: getattr(a, k) for k in asdict(d)})
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from ..bundle import WEIGHTS_DIR
-    src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
-    if not src.exists():
-        raise FileNotFoundError(f"bundle not found: {src}")
-    sampling = json.loads(src.read_text())["sampling"]
-    if a.denoising_steps:
-        try:
-            steps = [float(s) for s in a.denoising_steps.split(",")]
-        except ValueError:
-            ap.error(f"--denoising-steps must be comma-separated numbers, got {a.denoising_steps!r}")
-        if not steps or any(not 0 < s <= sampling.get("num_train_timesteps", 1000) for s in steps):
-            ap.error(f"--denoising-steps must lie in (0, {sampling.get('num_train_timesteps', 1000)}], got {steps}")
-        sampling = {**sampling, "denoising_steps": steps}
-    from inferix.engine import Engine
-    from ..schedule import SamplingConfig
-    eng = Engine.from_pretrained(str(src), device="cpu", max_sessions=1,
-                                 sampling=SamplingConfig.from_dict(sampling, what="sampling"))
-    gen, true = make_pairs(eng, cfg)
-    base = float(np.abs(gen.astype(np.float32) - true).mean() / 127.5)
-    weight = None
-    if cfg.rollout_episodes:
-        rg, rt, rw = make_rollout_pairs(eng, cfg)
-        weight = np.concatenate([np.ones(gen.shape[:3], bool), rw])
-        gen, true = np.concatenate([gen, rg]), np.concatenate([true, rt])
-    refiner, losses = train_refiner(gen, true, cfg, weight=weight)
-    tail = float(np.mean(losses[-100:]))
-    info = {"config": asdict(cfg), "pairs": int(len(gen)), "source": src.name,
-            "l1_estimate_vs_truth_from_true_context": round(base, 5), "l1_refined_last_100_steps": round(tail, 5)}
-    path = export_with_refiner(src, refiner, Path(a.out) / "toyworld.json", sampling=sampling, info=info)
-    print(f"pairs {len(gen)}: L1 of the estimate from true context {base:.4f}, refined (last 100 steps) {tail:.4f}",
-          flush=True)
-    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
