@@ -240,7 +240,36 @@ def test_window_backend_keeps_sink_and_recent_frames():
     for f in range(5):  # commit frames 0..4 one at a time; keys carry their frame index
         k = torch.full((1, 1, 1, 2), float(f))
         be.attend(k, k, k, 0, RolloutMeta(True))
-    assert be.k[0][0, :, 0, 0].tolist() == [0.0, 3.0, 4.0]  # sink frame 0 + the 2 most recent
+    assert be.k[0][0, :, 0, 0].tolist() == [0.0, 4.0]  # sink frame 0 + the most recent: 2 frames + a block of 2
+    with pytest.raises(ValueError, match="sink"):
+        WindowKVBackend(1, frame_tokens=1, window=4, sink=3, block_frames=2)
+
+
+def test_engine_free_rollout_gives_the_engines_frames():
+    """Same bundle, seed, start frames and actions: the standalone rollout (sink, window and cache-relative
+    positions taken from the bundle) yields the engine's frames, also after the cache starts dropping frames."""
+    from inferix.engine import Engine
+    meta = json.loads(WEIGHTS.read_text())
+    assert meta.get("positions", "relative") == "relative" and meta["sink"] > 0  # the engine's "auto" with a window
+    acts = sim.random_actions(np.random.default_rng(5), 40)
+    frames, _ = sim.simulate(5, acts, "desert", 40)
+    n_gen = 32  # 8 blocks after the 8 start frames: the window (16 frames) is full from the third block on
+    eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1)
+    want = np.concatenate(list(eng.generate("a cube in the desert", num_frames=n_gen, seed=3, init_frames=frames[:8],
+                                            actions=[int(a) for a in acts[8:]])))
+    dit, text, _ = load_toyworld(WEIGHTS)
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    dec = load_decoder(WEIGHTS, meta)
+    kw = dict(seed=3, window=meta["window"], sink=meta["sink"], decoder=dec)
+    got = np.concatenate(list(rollout(dit, text, sampling, "a cube in the desert", frames[:8], acts[8:], **kw,
+                                      positions="relative")))
+    assert got.shape == want.shape == (n_gen, 64, 64, 3)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # Absolute positions are a different model input: the frames differ once the cache holds a gap.
+    other = np.concatenate(list(rollout(dit, text, sampling, "a cube in the desert", frames[:8], acts[8:], **kw,
+                                        positions="absolute")))
+    assert np.abs(other.astype(int) - want.astype(int))[16:].mean() > 1.0
 
 
 # ---- metrics -------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
 from ...kernels.attention import SDPABackend
+from ...kernels.rope import apply_rope
 from . import simulator as sim
 from .data import to_latent, to_pixels
 from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
@@ -39,34 +40,54 @@ class RolloutMeta:
 
 
 class WindowKVBackend(SDPABackend):
-    """Dense per-layer K/V lists of the committed frames, trimmed to the first ``sink`` frames plus the most
-    recent ``window - block_frames`` frames (the window counts the block being generated)."""
+    """Dense per-layer K/V lists of the committed frames, trimmed like the engine's cache: the first ``sink``
+    frames for good, then the most recent ones, so that a block attends to at most ``window`` frames counting
+    the sink and the block itself.
+
+    ``rope``: for cache-relative positions (a bundle's ``positions: "relative"``), a callable ``rope(n)`` giving
+    cos/sin for cache positions 0..n-1. Keys are then stored before RoPE and rotated when read, the cached frames
+    at 0..n-1 in cache order, as the engine's paged cache does; the block being run must use positions n, n+1, ...
+    Without it, keys are stored rotated at whatever positions their pass used (absolute positions)."""
     name = "window-kv"
 
-    def __init__(self, num_layers: int, frame_tokens: int, window: int, sink: int, block_frames: int):
-        if window <= block_frames:
-            raise ValueError(f"window {window} must exceed block_frames {block_frames}")
+    def __init__(self, num_layers: int, frame_tokens: int, window: int, sink: int, block_frames: int, rope=None):
+        if window < sink + block_frames:
+            raise ValueError(f"window {window} must hold the sink ({sink}) plus one block ({block_frames})")
         self.k: list = [None] * num_layers
         self.v: list = [None] * num_layers
         self.T, self.sink = frame_tokens, sink
-        self.keep = window - block_frames
+        self.keep = window - block_frames - sink
+        self.rope = rope
+        self._rot: dict = {}  # n cached frames -> (cos, sin)
 
     def frames_cached(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[1] // self.T
 
+    def _cached_keys(self, layer: int):
+        kc = self.k[layer]
+        if kc is None or self.rope is None:
+            return kc
+        n = kc.shape[1] // self.T
+        if n not in self._rot:
+            self._rot[n] = self.rope(n)
+        cos, sin = self._rot[n]
+        return apply_rope(kc, cos.to(kc.device), sin.to(kc.device))
+
     def attend(self, q, k, v, layer, meta, k_raw=None):
         if not isinstance(meta, RolloutMeta):
             return super().attend(q, k, v, layer, meta, k_raw=k_raw)
-        kc, vc = self.k[layer], self.v[layer]
+        kc, vc = self._cached_keys(layer), self.v[layer]
         kk = k if kc is None else torch.cat([kc, k], 1)  # [B, (cached + own) tokens, H, D]
         vv = v if vc is None else torch.cat([vc, v], 1)
         out = self.masked(q, kk, vv, None)
         if meta.commit:
+            new = k if self.rope is None else k_raw
+            ks = new if self.k[layer] is None else torch.cat([self.k[layer], new], 1)
             s, n = self.sink * self.T, self.keep * self.T
-            if kk.shape[1] > s + n:  # drop the oldest frames after the sink
-                kk = torch.cat([kk[:, :s], kk[:, kk.shape[1] - n:]], 1)
+            if ks.shape[1] > s + n:  # drop the oldest frames after the sink
+                ks = torch.cat([ks[:, :s], ks[:, ks.shape[1] - n:]], 1)
                 vv = torch.cat([vv[:, :s], vv[:, vv.shape[1] - n:]], 1)
-            self.k[layer], self.v[layer] = kk, vv
+            self.k[layer], self.v[layer] = ks, vv
         return out
 
 
@@ -105,9 +126,13 @@ def load_decoder(path, meta: dict):
 
 @torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
-            window: int = 12, sink: int = 0, init_actions=None, decoder=None):
+            window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute"):
     """Generate len(actions) frames after init_frames (uint8 [T0, H, W, 3], T0 a multiple of the block size).
 
+    ``window``/``sink``: frames a block attends to (counting the sink and the block) and first frames kept for
+    good, as in the engine. ``positions``: "absolute" (frame index in the video) or "relative" (cache order, as
+    the engine runs a bundle that says so). The noise is drawn like the engine's for the same seed, so with the
+    same settings both give the same frames.
     ``decoder``: a ``PixelDecoder`` (its refiner renders each block; the cache keeps the DiT's estimate).
 
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
@@ -120,8 +145,19 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     acts = torch.as_tensor(sim.action_ids(actions, len(actions)))
     cfg = dit.config
     H = W = sim.SIZE
-    be = WindowKVBackend(cfg.num_layers, dit.tokens_per_frame(H, W), window, sink, bf)
     dev = next(dit.parameters()).device
+    if positions not in ("absolute", "relative"):
+        raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
+    _, ph, pw = cfg.patch_size
+    rope = None
+    if positions == "relative":
+        def rope(n):
+            return dit.rope_for(torch.arange(n, device=dev)[None], H // ph, W // pw)
+    be = WindowKVBackend(cfg.num_layers, dit.tokens_per_frame(H, W), window, sink, bf, rope=rope)
+
+    def frame_pos(f0):  # positions of the block that starts at video frame f0
+        start = be.frames_cached() if positions == "relative" else f0
+        return torch.arange(start, start + bf, device=dev)[None]
     ctx = dit.prepare_text(text.encode(prompt).to(dev))
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     ts, sig = sampling.timesteps, sampling.sigmas()
@@ -131,15 +167,14 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         sim.action_ids(init_actions, T0))
     for b in range(0, T0, bf):  # commit the context frames block by block, clean, at the context timestep
         x = to_latent(init[b:b + bf])[None].to(dev)  # [1, bf, 3, H, W]
-        pos = torch.arange(b, b + bf, device=dev)[None]
+        pos = frame_pos(b)
         dit(x, torch.full((1, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos, meta=commit,
             backend=be, actions=ia[b:b + bf][None].to(dev))
     n = len(acts)
     n_blocks = -(-n // bf)
     a_pad = torch.cat([acts, torch.zeros(n_blocks * bf - n, dtype=torch.long)])
     for i in range(n_blocks):
-        f0 = T0 + i * bf
-        pos = torch.arange(f0, f0 + bf, device=dev)[None]
+        pos = frame_pos(T0 + i * bf)
         a = a_pad[i * bf:(i + 1) * bf][None].to(dev)
         x = torch.randn((1, bf, 3, H, W), generator=g).to(dev)
         x0 = None
@@ -158,7 +193,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
 def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: list | None, out: Path,
              threads: int, window: int | None = None, sink: int | None = None, strip: Path | None = None,
-             init_actions: bool = True) -> dict:
+             init_actions: bool = True, positions: str | None = None) -> dict:
     torch.set_num_threads(threads)
     dit, text, meta = load_toyworld(weights)
     decoder = load_decoder(weights, meta)
@@ -167,13 +202,15 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
         sampling = sampling.replace(denoising_steps=[float(s) for s in steps])
     window = meta.get("window", 12) if window is None else window
     sink = meta.get("sink", 0) if sink is None else sink
+    if positions is None:  # the engine's "auto": the bundle's choice, else relative (a window is always set here)
+        positions = meta.get("positions") or "relative"
     acts, true, pos = eval_episode(seed, prompt, context + frames)
     # Speed: wall time from the call to the first yielded block (context commit included) and over all frames.
     t0 = time.perf_counter()
     gen, t_first = [], None
     for blk in rollout(dit, text, sampling, prompt, true[:context] if context else None, acts[context:], seed=seed,
-                       window=window,
-                       sink=sink, init_actions=acts[:context] if init_actions else None, decoder=decoder):
+                       window=window, sink=sink, init_actions=acts[:context] if init_actions else None,
+                       decoder=decoder, positions=positions):
         if t_first is None:
             t_first = time.perf_counter() - t0
         gen.append(blk)
@@ -182,7 +219,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     m = rollout_metrics(gen, true[context:], pos[context:], true[:context])
     m["summary"].update({
         "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed, "context_frames": context, "init_actions": "true" if init_actions else "none",
-        "sampling": sampling.to_dict(), "window": window, "sink": sink, "threads": threads,
+        "sampling": sampling.to_dict(), "window": window, "sink": sink, "positions": positions, "threads": threads,
         "time_to_first_block_s": t_first, "total_s": total, "pixel_fps": frames / total,
         "pixel_fps_after_first": (frames - sampling.block_frames) / max(total - t_first, 1e-9),
     })
@@ -208,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=float, nargs="*", default=None, help="override the denoising steps")
     ap.add_argument("--window", type=int, default=None)
     ap.add_argument("--sink", type=int, default=None)
+    ap.add_argument("--positions", choices=["absolute", "relative"], default=None,
+                    help="frame positions (default: the bundle's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init-actions", choices=["true", "none"], default="true",
                     help="actions given with the context frames: the simulator's, or 'none' for every frame (what "
@@ -215,7 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strip", default=None, help="also write the truth-vs-model strip here")
     a = ap.parse_args(argv)
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
-                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true")
+                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions)
     s = m["summary"]
     print(json.dumps({k: s[k] for k in ("agent_error_median_px", "agent_found_share", "palette_share_min_window",
                                         "psnr_per_32", "psnr_copy_last_per_32", "psnr_context_mean_per_32",

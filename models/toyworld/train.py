@@ -122,6 +122,8 @@ class TrainConfig(ConfigBase):
         if not 1 <= int(self.bounce_blocks) <= int(self.clip_blocks) - int(self.sink_blocks):
             raise ValueError(f"bounce_blocks must be in [1, clip_blocks - sink_blocks = "
                              f"{int(self.clip_blocks) - int(self.sink_blocks)}], got {self.bounce_blocks}")
+        if not 0 <= self.p_sigma_one <= 1:
+            raise ValueError(f"p_sigma_one must be in [0, 1], got {self.p_sigma_one}")
         if not 0 <= self.rollout_p <= 1:
             raise ValueError(f"rollout_p must be in [0, 1], got {self.rollout_p}")
         if self.rollout_p > 0 and (int(self.rollout_max_blocks) < 1 or int(self.clip_blocks) < 2):
@@ -478,6 +480,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bounce-blocks", type=int, default=None,
                     help="with --bounce-p: the bounce falls in one of the clip's last N blocks (default 1, the target "
                          "block; more puts it in the context too, which rollout batches generate)")
+    ap.add_argument("--p-sigma-one", type=float, default=None,
+                    help="share of target blocks at pure noise, the first denoising step (default 0.4; 1.0 trains "
+                         "only the step a one-step sampler uses)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -517,7 +522,7 @@ def main(argv=None) -> int:
     if args.lr:
         fields["lr"] = args.lr
     for name in ("rollout_p", "rollout_max_blocks", "warmup", "sink_blocks", "clip_blocks", "p_no_gap",
-                 "dynamic_weight", "bounce_p", "bounce_blocks"):
+                 "dynamic_weight", "bounce_p", "bounce_blocks", "p_sigma_one"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     cfg = TrainConfig.from_dict(fields, what="train config")
