@@ -149,11 +149,11 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     if positions not in ("absolute", "relative"):
         raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
     _, ph, pw = cfg.patch_size
-    rope = None
-    if positions == "relative":
-        def rope(n):
-            return dit.rope_for(torch.arange(n, device=dev)[None], H // ph, W // pw)
-    be = WindowKVBackend(cfg.num_layers, dit.tokens_per_frame(H, W), window, sink, bf, rope=rope)
+
+    def cache_rope(n):  # cos/sin for cache positions 0..n-1
+        return dit.rope_for(torch.arange(n, device=dev)[None], H // ph, W // pw)
+    be = WindowKVBackend(cfg.num_layers, dit.tokens_per_frame(H, W), window, sink, bf,
+                         rope=cache_rope if positions == "relative" else None)
 
     def frame_pos(f0):  # positions of the block that starts at video frame f0
         start = be.frames_cached() if positions == "relative" else f0
