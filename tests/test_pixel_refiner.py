@@ -12,7 +12,7 @@ from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
-                                                   sprite_zone, train_refiner)
+                                                   rollout_targets, train_refiner)
 from inferix.toyworld_decoder import main as decoder_main
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
@@ -118,36 +118,40 @@ def test_pairs_are_engine_blocks_from_true_context(micro_bundle):
         make_pairs(eng, RefinerConfig(episodes=1, blocks=1, start_frames=3), progress=False)
 
 
-def test_sprite_zone_covers_true_and_generated_sprites_with_a_margin():
-    frames, pos = sim.simulate(5, ["right"] * 6, "snow", 6)
-    gen = frames.copy()
-    gen[:, 40:46, 10:16] = sim.AGENT_COLOR  # a generated agent where the true one is not
-    gen[:, 50:54, 50:54] = (245, 200, 150)  # orange haze on the snow floor: nearer to the floor than to the ball
-    zone = sprite_zone(gen, frames, margin=2)
-    true_sprite = (frames == np.asarray(sim.AGENT_COLOR, np.uint8)).all(-1) | \
-        (frames == np.asarray(sim.BALL_COLOR, np.uint8)).all(-1)
-    assert zone[true_sprite].all()
-    own = sprite_zone(frames, frames, margin=2)  # the true sprites' zone alone
-    assert zone[:, 38:48, 8:18].all() and not (zone[:, 40:46, 18:20] & ~own[:, 40:46, 18:20]).any()  # 2-px margin
-    assert not zone[:, 50:54, 50:54].any()
-    x, y = (int(v) for v in pos[0])
-    assert zone[0, y, x] and zone.mean() < 0.2
+def test_rollout_targets_draw_the_models_sprites_on_the_scene():
+    _, _, bg = sim.simulate(5, ["right"] * 4, "snow", 4, return_background=True)
+    gen = np.stack([bg] * 4)
+    gen[0, 40:46, 11:17] = sim.AGENT_COLOR  # an agent off the 2-px lattice
+    gen[0, 40:46, 11:17, 1] += 30  # and not quite its colour
+    gen[1] = sim.draw_sprites(bg, ball=(30, 20))  # a ball, no agent
+    gen[2, 20:22, 20:22] = sim.AGENT_COLOR  # 4 agent-coloured pixels: too few to be an agent
+    tg, w = rollout_targets(gen, bg)
+    assert tg.shape == gen.shape and w.shape == gen.shape[:3] and w.dtype == bool
+    agent = (tg[0] == np.asarray(sim.AGENT_COLOR, np.uint8)).all(-1)
+    ys, xs = np.nonzero(agent)
+    assert agent.sum() == 36 and ys.min() == 40 and xs.min() in (10, 12) and xs.min() % 2 == 0
+    assert np.array_equal(tg[0][~agent], bg[~agent]) and w[0].all()
+    assert np.array_equal(tg[1], sim.draw_sprites(bg, ball=(30, 20))) and w[1].all()
+    assert np.array_equal(tg[2], bg) and np.array_equal(tg[3], bg) and w[3].all()
+    assert not w[2, 17:25, 17:25].any() and w[2, 26:, :].all() and w[2, :, 26:].all()  # unsure within 3 px
+    with pytest.raises(ValueError, match="gen must be"):
+        rollout_targets(gen[:, :32], bg)
 
 
-def test_rollout_pairs_are_the_engines_rollout_weighted_off_the_sprites(micro_bundle):
+def test_rollout_pairs_are_the_engines_rollout_with_its_own_sprites_as_targets(micro_bundle):
     eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
     cfg = RefinerConfig(rollout_episodes=1, rollout_frames=6, start_frames=4)
-    gen, true, w = make_rollout_pairs(eng, cfg, progress=False)
-    assert gen.shape == true.shape == (6, 64, 64, 3) and w.shape == (6, 64, 64) and w.dtype == bool
+    gen, target, w = make_rollout_pairs(eng, cfg, progress=False)
+    assert gen.shape == target.shape == (6, 64, 64, 3) and w.shape == (6, 64, 64) and w.dtype == bool
     rng = np.random.default_rng([cfg.seed, 10_000])
     seed, prompt = int(rng.integers(2 ** 31)), sim.random_prompt(rng, list(sim.THEMES)[0])
     acts = sim.random_actions(rng, 10)
-    frames, _ = sim.simulate(seed, acts, prompt, 10)
-    assert np.array_equal(true, frames[4:])
+    frames, _, bg = sim.simulate(seed, acts, prompt, 10, return_background=True)
     again = np.concatenate(list(eng.generate(prompt, num_frames=6, seed=seed, init_frames=frames[:4],
                                              actions=[int(a) for a in acts[4:]])))
     assert np.array_equal(gen, again)
-    assert np.array_equal(w, ~sprite_zone(gen, true))
+    want_t, want_w = rollout_targets(gen, bg)
+    assert np.array_equal(target, want_t) and np.array_equal(w, want_w)
 
 
 def test_training_reduces_the_loss():

@@ -19,7 +19,8 @@ import torch
 from ..pixel_decoder import PixelDecoder, PixelRefiner
 from . import simulator as sim
 
-__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "sprite_zone", "train_refiner", "export_with_refiner"]
+__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "rollout_targets", "train_refiner",
+           "export_with_refiner"]
 
 
 @dataclass
@@ -59,15 +60,16 @@ def _raw_decoder(engine):
         engine.bundle.decoder = saved
 
 
-def _episode(cfg: RefinerConfig, e: int, n: int) -> tuple[int, str, np.ndarray, np.ndarray]:
-    """Episode e of n frames: (seed, prompt, actions, frames); prompt (themes in turn) and actions from (cfg.seed, e)."""
+def _episode(cfg: RefinerConfig, e: int, n: int):
+    """Episode e of n frames: (seed, prompt, actions, frames, static scene); prompt (themes in turn) and actions
+    from (cfg.seed, e)."""
     rng = np.random.default_rng([cfg.seed, e])
     themes = list(sim.THEMES)
     seed = int(rng.integers(2 ** 31))
     prompt = sim.random_prompt(rng, themes[e % len(themes)])
     acts = sim.random_actions(rng, n)
-    frames, _ = sim.simulate(seed, acts, prompt, n)
-    return seed, prompt, acts, frames
+    frames, _, background = sim.simulate(seed, acts, prompt, n, return_background=True)
+    return seed, prompt, acts, frames, background
 
 
 def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +89,7 @@ def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.nd
     n = cfg.start_frames + cfg.blocks * bf
     with _raw_decoder(engine):
         for e in tqdm(range(cfg.episodes), desc="refiner pairs", unit="episode", disable=not progress):
-            seed, prompt, acts, frames = _episode(cfg, e, n)
+            seed, prompt, acts, frames, _ = _episode(cfg, e, n)
             for b in range(cfg.start_frames, n, bf):
                 keep = np.arange(b) if window is None else np.r_[0:min(sink, b), max(sink, b - (window - bf)):b]
                 it = engine.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
@@ -97,45 +99,58 @@ def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.nd
     return np.concatenate(gen), np.concatenate(true)
 
 
-def sprite_zone(gen: np.ndarray, true: np.ndarray, margin: int = 3) -> np.ndarray:
-    """bool [T, H, W]: within ``margin`` px of the agent or the ball of one episode, in the truth (their exact
-    colours) or in the generation (pixels nearer to their colours than to every other colour of the truth)."""
-    sprite = np.asarray([sim.AGENT_COLOR, sim.BALL_COLOR], np.float32)
-    colors = np.unique(true.reshape(-1, 3), axis=0).astype(np.float32)
-    scene = colors[np.abs(colors[:, None] - sprite[None]).sum(-1).min(1) > 0]
-    g = gen.astype(np.float32)
-
-    def nearest(cols):
-        return np.min([((g - c) ** 2).sum(-1) for c in cols], axis=0)
-    near = (true[..., None, :] == sprite.astype(true.dtype)).all(-1).any(-1) | (nearest(sprite) < nearest(scene))
+def rollout_targets(gen: np.ndarray, background: np.ndarray, margin: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Targets for a long rollout's raw frames gen uint8 [T, H, W, 3] of an episode with static scene background
+    [H, W, 3]: the scene with the agent and the ball drawn where the model put them (their colour's centroid in
+    gen, snapped to where the simulator can draw them: the agent's 2-px lattice, whole pixels for the ball), or
+    left out where gen has none. Far into a rollout the model's agent is no longer where the simulator's is, so
+    the simulator's frame would ask the refiner to move it; this target asks it only to draw it crisp, and to
+    clear the haze around it. Returns (targets uint8 [T, H, W, 3], weight bool [T, H, W]): the weight is 0 within
+    ``margin`` px of agent- or ball-coloured pixels that are too few to count as a drawn object (neither target
+    is sure there), 1 elsewhere."""
+    from .metrics import detect_color
+    g = np.asarray(gen)
+    if g.ndim != 4 or g.shape[1:] != background.shape:
+        raise ValueError(f"gen must be [T, {', '.join(map(str, background.shape))}], got {list(g.shape)}")
+    agent, ball = detect_color(g, sim.AGENT_COLOR), detect_color(g, sim.BALL_COLOR)
+    lo, a_hi, b_hi = sim.WALL, sim.SIZE - sim.WALL - sim.AGENT_SIZE, sim.SIZE - sim.WALL - sim.BALL_DIAMETER
+    targets = np.empty_like(g)
+    for t in range(len(g)):
+        a = None if np.isnan(agent[t, 0]) else np.clip(np.round((agent[t] - sim.AGENT_SIZE / 2) / 2) * 2, lo, a_hi)
+        b = None if np.isnan(ball[t, 0]) else np.clip(np.round(ball[t] - sim.BALL_DIAMETER / 2), lo, b_hi)
+        targets[t] = sim.draw_sprites(background, a, b)
+    # Each pixel's nearest colour among the scene's, the agent's and the ball's.
+    colors = np.concatenate([np.asarray([sim.AGENT_COLOR, sim.BALL_COLOR], np.float32),
+                             np.unique(background.reshape(-1, 3), axis=0).astype(np.float32)])
+    gf = g.astype(np.float32)
+    nearest = np.argmin([((gf - c) ** 2).sum(-1) for c in colors], axis=0)  # [T, H, W]: 0 agent, 1 ball, 2.. scene
+    unsure = ((nearest == 0) & np.isnan(agent[:, 0])[:, None, None]) | \
+        ((nearest == 1) & np.isnan(ball[:, 0])[:, None, None])
     k = 2 * margin + 1
-    grown = torch.nn.functional.max_pool2d(torch.as_tensor(near, dtype=torch.float32)[:, None], k, 1, margin)
-    return grown[:, 0].numpy() > 0
+    grown = torch.nn.functional.max_pool2d(torch.as_tensor(unsure, dtype=torch.float32)[:, None], k, 1, margin)
+    return targets, grown[:, 0].numpy() == 0
 
 
 def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
     """Rollouts on the model's own frames (rollout_frames after start_frames true ones; random prompt and actions
-    from (cfg.seed, 10_000 + e)) with the truth and a per-pixel weight: uint8 [N, H, W, 3] twice, bool [N, H, W].
-
-    A long rollout drifts from the truth where things move, so only the scene is a valid target there: the weight
-    is 0 near the agent or the ball (true or generated, ``sprite_zone``) and 1 elsewhere. These pairs teach the
-    refiner what the model's own frames look like far into a stream (haze, speckle), which blocks made from true
-    context never show.
+    from (cfg.seed, 10_000 + e)) with targets and a per-pixel weight (``rollout_targets``): uint8 [N, H, W, 3]
+    twice, bool [N, H, W]. These pairs teach the refiner what the model's own frames look like far into a stream
+    (haze, speckle, a soft agent in a place of its own), which blocks made from true context never show.
     """
-    gen, true, weight = [], [], []
+    gen, target, weight = [], [], []
     from tqdm import tqdm
     n = cfg.start_frames + cfg.rollout_frames
     with _raw_decoder(engine):
         for e in tqdm(range(cfg.rollout_episodes), desc="refiner rollouts", unit="episode", disable=not progress):
-            seed, prompt, acts, frames = _episode(cfg, 10_000 + e, n)
+            seed, prompt, acts, frames, background = _episode(cfg, 10_000 + e, n)
             g = np.concatenate(list(engine.generate(prompt, num_frames=cfg.rollout_frames, seed=seed,
                                                     init_frames=frames[:cfg.start_frames],
                                                     actions=[int(a) for a in acts[cfg.start_frames:]])))
-            t = frames[cfg.start_frames:]
+            tg, w = rollout_targets(g, background)
             gen.append(g)
-            true.append(t)
-            weight.append(~sprite_zone(g, t))
-    return np.concatenate(gen), np.concatenate(true), np.concatenate(weight)
+            target.append(tg)
+            weight.append(w)
+    return np.concatenate(gen), np.concatenate(target), np.concatenate(weight)
 
 
 def train_refiner(gen: np.ndarray, true: np.ndarray, cfg: RefinerConfig, progress: bool = True,

@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = ["ACTIONS", "ACTION_DELTAS", "THEMES", "THEME_WORDS", "DEFAULT_THEME", "AGENT_COLOR", "BALL_COLOR",
            "FILLER_WORDS", "SIZE", "WALL", "AGENT_SIZE", "AGENT_SPEED", "BALL_DIAMETER", "theme_of", "palette", "all_colors",
-           "random_actions", "action_ids", "World", "simulate", "random_prompt"]
+           "random_actions", "action_ids", "World", "simulate", "random_prompt", "draw_sprites"]
 
 SIZE = 64  # arena is SIZE x SIZE pixels, the whole screen (no camera)
 WALL = 4  # border wall thickness: the agent and the ball stay inside [WALL, SIZE - WALL)
@@ -152,9 +152,6 @@ class World:
                               rng.integers(lo, hi - BALL_DIAMETER + 1)], dtype=np.int64)  # top-left x, y
         speeds = np.array([-2, -1, 1, 2])
         self.ball_v = np.array([rng.choice(speeds), rng.choice(speeds)], dtype=np.int64)
-        yy, xx = np.mgrid[0:BALL_DIAMETER, 0:BALL_DIAMETER]
-        r = BALL_DIAMETER / 2
-        self._disc = (yy + 0.5 - r) ** 2 + (xx + 0.5 - r) ** 2 <= r * r  # bool [D, D]
 
     def _scene(self, rng: np.random.Generator) -> np.ndarray:
         pal = THEMES[self.theme]
@@ -198,13 +195,30 @@ class World:
         return self.agent.astype(np.float64) + AGENT_SIZE / 2
 
     def render(self) -> np.ndarray:
-        img = self.background.copy()
-        bx, by = (int(v) for v in self.ball)
+        return draw_sprites(self.background, self.agent, self.ball)
+
+
+def _disc() -> np.ndarray:
+    yy, xx = np.mgrid[0:BALL_DIAMETER, 0:BALL_DIAMETER]
+    r = BALL_DIAMETER / 2
+    return (yy + 0.5 - r) ** 2 + (xx + 0.5 - r) ** 2 <= r * r  # bool [D, D]
+
+
+_DISC = _disc()
+
+
+def draw_sprites(background: np.ndarray, agent=None, ball=None) -> np.ndarray:
+    """A frame: the static scene uint8 [H, W, 3] with the ball (top-left (x, y), or None) and then the agent
+    (top-left, or None) drawn over it, as the world draws them. Returns a new array."""
+    img = background.copy()
+    if ball is not None:
+        bx, by = (int(v) for v in ball)
         view = img[by:by + BALL_DIAMETER, bx:bx + BALL_DIAMETER]
-        view[self._disc] = BALL_COLOR
-        ax, ay = (int(v) for v in self.agent)
+        view[_DISC[:view.shape[0], :view.shape[1]]] = BALL_COLOR
+    if agent is not None:
+        ax, ay = (int(v) for v in agent)
         img[ay:ay + AGENT_SIZE, ax:ax + AGENT_SIZE] = AGENT_COLOR  # the agent is drawn over the ball
-        return img
+    return img
 
 
 def _ball_tick(p: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
