@@ -25,10 +25,10 @@ __all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "rollout_targets
 
 @dataclass
 class RefinerConfig:
-    episodes: int = 200  # simulator episodes the pairs come from
+    episodes: int = 120  # simulator episodes the pairs from true context come from
     blocks: int = 24  # blocks per episode, each made from the true frames before it
     start_frames: int = 8  # true frames before the first block
-    rollout_episodes: int = 48  # episodes rolled out on the model's own frames (scene pixels only)
+    rollout_episodes: int = 96  # episodes rolled out on the model's own frames
     rollout_frames: int = 256
     steps: int = 3000
     batch: int = 32
