@@ -5,7 +5,7 @@
 # so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
 #
 #   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
-#   then: cp OUT_DIR/6_decoder/toyworld.{json,safetensors} models/weights/
+#   then: cp OUT_DIR/7_decoder/toyworld.{json,safetensors} models/weights/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/toyworld_recipe}
@@ -33,9 +33,14 @@ train --init "$OUT/3_rollout" --seed 3 --sink-blocks 2 --clip-blocks 4 --rollout
 train --init "$OUT/4_sink" --seed 6 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
       --dynamic-weight 10 --lr 2e-4 --warmup 50 --batch 8 --steps 3000 --max-minutes "$(minutes 85)" \
       --out "$OUT/5_sink_more"
-# 6. The pixel refiner: stage 5's DiT unchanged, one denoising step, and a small conv decoder trained on the
-#    DiT's own blocks (from true context, and far into its own rollouts for the scene) to render them crisp
-#    (about 40 min; step-based, SCALE does not apply).
-"$PY" -m inferix.toyworld_decoder --model "$OUT/5_sink_more/toyworld.json" --denoising-steps 1000 \
-      --threads "$THREADS" --out "$OUT/6_decoder"
-echo "done: $OUT/6_decoder/toyworld.json (+ .safetensors)"
+# 6. One-step training: stage 5 again, with every target block at pure noise (the one step the bundle samples
+#    with), from stage 5's EMA weights (62 min).
+train --init "$OUT/5_sink_more" --seed 8 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
+      --dynamic-weight 10 --p-sigma-one 1.0 --lr 2e-4 --warmup 30 --batch 8 --steps 3000 \
+      --max-minutes "$(minutes 62)" --out "$OUT/6_one_step"
+# 7. The pixel refiner: stage 6's DiT unchanged, one denoising step, and a small conv decoder trained on the
+#    DiT's own blocks (from true context, and far into its own rollouts with its own sprites as targets) to render
+#    them crisp (about 35 min; step-based, SCALE does not apply).
+"$PY" -m inferix.toyworld_decoder --model "$OUT/6_one_step/toyworld.json" --denoising-steps 1000 \
+      --threads "$THREADS" --out "$OUT/7_decoder"
+echo "done: $OUT/7_decoder/toyworld.json (+ .safetensors)"
