@@ -106,6 +106,23 @@ def test_training_reduces_the_loss():
     assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:4]), losses
 
 
+def test_p_sigma_one_sets_the_share_of_targets_at_pure_noise():
+    seen = []
+    for p in (1.0, 0.0):
+        tr = Trainer(micro_config(p_sigma_one=p, batch=4))
+        fwd = tr.dit.forward
+
+        def record(x, t, *a, _fwd=fwd, **kw):
+            seen.append((p, t.detach().clone()))
+            return _fwd(x, t, *a, **kw)
+        tr.dit.forward = record
+        tr.loss_on(make_batch(tr.cfg, 0), torch.Generator().manual_seed(0))
+    targets = {p: t[:, -tr.cfg.block_frames:] for p, t in seen}  # the noised copy of the last block
+    assert (targets[1.0] == 1000).all() and (targets[0.0] < 1000).all()
+    with pytest.raises(ValueError, match="p_sigma_one"):
+        micro_config(p_sigma_one=1.5)
+
+
 def test_prefetched_batches_train_exactly_like_batches_made_in_the_loop():
     # worker processes simulate ahead; the trainer must see the very same batches (rollout steps included)
     cfg = micro_config(steps=4, rollout_p=0.5, rollout_max_blocks=2, seed=1)
