@@ -136,8 +136,7 @@ def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
     text = None
     if te_meta.get("type") == "hash":
         text = _hash_encoder(te_meta["text_dim"], te_meta["text_len"], te_meta.get("vocab", 4096))
-        text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
-        text.load_state_dict(text_sd, strict=True)
+        load_prefixed_strict(text, sd, "text.", weights)
         text.eval()
     decoder = pixel_decoder_from(meta, sd, weights, cfg.in_dim)
     bundle = ModelBundle(name=meta.get("name", Path(path).stem), dit=dit,

@@ -70,8 +70,7 @@ class WindowKVBackend(SDPABackend):
         n = kc.shape[1] // self.T
         if n not in self._rot:
             self._rot[n] = self.rope(n)
-        cos, sin = self._rot[n]
-        return apply_rope(kc, cos.to(kc.device), sin.to(kc.device))
+        return apply_rope(kc, *self._rot[n])
 
     def attend(self, q, k, v, layer, meta, k_raw=None):
         if not isinstance(meta, RolloutMeta):

@@ -214,7 +214,7 @@ def draw_sprites(background: np.ndarray, agent=None, ball=None) -> np.ndarray:
     if ball is not None:
         bx, by = (int(v) for v in ball)
         view = img[by:by + BALL_DIAMETER, bx:bx + BALL_DIAMETER]
-        view[_DISC[:view.shape[0], :view.shape[1]]] = BALL_COLOR
+        view[_DISC] = BALL_COLOR
     if agent is not None:
         ax, ay = (int(v) for v in agent)
         img[ay:ay + AGENT_SIZE, ax:ax + AGENT_SIZE] = AGENT_COLOR  # the agent is drawn over the ball
