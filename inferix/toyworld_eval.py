@@ -92,7 +92,12 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
         agent = np.linalg.norm(detect_color(blk, sim.AGENT_COLOR) - pos[k:k + bf], axis=1)
         rows.append({"first_frame": k, "bounce": bool(bounced[k:k + bf].any()),
                      "ball_error_max_px": worst(ball), "ball_found_frames": int((~np.isnan(ball)).sum()),
-                     "agent_error_max_px": worst(agent), "agent_found_frames": int((~np.isnan(agent)).sum())})
+                     "agent_error_max_px": worst(agent), "agent_found_frames": int((~np.isnan(agent)).sum()),
+                     "agent_error_px": [None if np.isnan(e) else float(e) for e in agent]})
+
+    def by_frame(bounce):  # mean agent error of the block's k-th frame (does the error grow within a block?)
+        e = np.array([[np.nan if v is None else v for v in r["agent_error_px"]] for r in rows if r["bounce"] == bounce])
+        return [None if e.size == 0 or np.isnan(e[:, k]).all() else float(np.nanmean(e[:, k])) for k in range(bf)]
 
     def median(key, bounce):
         v = [r[key] for r in rows if r["bounce"] == bounce and r[key] is not None]
@@ -102,6 +107,7 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
                                             "no_bounce": median("ball_error_max_px", False)},
                "agent_error_max_px_median": {"bounce": median("agent_error_max_px", True),
                                              "no_bounce": median("agent_error_max_px", False)},
+               "agent_error_px_mean_by_frame_in_block": {"bounce": by_frame(True), "no_bounce": by_frame(False)},
                "note": "per block: the worst frame's error; a frame where the object is not found is left out "
                        "(see *_found_frames)",
                "model": model, "prompt": prompt, "seed": seed, "context_frames": context}

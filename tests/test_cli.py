@@ -151,6 +151,12 @@ def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
     s = r["summary"]
     assert all(b["agent_found_frames"] == 4 for b in rows)
     assert s["agent_error_max_px_median"]["no_bounce"] < 4 and s["ball_error_max_px_median"]["no_bounce"] < 4
+    # Per-frame errors: each block's worst frame is the maximum of its frames; the by-frame means average them.
+    for b in rows:
+        assert len(b["agent_error_px"]) == 4 and max(b["agent_error_px"]) == pytest.approx(b["agent_error_max_px"])
+    plain = [b["agent_error_px"] for b in rows if not b["bounce"]]
+    want = [sum(e[k] for e in plain) / len(plain) for k in range(4)]
+    assert s["agent_error_px_mean_by_frame_in_block"]["no_bounce"] == pytest.approx(want)
     from inferix.toyworld_eval import evaluate_from_truth
     with pytest.raises(ValueError, match="context 6"):
         evaluate_from_truth(blocks=2, out=out, context=6)
