@@ -5,7 +5,7 @@
 # so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
 #
 #   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
-#   then: cp OUT_DIR/7_decoder/toyworld.{json,safetensors} models/weights/
+#   then: cp OUT_DIR/8_decoder/toyworld.{json,safetensors} models/weights/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/toyworld_recipe}
@@ -38,9 +38,13 @@ train --init "$OUT/4_sink" --seed 6 --sink-blocks 2 --clip-blocks 4 --rollout-p 
 train --init "$OUT/5_sink_more" --seed 8 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
       --dynamic-weight 10 --p-sigma-one 1.0 --lr 2e-4 --warmup 30 --batch 8 --steps 3000 \
       --max-minutes "$(minutes 62)" --out "$OUT/6_one_step"
-# 7. The pixel refiner: stage 6's DiT unchanged, one denoising step, and a small conv decoder trained on the
+# 7. More of stage 6 from its EMA weights, new data (seed 9), a lower peak rate (62 min).
+train --init "$OUT/6_one_step" --seed 9 --sink-blocks 2 --clip-blocks 4 --rollout-p 0.3 --rollout-max-blocks 8 \
+      --dynamic-weight 10 --p-sigma-one 1.0 --lr 1.5e-4 --warmup 30 --batch 8 --steps 3000 \
+      --max-minutes "$(minutes 62)" --out "$OUT/7_one_step_more"
+# 8. The pixel refiner: stage 7's DiT unchanged, one denoising step, and a small conv decoder trained on the
 #    DiT's own blocks (from true context, and far into its own rollouts with its own sprites as targets) to render
-#    them crisp (about 35 min; step-based, SCALE does not apply).
-"$PY" -m inferix.toyworld_decoder --model "$OUT/6_one_step/toyworld.json" --denoising-steps 1000 \
-      --threads "$THREADS" --out "$OUT/7_decoder"
-echo "done: $OUT/7_decoder/toyworld.json (+ .safetensors)"
+#    them crisp (about 30 min; step-based, SCALE does not apply).
+"$PY" -m inferix.toyworld_decoder --model "$OUT/7_one_step_more/toyworld.json" --denoising-steps 1000 \
+      --threads "$THREADS" --out "$OUT/8_decoder"
+echo "done: $OUT/8_decoder/toyworld.json (+ .safetensors)"
