@@ -83,7 +83,7 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
 
     def worst(e):  # a block's worst frame; frames where the object is not found are left out
         return None if np.isnan(e).all() else float(np.nanmax(e))
-    rows = []
+    rows, agent_errors = [], []  # agent_errors: each block's per-frame errors, NaN where the agent is not found
     for i in tqdm(range(blocks), desc="blocks from true context", unit="block"):
         k = context + i * bf
         blk = next(iter(eng.generate(prompt, num_frames=bf, seed=seed + i, init_frames=true[:k],
@@ -94,9 +94,10 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
                      "ball_error_max_px": worst(ball), "ball_found_frames": int((~np.isnan(ball)).sum()),
                      "agent_error_max_px": worst(agent), "agent_found_frames": int((~np.isnan(agent)).sum()),
                      "agent_error_px": [None if np.isnan(e) else float(e) for e in agent]})
+        agent_errors.append(agent)
 
     def by_frame(bounce):  # mean agent error of the block's k-th frame (does the error grow within a block?)
-        e = np.array([[np.nan if v is None else v for v in r["agent_error_px"]] for r in rows if r["bounce"] == bounce])
+        e = np.array([a for a, r in zip(agent_errors, rows) if r["bounce"] == bounce])
         return [None if e.size == 0 or np.isnan(e[:, k]).all() else float(np.nanmean(e[:, k])) for k in range(bf)]
 
     def median(key, bounce):
