@@ -289,7 +289,6 @@ def test_engine_free_rollout_gives_the_engines_frames():
     assert np.abs(other.astype(int) - want.astype(int))[16:].mean() > 1.0
 
 
-# ---- metrics -------------------------------------------------------------------------------------
 # ---- the shipped weights -------------------------------------------------------------------------
 def test_shipped_bundle_is_small_and_continues_the_scene():
     """A floor that broken or badly loaded weights cannot pass (random weights: 6 dB, 5% palette pixels), not the
