@@ -14,10 +14,11 @@ from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
 from inferix.models.toyworld.metrics import detect_color, rollout_metrics
-from inferix.models.toyworld.text import LocalHashTextEncoder
+from inferix.models.toyworld.text import LocalHashTextEncoder, word_ids
 from inferix.models.toyworld.train import main as train_main
 from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
-                                           export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
+                                           export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels,
+                                           training_words)
 from inferix.models.wan_dit import WanDiTConfig
 
 @pytest.fixture(autouse=True)
@@ -208,6 +209,16 @@ def test_rollout_mode_trains_on_the_models_own_context(tmp_path):
     fresh.init_from(tmp_path / "ck")
     assert fresh.step == 0
     assert all(torch.equal(p, e) for p, e in zip(fresh.params, tr.ema))
+    # --init from an exported bundle: the same weights, the text table mapped back to the trainer's rows.
+    export_bundle(tr, tmp_path / "b" / "toyworld.json")
+    from_bundle = Trainer(micro_config(seed=6, rollout_p=0.5))
+    from_bundle.init_from(tmp_path / "b" / "toyworld.json")
+    for (name, p), e in zip(from_bundle.named(False).items(), tr.ema):
+        if name == "text.embedding.weight":  # the rows the training prompts reach
+            rows = [word_ids(w, 1, tr.text.vocab, tr.text.seed)[0] for w in training_words()]
+            assert torch.equal(p[rows], e.detach()[rows]), name
+        else:
+            assert torch.equal(p, e.detach()), name
 
 
 def test_export_loads_and_rollout_equals_block_causal_forward(tmp_path):

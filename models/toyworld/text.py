@@ -14,7 +14,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-__all__ = ["LocalHashTextEncoder", "word_ids", "shared_word_id", "to_shared_table",
+__all__ = ["LocalHashTextEncoder", "word_ids", "shared_word_id", "to_shared_table", "from_shared_table",
            "collision_free_vocab"]
 
 
@@ -74,3 +74,15 @@ def to_shared_table(local: LocalHashTextEncoder, words: list[str], vocab: int) -
         (i,) = word_ids(w, 1, local.vocab, local.seed)
         table[j] = local.embedding.weight.detach()[i]
     return table
+
+
+def from_shared_table(table: torch.Tensor, local: LocalHashTextEncoder, words: list[str]) -> None:
+    """The inverse of ``to_shared_table`` for the known words: copy each word's shared row into its row of
+    ``local`` (in place), so that a trainer can start again from an exported bundle."""
+    vocab = table.shape[0]
+    if table.ndim != 2 or table.shape[1] != local.text_dim:
+        raise ValueError(f"shared text table has shape {tuple(table.shape)}, expected [vocab, {local.text_dim}]")
+    with torch.no_grad():
+        for w in words:
+            (i,) = word_ids(w, 1, local.vocab, local.seed)
+            local.embedding.weight[i] = table[shared_word_id(w, vocab)]

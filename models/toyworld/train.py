@@ -38,7 +38,7 @@ from . import simulator as sim
 from .data import (BatchPrefetcher, corrupt_context, make_batch, rollout_blocks_at, to_latent,  # noqa: F401
                    to_pixels)
 from .teacher_forcing import TeacherForcingBackend, TeacherForcingMeta
-from .text import LocalHashTextEncoder, collision_free_vocab, to_shared_table
+from .text import LocalHashTextEncoder, collision_free_vocab, from_shared_table, to_shared_table
 
 __all__ = ["TrainConfig", "TeacherForcingMeta", "TeacherForcingBackend", "build_models", "Trainer", "export_bundle",
            "default_model_config", "default_sampling", "main",
@@ -395,12 +395,17 @@ class Trainer:
         self.step, self.wall, self.history = int(state["step"]), float(state["wall_s"]), state["history"]
 
     def init_from(self, ckpt: Path) -> None:
-        """Start a new run (step 0, fresh optimizer) from a checkpoint's EMA weights, e.g. to fine-tune."""
+        """Start a new run (step 0, fresh optimizer) from a checkpoint's EMA weights, e.g. to fine-tune.
+        ``ckpt`` is a checkpoint directory, or an exported bundle's .json (its refiner, if any, is not trained
+        here and is left out)."""
         from safetensors.torch import load_file
-        path = Path(ckpt) / "ckpt.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {ckpt} has no ckpt.safetensors")
-        sd = load_file(str(path))
+        if Path(ckpt).suffix == ".json":
+            sd = {f"ema.{k}": v for k, v in self._bundle_tensors(Path(ckpt)).items()}
+        else:
+            path = Path(ckpt) / "ckpt.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint {ckpt} has no ckpt.safetensors")
+            sd = load_file(str(path))
         names = list(self.named(False))
         missing = [n for n in names if f"ema.{n}" not in sd]
         if missing:
@@ -412,6 +417,30 @@ class Trainer:
                                      f"model {tuple(p.shape)}")
                 p.copy_(sd[f"ema.{n}"])
                 e.copy_(sd[f"ema.{n}"])
+
+
+    def _bundle_tensors(self, bundle_json: Path) -> dict:
+        """An exported bundle's DiT and text tensors under this trainer's names (the text table re-indexed back
+        to the trainer's hashing)."""
+        from safetensors.torch import load_file
+        path = bundle_json.with_suffix(".safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"bundle {bundle_json} has no {path.name} beside it")
+        sd = load_file(str(path))
+        if "text.embedding.weight" not in sd:
+            raise KeyError(f"bundle {path} lacks text.embedding.weight")
+        local = LocalHashTextEncoder(self.text.text_dim, self.text.text_len, self.text.vocab, self.text.seed)
+        with torch.no_grad():
+            local.embedding.weight.copy_(self.text.embedding.weight.detach().cpu())
+        from_shared_table(sd.pop("text.embedding.weight"), local, training_words())
+        out = {k: v for k, v in sd.items() if k.startswith("dit.")}
+        out["text.embedding.weight"] = local.embedding.weight.detach()
+        return out
+
+
+def training_words() -> list[str]:
+    """Every word the training prompts use (the rows of the text table that training reaches)."""
+    return sorted(set(sim.FILLER_WORDS) | {w for ws in sim.THEME_WORDS.values() for w in ws})
 
 
 def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | None = None,
@@ -427,7 +456,7 @@ def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | N
     tensors = trainer.named(True)
     # The bundle's text encoder is the shared HashTextEncoder (models/text_encoder.py), whose hashing differs
     # from the trainer's: move every training word's EMA row to its shared id in a table without collisions.
-    words = sorted(set(sim.FILLER_WORDS) | {w for ws in sim.THEME_WORDS.values() for w in ws})
+    words = training_words()
     vocab = collision_free_vocab(words, 4096)
     local = LocalHashTextEncoder(trainer.text.text_dim, trainer.text.text_len, trainer.text.vocab,
                                  trainer.text.seed)
@@ -461,8 +490,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/toyworld", help="directory for checkpoints and the exported bundle")
     ap.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     ap.add_argument("--init", default=None,
-                    help="checkpoint directory whose EMA weights (and config) start a new run: step 0, fresh "
-                         "optimizer and schedule (fine-tuning)")
+                    help="checkpoint directory, exported bundle .json or 'toyworld' (the shipped weights) whose EMA "
+                         "weights (and config) start a new run: step 0, fresh optimizer and schedule (fine-tuning)")
     ap.add_argument("--rollout-p", type=float, default=None,
                     help="share of batches whose context is the model's own rollout (self-forcing fine-tuning)")
     ap.add_argument("--rollout-max-blocks", type=int, default=None,
@@ -506,7 +535,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
-    if args.resume or args.init:
+    if args.init == "toyworld":  # the shipped bundle
+        args.init = str(Path(__file__).resolve().parents[1] / "weights" / "toyworld.json")
+    if args.init and Path(args.init).suffix == ".json":
+        if not Path(args.init).exists():
+            raise FileNotFoundError(f"bundle {args.init} does not exist")
+        meta = json.loads(Path(args.init).read_text())
+        if "config" not in meta.get("train", {}):
+            raise KeyError(f"bundle {args.init} has no train.config (not exported by this trainer)")
+        fields = {**meta["train"]["config"], **fields, "seed": args.seed}
+    elif args.resume or args.init:
         state_path = Path(args.resume or args.init) / "state.json"
         if not state_path.exists():
             raise FileNotFoundError(f"checkpoint {state_path.parent} has no state.json")
