@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the shipped toy-world weights, stage by stage (docs/toyworld.md, "How the shipped weights were
 # made"). Stages 1-7 have wall-clock budgets in minutes, which SCALE multiplies (SCALE=0.5 halves them); stages
-# 8 and 9 are step-based. Each stage starts from the previous stage's EMA weights (--init) and writes its own checkpoint folder,
-# so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
+# 8 and 9 are step-based. Each stage starts from the previous stage's EMA weights (--init) and writes its own
+# checkpoint folder, so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
 #
 #   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
 #   then: cp OUT_DIR/10_decoder/toyworld.{json,safetensors} models/weights/
@@ -43,7 +43,8 @@ train --init "$OUT/6_one_step" --seed 9 --sink-blocks 2 --clip-blocks 4 --rollou
       --dynamic-weight 10 --p-sigma-one 1.0 --lr 1.5e-4 --warmup 30 --batch 8 --steps 3000 \
       --max-minutes "$(minutes 62)" --out "$OUT/7_one_step_more"
 # 8 and 9 ran on one GPU (an H200): batch 64, simulator worker processes, two runs side by side. The step counts
-#    are those the GPU reached in its time budget (7 and 4.2 min); on 2 CPU cores the same steps would take 9 h or more.
+#    are those the GPU reached in its time budget (7 and 4.2 min); on 2 CPU cores the same steps would take 9 h
+#    or more.
 #    GPU_ARGS (default: --workers 7) is added; the device is CUDA when torch sees one.
 GPU_ARGS=${GPU_ARGS:---workers 7}
 # 8. More of stage 7 with 8x the batch (62,784 clips).

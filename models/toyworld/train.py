@@ -418,7 +418,6 @@ class Trainer:
                 p.copy_(sd[f"ema.{n}"])
                 e.copy_(sd[f"ema.{n}"])
 
-
     def _bundle_tensors(self, bundle_json: Path) -> dict:
         """An exported bundle's DiT and text tensors under this trainer's names (the text table re-indexed back
         to the trainer's hashing)."""
@@ -536,7 +535,8 @@ def main(argv=None) -> int:
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.init == "toyworld":  # the shipped bundle
-        args.init = str(Path(__file__).resolve().parents[1] / "weights" / "toyworld.json")
+        from ..bundle import WEIGHTS_DIR
+        args.init = str(WEIGHTS_DIR / "toyworld.json")
     if args.init and Path(args.init).suffix == ".json":
         if not Path(args.init).exists():
             raise FileNotFoundError(f"bundle {args.init} does not exist")
