@@ -17,8 +17,8 @@ from inferix.models.toyworld.metrics import detect_color, rollout_metrics
 from inferix.models.toyworld.text import LocalHashTextEncoder, word_ids
 from inferix.models.toyworld.train import main as train_main
 from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBackend, TeacherForcingMeta, TrainConfig, Trainer,
-                                           export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels,
-                                           training_words)
+                                           export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
+from inferix.models.toyworld.export import training_words
 from inferix.models.wan_dit import WanDiTConfig
 
 @pytest.fixture(autouse=True)

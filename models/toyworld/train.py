@@ -31,40 +31,24 @@ import numpy as np
 import torch
 
 from ..config import ConfigBase
-from ..schedule import SamplingConfig
 from ..wan_dit import CausalWanDiT, WanDiTConfig
 from ...kernels.attention import BlockCausalMeta, SDPABackend, get_backend
 from . import simulator as sim
 from .data import (BatchPrefetcher, corrupt_context, make_batch, rollout_blocks_at, to_latent,  # noqa: F401
                    to_pixels)
 from .teacher_forcing import TeacherForcingBackend, TeacherForcingMeta
-from .text import LocalHashTextEncoder, collision_free_vocab, from_shared_table, to_shared_table
+from .export import bundle_tensors, default_sampling, export_bundle  # noqa: F401 (default_sampling re-exported)
+from .text import LocalHashTextEncoder
 
 __all__ = ["TrainConfig", "TeacherForcingMeta", "TeacherForcingBackend", "build_models", "Trainer", "export_bundle",
            "default_model_config", "default_sampling", "main",
-           # re-exported from .data
+           # re-exported from .data and .export
            "make_batch", "rollout_blocks_at", "to_latent", "to_pixels", "BatchPrefetcher"]
-
-# Cache of a bundle trained on contiguous clips (a run with sink_blocks exports its own clip layout instead):
-WINDOW_FRAMES = 12  # context kept at inference, including the block being generated
-# The first two blocks stay in the cache for good; in rollouts these anchor frames keep the scene from dissolving
-# (docs/toyworld.md: 7 dB -> 16-21 dB PSNR), even for a model that never saw a gap in frame positions.
-SINK_FRAMES = 8
-
 
 def default_model_config() -> WanDiTConfig:
     return WanDiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_dim=3, out_dim=3,
                         patch_size=(1, 8, 8), freq_dim=64, text_dim=32, text_len=16, num_actions=len(sim.ACTIONS),
                         prediction="x0")
-
-
-def default_sampling(block_frames: int = 4) -> SamplingConfig:
-    # Plain (unwarped, shift 1) timesteps: sigma = t / 1000, the noise levels the trainer samples from. Two steps,
-    # sigma 1 then 0.5: the single x0 prediction from pure noise is the mean of what may come, which smears the
-    # agent and the ball; re-noising it to 0.5 and predicting again commits to sharp ones (docs/toyworld.md:
-    # palette share 45 -> 86 %, agent found in 98 -> 100 % of frames, for about 0.4 dB of PSNR).
-    return SamplingConfig(denoising_steps=[1000.0, 500.0], warp=False, shift=1.0, context_timestep=0.0,
-                          block_frames=block_frames, sampler="few_step")
 
 
 @dataclass
@@ -400,7 +384,7 @@ class Trainer:
         here and is left out)."""
         from safetensors.torch import load_file
         if Path(ckpt).suffix == ".json":
-            sd = {f"ema.{k}": v for k, v in self._bundle_tensors(Path(ckpt)).items()}
+            sd = {f"ema.{k}": v for k, v in bundle_tensors(Path(ckpt), self.text).items()}
         else:
             path = Path(ckpt) / "ckpt.safetensors"
             if not path.exists():
@@ -417,71 +401,6 @@ class Trainer:
                                      f"model {tuple(p.shape)}")
                 p.copy_(sd[f"ema.{n}"])
                 e.copy_(sd[f"ema.{n}"])
-
-    def _bundle_tensors(self, bundle_json: Path) -> dict:
-        """An exported bundle's DiT and text tensors under this trainer's names (the text table re-indexed back
-        to the trainer's hashing)."""
-        from safetensors.torch import load_file
-        path = bundle_json.with_suffix(".safetensors")
-        if not path.exists():
-            raise FileNotFoundError(f"bundle {bundle_json} has no {path.name} beside it")
-        sd = load_file(str(path))
-        if "text.embedding.weight" not in sd:
-            raise KeyError(f"bundle {path} lacks text.embedding.weight")
-        local = LocalHashTextEncoder(self.text.text_dim, self.text.text_len, self.text.vocab, self.text.seed)
-        with torch.no_grad():
-            local.embedding.weight.copy_(self.text.embedding.weight.detach().cpu())
-        from_shared_table(sd.pop("text.embedding.weight"), local, training_words())
-        out = {k: v for k, v in sd.items() if k.startswith("dit.")}
-        out["text.embedding.weight"] = local.embedding.weight.detach()
-        return out
-
-
-def training_words() -> list[str]:
-    """Every word the training prompts use (the rows of the text table that training reaches)."""
-    return sorted(set(sim.FILLER_WORDS) | {w for ws in sim.THEME_WORDS.values() for w in ws})
-
-
-def export_bundle(trainer: Trainer, out_json: Path, sampling: SamplingConfig | None = None,
-                  final_loss: float | None = None) -> Path:
-    """Write the EMA weights as an inferix bundle: <name>.safetensors (dit.*, text.*) and <name>.json."""
-    from safetensors.torch import save_file
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    c = trainer.cfg
-    sampling = sampling or default_sampling(c.block_frames)
-    if sampling.block_frames != c.block_frames:
-        raise ValueError(f"sampling.block_frames {sampling.block_frames} != trained block_frames {c.block_frames}")
-    tensors = trainer.named(True)
-    # The bundle's text encoder is the shared HashTextEncoder (models/text_encoder.py), whose hashing differs
-    # from the trainer's: move every training word's EMA row to its shared id in a table without collisions.
-    words = training_words()
-    vocab = collision_free_vocab(words, 4096)
-    local = LocalHashTextEncoder(trainer.text.text_dim, trainer.text.text_len, trainer.text.vocab,
-                                 trainer.text.seed)
-    with torch.no_grad():
-        local.embedding.weight.copy_(tensors.pop("text.embedding.weight"))
-    if any(k.startswith("text.") for k in tensors):
-        raise KeyError(f"unexpected text-encoder tensors {[k for k in tensors if k.startswith('text.')]}")
-    tensors["text.embedding.weight"] = to_shared_table(local, words, vocab).contiguous()
-    save_file(tensors, str(out_json.with_suffix(".safetensors")), metadata={"format": "inferix-bundle"})
-    mc = c.model_config
-    meta = {
-        "format": "inferix-bundle", "name": "toyworld",
-        "dit": mc.to_dict(), "sampling": sampling.to_dict(),
-        "text_encoder": {"type": "hash", "text_dim": mc.text_dim, "text_len": mc.text_len, "vocab": vocab},
-        "decoder": {"type": "pixel"}, "height": sim.SIZE, "width": sim.SIZE, "fps": 16,
-        "actions": list(sim.ACTIONS), "default_prompt": "a red cube in a snowy field",  # in the training words
-        # A run with a sink layout has been trained on exactly the cache the engine keeps with these.
-        "window": c.clip_blocks * c.block_frames if c.sink_blocks else WINDOW_FRAMES,
-        "sink": c.sink_blocks * c.block_frames if c.sink_blocks else SINK_FRAMES,
-        "themes": {t: w for t, w in sim.THEME_WORDS.items()},
-        "train": {"steps": trainer.step, "seed": c.seed, "batch": c.batch, "final_loss": final_loss,
-                  "wall_time_s": round(trainer.wall, 1), "config": c.to_dict()},
-    }
-    out_json.write_text(json.dumps(meta, indent=2))
-    return out_json
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="inferix train toyworld", description=__doc__.split("\n\n")[0])
