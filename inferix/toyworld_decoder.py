@@ -17,7 +17,7 @@ from .engine import Engine
 from .models.bundle import WEIGHTS_DIR
 from .models.schedule import SamplingConfig
 from .models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
-                                            train_refiner)
+                                            pair_references, train_refiner)
 
 __all__ = ["main"]
 
@@ -34,7 +34,10 @@ def main(argv=None) -> int:
     for k, v in asdict(d).items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     a = ap.parse_args(argv)
-    cfg = RefinerConfig(**{k: getattr(a, k) for k in asdict(d)})
+    try:
+        cfg = RefinerConfig(**{k: getattr(a, k) for k in asdict(d)})
+    except ValueError as e:
+        ap.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
     src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
         rg, rt, rw = make_rollout_pairs(eng, cfg)
         weight = np.concatenate([np.ones(gen.shape[:3], bool), rw])
         gen, true = np.concatenate([gen, rg]), np.concatenate([true, rt])
-    refiner, losses = train_refiner(gen, true, cfg, weight=weight)
+    ref = pair_references(cfg, eng.block_frames) if cfg.reference_frames else None
+    refiner, losses = train_refiner(gen, true, cfg, weight=weight, ref=ref)
     tail = float(np.mean(losses[-100:]))
     info = {"config": asdict(cfg), "pairs": int(len(gen)), "source": src.name,
             "l1_estimate_vs_truth_from_true_context": round(base, 5), "l1_refined_last_100_steps": round(tail, 5)}

@@ -105,7 +105,8 @@ def _random_dit(cfg: WanDiTConfig, seed: int, device="cpu") -> CausalWanDiT:
 
 def pixel_decoder_from(meta: dict, sd: dict, source, channels: int) -> PixelDecoder | None:
     """The bundle's decoder: ``{"type": "pixel"}`` (identity), optionally with ``"refiner": {"channels": C,
-    "layers": L}`` whose weights are the ``decoder.`` tensors of the bundle's safetensors; None for other types."""
+    "layers": L[, "reference_frames": K]}`` whose weights are the ``decoder.`` tensors of the bundle's safetensors;
+    None for other types."""
     dec_meta = meta.get("decoder") or {"type": "pixel"}
     if dec_meta.get("type") != "pixel":
         return None
@@ -113,9 +114,11 @@ def pixel_decoder_from(meta: dict, sd: dict, source, channels: int) -> PixelDeco
     if ref_meta is None:
         return PixelDecoder(channels)
     try:
-        refiner = PixelRefiner(int(ref_meta["channels"]), int(ref_meta["layers"]))
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{source}: decoder.refiner must give integer 'channels' and 'layers', got {ref_meta!r}") from e
+        refiner = PixelRefiner(int(ref_meta["channels"]), int(ref_meta["layers"]),
+                               int(ref_meta.get("reference_frames", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: decoder.refiner must give integer 'channels' and 'layers' (and optionally "
+                         f"'reference_frames' >= 0), got {ref_meta!r}") from e
     load_prefixed_strict(refiner, sd, "decoder.", source)
     return PixelDecoder(channels, refiner)
 

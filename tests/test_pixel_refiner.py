@@ -8,11 +8,11 @@ import torch
 
 from inferix.engine import Engine
 from inferix.models.bundle import load_model
-from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner
+from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner, ReferenceStream
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
-                                                   rollout_targets, train_refiner)
+                                                   pair_references, rollout_targets, train_refiner)
 from inferix.toyworld_decoder import main as decoder_main
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
@@ -31,9 +31,9 @@ def micro_bundle(tmp_path_factory):
                          sampling=SamplingConfig(denoising_steps=[1000.0], warp=False, shift=1.0, block_frames=2))
 
 
-def _random_refiner(seed=0, channels=4, layers=3) -> PixelRefiner:
+def _random_refiner(seed=0, channels=4, layers=3, reference_frames=0) -> PixelRefiner:
     torch.manual_seed(seed)
-    r = PixelRefiner(channels, layers)
+    r = PixelRefiner(channels, layers, reference_frames)
     torch.nn.init.normal_(r.out.weight, std=0.05)  # not the identity it starts as
     return r
 
@@ -96,7 +96,7 @@ def test_bundle_refiner_weights_are_checked(micro_bundle, tmp_path):
 
 def test_pairs_are_engine_blocks_from_true_context(micro_bundle):
     eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
-    cfg = RefinerConfig(episodes=2, blocks=3, start_frames=4, steps=1)
+    cfg = RefinerConfig(episodes=2, blocks=3, start_frames=4, steps=1, reference_frames=4)
     gen, true = make_pairs(eng, cfg, progress=False)
     bf = eng.block_frames
     assert gen.shape == true.shape == (2 * 3 * bf, 64, 64, 3) and gen.dtype == np.uint8
@@ -115,7 +115,7 @@ def test_pairs_are_engine_blocks_from_true_context(micro_bundle):
     assert np.array_equal(gen[i:i + bf], blk)
     assert isinstance(eng.bundle.decoder, PixelDecoder) and eng.bundle.decoder.refiner is None
     with pytest.raises(ValueError, match="start_frames 3"):
-        make_pairs(eng, RefinerConfig(episodes=1, blocks=1, start_frames=3), progress=False)
+        make_pairs(eng, RefinerConfig(episodes=1, blocks=1, start_frames=3, reference_frames=3), progress=False)
 
 
 def test_rollout_targets_draw_the_models_sprites_on_the_scene():
@@ -140,7 +140,7 @@ def test_rollout_targets_draw_the_models_sprites_on_the_scene():
 
 def test_rollout_pairs_are_the_engines_rollout_with_its_own_sprites_as_targets(micro_bundle):
     eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
-    cfg = RefinerConfig(rollout_episodes=1, rollout_frames=6, start_frames=4)
+    cfg = RefinerConfig(rollout_episodes=1, rollout_frames=6, start_frames=4, reference_frames=4)
     gen, target, w = make_rollout_pairs(eng, cfg, progress=False)
     assert gen.shape == target.shape == (6, 64, 64, 3) and w.shape == (6, 64, 64) and w.dtype == bool
     rng = np.random.default_rng([cfg.seed, 10_000])
@@ -159,12 +159,12 @@ def test_training_reduces_the_loss():
     frames, _ = sim.simulate(11, None, "meadow", 48)
     gen = (0.7 * frames + 0.3 * 128).round().astype(np.uint8)
     base = np.abs(gen.astype(np.float32) - frames).mean() / 127.5
-    _, losses = train_refiner(gen, frames, RefinerConfig(steps=100, batch=8, channels=8, layers=3, lr=5e-3),
+    _, losses = train_refiner(gen, frames, RefinerConfig(steps=100, batch=8, channels=8, layers=3, lr=5e-3, reference_frames=0),
                               progress=False)
     assert losses[0] == pytest.approx(base, rel=0.1)  # starts as the identity
     assert np.mean(losses[-20:]) < 0.3 * base, (base, losses[-20:])
     with pytest.raises(ValueError, match="one shape"):
-        train_refiner(gen[:2], frames[:3], RefinerConfig(steps=1))
+        train_refiner(gen[:2], frames[:3], RefinerConfig(steps=1, reference_frames=0))
     with pytest.raises(ValueError, match="steps must be >= 1"):
         RefinerConfig(steps=0)
 
@@ -173,7 +173,7 @@ def test_cli_writes_a_loadable_bundle(micro_bundle, tmp_path, capsys):
     out = tmp_path / "dec"
     assert decoder_main(["--model", str(micro_bundle), "--out", str(out), "--episodes", "1", "--blocks", "1",
                          "--start-frames", "2", "--steps", "3", "--batch", "2", "--channels", "4", "--layers", "2",
-                         "--rollout-episodes", "1", "--rollout-frames", "2", "--denoising-steps", "1000,500"]) == 0
+                         "--rollout-episodes", "1", "--rollout-frames", "2", "--denoising-steps", "1000,500", "--reference-frames", "0"]) == 0
     meta = json.loads((out / "toyworld.json").read_text())
     assert meta["sampling"]["denoising_steps"] == [1000.0, 500.0]
     assert meta["decoder_train"]["pairs"] == 4 and meta["decoder"]["refiner"] == {"channels": 4, "layers": 2}
@@ -183,6 +183,131 @@ def test_cli_writes_a_loadable_bundle(micro_bundle, tmp_path, capsys):
     assert "--denoising-steps must lie in" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nope.json"):
         decoder_main(["--model", str(tmp_path / "nope.json"), "--out", str(out)])
+
+
+# ---- refiners with a reference image ----------------------------------------------------------------------------
+def _lower_median(frames_u8: np.ndarray) -> np.ndarray:
+    """Naive reference: per pixel and channel, the lower middle value of the sorted frames, as a latent [3, H, W]."""
+    s = np.sort(frames_u8.astype(np.float64), axis=0)
+    return (s[(len(s) - 1) // 2] / 127.5 - 1).transpose(2, 0, 1)
+
+
+def test_reference_refiner_checks_its_inputs():
+    r = PixelRefiner(8, 3, reference_frames=4)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(r(x, torch.zeros_like(x)), x)  # untrained: the identity, whatever the reference
+    assert r.config() == {"channels": 8, "layers": 3, "reference_frames": 4}
+    assert PixelRefiner(8, 3).config() == {"channels": 8, "layers": 3}  # bundles without one are unchanged
+    with pytest.raises(ValueError, match="needs a reference image"):
+        r(x)
+    with pytest.raises(ValueError, match="needs a reference image"):
+        r(x, torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="takes no reference"):
+        PixelRefiner(8, 3)(x, x)
+    with pytest.raises(ValueError, match="reference_frames must be >= 0"):
+        PixelRefiner(8, 3, -1)
+    with pytest.raises(TypeError, match="new_stream"):
+        PixelDecoder(3, r).refine_stream(None, x)
+
+
+def test_reference_stream_keeps_the_first_frames_and_gives_their_median():
+    frames, _ = sim.simulate(4, None, "night", 7)
+    dec = PixelDecoder(3, _random_refiner(reference_frames=5))
+    st = dec.new_stream()
+    assert isinstance(st, ReferenceStream) and PixelDecoder(3, _random_refiner()).new_stream() is None
+    lat = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    # Blocks of 3: the first block's reference is its own median; from the second on, the first 5 frames'.
+    for b, upto in ((0, 3), (3, 5), (6, 5)):
+        ref = st.reference(lat[b:b + 3])
+        assert np.allclose(ref.numpy(), _lower_median(frames[:upto]), atol=1e-6), b
+    assert len(st.frames) == 5
+    # decode_block = the refiner on each frame with that reference
+    st2 = dec.new_stream()
+    dec.decode_block(st2, lat[None, :5])
+    out = dec.decode_block(st2, lat[None, 5:7])
+    with torch.no_grad():
+        want = dec.refiner(lat[5:7], torch.as_tensor(_lower_median(frames[:5])).float().expand(2, -1, -1, -1))
+    want = ((want.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(want - out).max() <= 1
+
+
+def test_engine_and_engine_free_rollout_refine_with_the_start_frames_reference(micro_bundle, tmp_path):
+    from inferix.models.toyworld.eval import load_decoder, load_toyworld, rollout
+    ref = _random_refiner(seed=3, reference_frames=4)
+    out = export_with_refiner(micro_bundle, ref, tmp_path / "r" / "toyworld.json")
+    assert json.loads(out.read_text())["decoder"]["refiner"]["reference_frames"] == 4
+    acts = sim.random_actions(np.random.default_rng(2), 12)
+    frames, _ = sim.simulate(8, acts, "snow", 12)
+    kw = dict(num_frames=6, seed=5, init_frames=frames[:6], actions=[int(a) for a in acts[6:]])
+    eng = Engine.from_pretrained(str(out), device="cpu", max_sessions=1)
+    refined = np.concatenate(list(eng.generate("snow", **kw)))
+    eng.bundle.decoder = PixelDecoder(3)
+    raw = np.concatenate(list(eng.generate("snow", **kw)))
+    with torch.no_grad():  # naive: the refiner on each raw frame, the reference from the first 4 start frames
+        x = torch.as_tensor(raw).permute(0, 3, 1, 2).float() / 127.5 - 1
+        expect = ref(x, torch.as_tensor(_lower_median(frames[:4])).float().expand_as(x)).clamp(-1, 1)
+    expect = ((expect + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(expect - refined.astype(np.float64)).max() <= 3
+    assert np.abs(raw.astype(int) - refined).max() > 10
+    # the engine-free rollout primes its decoder stream the same way
+    dit, text, meta = load_toyworld(out)
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    free = np.concatenate(list(rollout(dit, text, sampling, "snow", frames[:6], acts[6:], seed=5,
+                                       window=meta["window"], sink=meta["sink"], decoder=load_decoder(out, meta),
+                                       positions=meta.get("positions") or "relative")))
+    assert np.abs(free.astype(int) - refined).max() <= 2
+
+
+def test_reference_training_uses_the_reference():
+    """Pairs whose estimate is a grey frame: only the reference shows the scene, so a refiner that reads it must
+    end far below one that cannot."""
+    frames, _ = sim.simulate(12, ["none"] * 24, "desert", 24)
+    gen = np.full_like(frames, 128)
+    table, index = frames[:1], np.zeros(len(gen), int)  # the agent stands still: frame 0 is the scene
+    kw = dict(steps=150, batch=8, channels=8, layers=3, lr=5e-3, self_reference_p=0.0)
+    _, plain = train_refiner(gen, frames, RefinerConfig(reference_frames=0, **kw), progress=False)
+    _, withref = train_refiner(gen, frames, RefinerConfig(reference_frames=1, **kw), progress=False,
+                               ref=(table, index))
+    assert np.mean(withref[-20:]) < 0.5 * np.mean(plain[-20:]), (np.mean(withref[-20:]), np.mean(plain[-20:]))
+    with pytest.raises(ValueError, match="needs each pair's reference"):
+        train_refiner(gen, frames, RefinerConfig(reference_frames=1, steps=1), progress=False)
+    with pytest.raises(ValueError, match="index"):
+        train_refiner(gen, frames, RefinerConfig(reference_frames=1, steps=1), progress=False,
+                      ref=(table, np.ones(len(gen), int)))
+    with pytest.raises(ValueError, match="must not exceed start_frames"):
+        RefinerConfig(reference_frames=9, start_frames=8)
+
+
+def test_pair_references_follow_the_pairs_episodes(micro_bundle):
+    eng = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
+    bf = eng.block_frames
+    cfg = RefinerConfig(episodes=2, blocks=2, start_frames=4, rollout_episodes=1, rollout_frames=4,
+                        reference_frames=3)
+    n_pairs = len(make_pairs(eng, cfg, progress=False)[0]) + len(make_rollout_pairs(eng, cfg, progress=False)[0])
+    table, index = pair_references(cfg, bf)
+    assert table.shape == (3, 64, 64, 3) and table.dtype == np.uint8 and len(index) == n_pairs
+    assert list(index) == [0] * 2 * bf + [1] * 2 * bf + [2] * 4
+    rng = np.random.default_rng([cfg.seed, 10_000])  # the rollout episode's start frames, remade by hand
+    seed, prompt = int(rng.integers(2 ** 31)), sim.random_prompt(rng, list(sim.THEMES)[0])
+    frames, _ = sim.simulate(seed, sim.random_actions(rng, 8), prompt, 8)
+    want = np.round((_lower_median(frames[:3]).transpose(1, 2, 0) + 1) * 127.5)
+    assert np.array_equal(table[2], want.astype(np.uint8))
+
+
+def test_cli_trains_a_reference_refiner(micro_bundle, tmp_path, capsys):
+    out = tmp_path / "dec"
+    args = ["--model", str(micro_bundle), "--out", str(out), "--episodes", "1", "--blocks", "1", "--start-frames",
+            "2", "--steps", "3", "--batch", "2", "--channels", "4", "--layers", "2", "--rollout-episodes", "1",
+            "--rollout-frames", "2"]
+    assert decoder_main(args + ["--reference-frames", "2"]) == 0
+    meta = json.loads((out / "toyworld.json").read_text())
+    assert meta["decoder"]["refiner"] == {"channels": 4, "layers": 2, "reference_frames": 2}
+    assert load_model(out / "toyworld.json").decoder.reference_frames == 2
+    with pytest.raises(SystemExit):
+        decoder_main(args + ["--reference-frames", "3"])
+    assert "must not exceed start_frames" in capsys.readouterr().err
+
+
 def test_shipped_refiner_makes_frames_closer_to_the_palette():
     """The shipped bundle's refiner against decoding the same estimates without it, over 32 frames."""
     meta = json.loads(WEIGHTS.read_text())

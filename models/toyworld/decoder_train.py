@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pixel_decoder import PixelDecoder, PixelRefiner
+from ..pixel_decoder import PixelDecoder, PixelRefiner, reference_image
 from . import simulator as sim
 
-__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "rollout_targets", "train_refiner",
-           "export_with_refiner"]
+__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "rollout_targets", "episode_references", "pair_references",
+           "train_refiner", "export_with_refiner"]
 
 
 @dataclass
@@ -35,6 +35,8 @@ class RefinerConfig:
     lr: float = 2e-3
     channels: int = 32
     layers: int = 6
+    reference_frames: int = 8  # > 0: the refiner also reads the median of the stream's first K frames (0: it does not)
+    self_reference_p: float = 0.1  # share of training frames whose reference is their own estimate (no start frames)
     seed: int = 0
 
     def __post_init__(self):
@@ -47,6 +49,13 @@ class RefinerConfig:
             raise ValueError(f"refiner config: layers must be >= 2, got {self.layers}")
         if not self.lr > 0:
             raise ValueError(f"refiner config: lr must be > 0, got {self.lr}")
+        if self.reference_frames < 0:
+            raise ValueError(f"refiner config: reference_frames must be >= 0, got {self.reference_frames}")
+        if self.reference_frames > self.start_frames:
+            raise ValueError(f"refiner config: reference_frames ({self.reference_frames}) must not exceed start_frames "
+                             f"({self.start_frames}): references are made from the true start frames")
+        if not 0 <= self.self_reference_p <= 1:
+            raise ValueError(f"refiner config: self_reference_p must lie in [0, 1], got {self.self_reference_p}")
 
 
 @contextmanager
@@ -153,20 +162,63 @@ def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
     return np.concatenate(gen), np.concatenate(target), np.concatenate(weight)
 
 
+def episode_references(starts: np.ndarray, k: int) -> np.ndarray:
+    """Reference images of episodes whose first frames are starts uint8 [E, T0 >= k, H, W, 3]: uint8 [E, H, W, 3],
+    the ``reference_image`` of each episode's first k frames (what the engine's decoder stream computes from the
+    same start frames)."""
+    from .data import to_latent, to_pixels
+    s = np.asarray(starts)
+    if s.ndim != 5 or s.shape[1] < k or k < 1:
+        raise ValueError(f"starts must be uint8 [E, T0 >= {k}, H, W, 3], got {list(s.shape)}")
+    return np.stack([to_pixels(reference_image(to_latent(e[:k]))[None])[0] for e in s])
+
+
+def pair_references(cfg: RefinerConfig, block_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the pairs of ``make_pairs`` followed by those of ``make_rollout_pairs`` (same cfg): (table uint8
+    [E, H, W, 3] of the episodes' reference images, index int [N] of each pair's episode), for ``train_refiner``."""
+    if cfg.reference_frames < 1:
+        raise ValueError("pair_references needs cfg.reference_frames >= 1")
+    n = cfg.start_frames + cfg.blocks * block_frames
+    starts = [_episode(cfg, e, n)[3][:cfg.start_frames] for e in range(cfg.episodes)]
+    index = [np.repeat(np.arange(cfg.episodes), cfg.blocks * block_frames)]
+    if cfg.rollout_episodes:
+        n = cfg.start_frames + cfg.rollout_frames
+        starts += [_episode(cfg, 10_000 + e, n)[3][:cfg.start_frames] for e in range(cfg.rollout_episodes)]
+        index.append(cfg.episodes + np.repeat(np.arange(cfg.rollout_episodes), cfg.rollout_frames))
+    return episode_references(np.stack(starts), cfg.reference_frames), np.concatenate(index)
+
+
 def train_refiner(gen: np.ndarray, true: np.ndarray, cfg: RefinerConfig, progress: bool = True,
-                  device="cpu", weight: np.ndarray | None = None) -> tuple[PixelRefiner, list[float]]:
+                  device="cpu", weight: np.ndarray | None = None,
+                  ref: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[PixelRefiner, list[float]]:
     """L1 regression of the true frame from the estimate (L1: where the estimate is unsure, the median edge, not
     the mean blur), pixels weighted by ``weight`` (bool or float [N, H, W]; default all 1). Returns the refiner
-    and its loss per step."""
+    and its loss per step.
+
+    With ``cfg.reference_frames`` > 0, ``ref`` = (table uint8 [E, H, W, 3] of reference images, index int [N]: each
+    pair's row) gives each pair its reference; a share ``cfg.self_reference_p`` of frames gets its own estimate
+    instead, as a stream without start frames would."""
     if gen.shape != true.shape or gen.ndim != 4 or gen.shape[-1] != 3:
         raise ValueError(f"pairs must be two uint8 [N, H, W, 3] stacks of one shape, got {gen.shape} and {true.shape}")
     if weight is not None and weight.shape != gen.shape[:3]:
         raise ValueError(f"weight must be [N, H, W] = {gen.shape[:3]}, got {weight.shape}")
+    if cfg.reference_frames:
+        if ref is None:
+            raise ValueError(f"reference_frames={cfg.reference_frames} needs each pair's reference image (ref=)")
+        table, index = np.asarray(ref[0]), np.asarray(ref[1])
+        if table.ndim != 4 or table.shape[1:] != gen.shape[1:] or index.shape != (len(gen),) or \
+                (len(index) and not 0 <= index.min() <= index.max() < len(table)):
+            raise ValueError(f"ref must be (table uint8 [E, {', '.join(map(str, gen.shape[1:]))}], index [N={len(gen)}]"
+                             f" into it), got {list(table.shape)} and {list(index.shape)}")
+        rt = torch.as_tensor(table).permute(0, 3, 1, 2).contiguous()
+        ri = torch.as_tensor(index, dtype=torch.long)
+    elif ref is not None:
+        raise ValueError("ref given but reference_frames is 0")
     wt = None if weight is None else torch.as_tensor(np.asarray(weight, np.float32))[:, None]
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = PixelRefiner(cfg.channels, cfg.layers).to(device)
+        model = PixelRefiner(cfg.channels, cfg.layers, cfg.reference_frames).to(device)
     x = torch.as_tensor(gen).permute(0, 3, 1, 2).contiguous()
     y = torch.as_tensor(true).permute(0, 3, 1, 2).contiguous()
     opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=0.0)
@@ -179,10 +231,16 @@ def train_refiner(gen: np.ndarray, true: np.ndarray, cfg: RefinerConfig, progres
         xb = (x[i].float() / 127.5 - 1).to(device)
         yb = (y[i].float() / 127.5 - 1).to(device)
         wb = None if wt is None else wt[i].to(device)
+        rb = None
+        if cfg.reference_frames:
+            rb = (rt[ri[i]].float() / 127.5 - 1).to(device)
+            own = torch.rand(cfg.batch, generator=g) < cfg.self_reference_p
+            rb[own.to(device)] = xb[own.to(device)]
         if step % 2:  # mirrored pairs: the world has no preferred side
             xb, yb = xb.flip(-1), yb.flip(-1)
             wb = None if wb is None else wb.flip(-1)
-        err = (model(xb) - yb).abs()
+            rb = None if rb is None else rb.flip(-1)
+        err = (model(xb, rb) - yb).abs()
         loss = err.mean() if wb is None else (err * wb).sum() / (wb.sum() * 3).clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

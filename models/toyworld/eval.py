@@ -132,7 +132,8 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     good, as in the engine. ``positions``: "absolute" (frame index in the video) or "relative" (cache order, as
     the engine runs a bundle that says so). The noise is drawn like the engine's for the same seed, so with the
     same settings both give the same frames.
-    ``decoder``: a ``PixelDecoder`` (its refiner renders each block; the cache keeps the DiT's estimate).
+    ``decoder``: a ``PixelDecoder`` (its refiner renders each block; the cache keeps the DiT's estimate). Its stream
+    state is primed with the start frames, as the engine primes it.
 
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
@@ -164,6 +165,9 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     probe = RolloutMeta(commit=False)
     ia = torch.zeros(T0, dtype=torch.long) if init_actions is None else torch.as_tensor(
         sim.action_ids(init_actions, T0))
+    dec_state = None if decoder is None else decoder.new_stream()
+    if decoder is not None and T0:
+        decoder.refine_stream(dec_state, to_latent(init).to(dev))
     for b in range(0, T0, bf):  # commit the context frames block by block, clean, at the context timestep
         x = to_latent(init[b:b + bf])[None].to(dev)  # [1, bf, 3, H, W]
         pos = frame_pos(b)
@@ -186,7 +190,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         x0 = x0.clamp(-1, 1)
         dit(x0, torch.full((1, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos, meta=commit,
             backend=be, actions=a)
-        frames = to_pixels(x0[0] if decoder is None else decoder.refine(x0[0]))  # [bf, H, W, 3]
+        frames = to_pixels(x0[0] if decoder is None else decoder.refine_stream(dec_state, x0[0]))  # [bf, H, W, 3]
         yield frames[: min(bf, n - i * bf)]
 
 
