@@ -57,7 +57,8 @@ train --init "$OUT/8_batch64/toyworld.json" --seed 23 --sink-blocks 2 --clip-blo
       $GPU_ARGS --out "$OUT/9_rollouts"
 # 10. The pixel refiner: stage 9's DiT unchanged, one denoising step, and a small conv decoder trained on the
 #    DiT's own blocks (from true context, and far into its own rollouts with its own sprites as targets) to render
-#    them crisp (about 35 min on the CPU; step-based, SCALE does not apply).
+#    them crisp, reading the median of the first 8 frames as a reference image (about 35 min on the CPU;
+#    step-based, SCALE does not apply).
 "$PY" -m inferix.toyworld_decoder --model "$OUT/9_rollouts/toyworld.json" --denoising-steps 1000 --steps 4500 \
-      --threads "$THREADS" --out "$OUT/10_decoder"
+      --reference-frames 8 --seed 1 --threads "$THREADS" --out "$OUT/10_decoder"
 echo "done: $OUT/10_decoder/toyworld.json (+ .safetensors)"
