@@ -110,7 +110,7 @@ def build_demo(hub: Hub) -> gr.Blocks:
                     f"block. {acts}.")
         with gr.Row():
             with gr.Column(scale=3):
-                stream = gr.Image(label="live stream", elem_id="stream", format="jpeg", interactive=False,
+                stream = gr.Image(label="live stream", elem_id="stream", format="png", interactive=False,
                                   height=420, buttons=[])
                 stats = gr.HTML(elem_id="stats", value="status: idle")
             with gr.Column(scale=2):
