@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import _WRAPPER_SEGMENTS, diffusers_to_wan_key
+from .wan_keys import _WRAPPER_SEGMENTS, diffusers_to_wan_key
 from .tensor_files import CheckpointError, _only_tensors, read_tensor_file
 
 _LORA_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_-]+)?\.weight$")
