@@ -80,16 +80,22 @@ class ReferenceStream:
     def __init__(self, k: int):
         self.k = int(k)
         self.frames: torch.Tensor | None = None
+        self._ref: torch.Tensor | None = None  # the median, kept once all k frames are in
 
     def reference(self, latents: torch.Tensor) -> torch.Tensor:
-        """Take in the frames [F, 3, H, W] about to be decoded (the first k of the stream are kept) and return the
-        reference image [3, H, W] for them."""
-        x = latents.detach().float()
+        """Take in the frames [F, 3, H, W] about to be decoded (the first k of the stream are kept, clamped to
+        [-1, 1]) and return the reference image [3, H, W] for them."""
+        if self._ref is not None:
+            return self._ref
+        x = latents.detach().float().clamp(-1, 1)
         if self.frames is None:
             self.frames = x[: self.k].clone()
-        elif len(self.frames) < self.k:
+        else:
             self.frames = torch.cat([self.frames, x[: self.k - len(self.frames)].to(self.frames.device)])
-        return reference_image(self.frames)
+        ref = reference_image(self.frames)
+        if len(self.frames) == self.k:
+            self._ref = ref
+        return ref
 
 
 class PixelDecoder:
@@ -142,7 +148,7 @@ class PixelDecoder:
             return self.refine(latents)
         if not isinstance(state, ReferenceStream):
             raise TypeError(f"this refiner needs the stream state from new_stream(), got {type(state).__name__}")
-        return self.refine(latents, state.reference(latents.clamp(-1, 1)))
+        return self.refine(latents, state.reference(latents))
 
     def decode_block(self, state, latents: torch.Tensor) -> np.ndarray:
         x = self.refine_stream(state, latents[0])  # [F, 3, H, W]

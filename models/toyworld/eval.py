@@ -166,8 +166,8 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     ia = torch.zeros(T0, dtype=torch.long) if init_actions is None else torch.as_tensor(
         sim.action_ids(init_actions, T0))
     dec_state = None if decoder is None else decoder.new_stream()
-    if decoder is not None and T0:
-        decoder.refine_stream(dec_state, to_latent(init).to(dev))
+    if dec_state is not None and T0:  # the start frames fill the refiner's reference, as the engine's priming does
+        dec_state.reference(to_latent(init).to(dev))
     for b in range(0, T0, bf):  # commit the context frames block by block, clean, at the context timestep
         x = to_latent(init[b:b + bf])[None].to(dev)  # [1, bf, 3, H, W]
         pos = frame_pos(b)
