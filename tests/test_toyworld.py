@@ -1,4 +1,5 @@
-"""Toy world models: teacher-forcing attention, trainer, export, standalone rollout, the shipped weights.
+"""Toy world models: teacher-forcing attention, trainer, export, standalone rollout, the sink layout, the
+shipped weights.
 
 The simulator and the metrics are tested in test_toyworld_world.py."""
 import json
@@ -20,6 +21,7 @@ from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBacken
                                            export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
 from inferix.models.toyworld.export import training_words
 from inferix.models.wan_dit import WanDiTConfig
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -300,26 +302,6 @@ def test_engine_free_rollout_gives_the_engines_frames():
     assert np.abs(other.astype(int) - want.astype(int))[16:].mean() > 1.0
 
 
-# ---- the shipped weights -------------------------------------------------------------------------
-def test_shipped_bundle_is_small_and_continues_the_scene():
-    """A floor that broken or badly loaded weights cannot pass (random weights: 6 dB, 5% palette pixels), not the
-    quality targets: the shipped model gives 22.9 dB and 98% here (docs/toyworld.md)."""
-    meta = json.loads(WEIGHTS.read_text())
-    assert WEIGHTS.with_suffix(".safetensors").stat().st_size <= 20 * 2 ** 20
-    assert meta["dit"]["prediction"] == "x0" and meta["dit"]["in_dim"] == 3 and meta["height"] == 64
-    assert meta["actions"] == sim.ACTIONS and meta["train"]["steps"] > 0
-    dit, text, meta = load_toyworld(WEIGHTS)
-    sampling = SamplingConfig.from_dict(meta["sampling"])
-    acts = sim.random_actions(np.random.default_rng(777), 24)
-    frames, pos = sim.simulate(777, acts, "snow", 24)
-    gen = np.concatenate(list(rollout(dit, text, sampling, "snow", frames[:8], acts[8:], seed=0,
-                                      window=meta["window"], sink=meta["sink"], init_actions=acts[:8],
-                                      decoder=load_decoder(WEIGHTS, meta))))
-    m = rollout_metrics(gen, frames[8:], pos[8:], frames[:8])["summary"]
-    assert m["psnr_per_32"][0] > 15.0, m
-    assert m["palette_share_per_100"][0] > 0.8, m
-
-
 # ---- sink layout (the engine's cache: sink blocks + the blocks generated last) ---------------------
 def test_teacher_forcing_with_sink_targets_masks_and_backend():
     T, bf, n, ft = 2, 2, 4, 2
@@ -435,3 +417,23 @@ def test_sink_rollout_is_the_engines_cache_and_a_gap_block_gets_no_loss():
     assert loss(changed) == pytest.approx(loss(plain), rel=1e-6)
     nogap = lambda b: {**b, "gap": torch.zeros_like(b["gap"])}
     assert loss(nogap(changed)) != pytest.approx(loss(nogap(plain)), rel=1e-3)
+
+
+# ---- the shipped weights -------------------------------------------------------------------------
+def test_shipped_bundle_is_small_and_continues_the_scene():
+    """A floor that broken or badly loaded weights cannot pass (random weights: 6 dB, 5% palette pixels), not the
+    quality targets: the shipped model gives 22.9 dB and 98% here (docs/toyworld.md)."""
+    meta = json.loads(WEIGHTS.read_text())
+    assert WEIGHTS.with_suffix(".safetensors").stat().st_size <= 20 * 2 ** 20
+    assert meta["dit"]["prediction"] == "x0" and meta["dit"]["in_dim"] == 3 and meta["height"] == 64
+    assert meta["actions"] == sim.ACTIONS and meta["train"]["steps"] > 0
+    dit, text, meta = load_toyworld(WEIGHTS)
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    acts = sim.random_actions(np.random.default_rng(777), 24)
+    frames, pos = sim.simulate(777, acts, "snow", 24)
+    gen = np.concatenate(list(rollout(dit, text, sampling, "snow", frames[:8], acts[8:], seed=0,
+                                      window=meta["window"], sink=meta["sink"], init_actions=acts[:8],
+                                      decoder=load_decoder(WEIGHTS, meta))))
+    m = rollout_metrics(gen, frames[8:], pos[8:], frames[:8])["summary"]
+    assert m["psnr_per_32"][0] > 15.0, m
+    assert m["palette_share_per_100"][0] > 0.8, m
