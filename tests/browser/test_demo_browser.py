@@ -139,19 +139,21 @@ def test_single_tab_stream_keys_rewind_stop_download(context, demo, artifacts):
     page.keyboard.press("Backspace")
 
     # rewind & branch: pause where the newest rewind point lies at least one block back, so the old branch
-    # has frames after it to compare with
-    for _ in range(12):
+    # has frames after it to compare with. A click lands a steady delay after it is sent, so each retry waits a
+    # random part of a whole rewind-point cycle first; otherwise every try may land on the same block of the cycle.
+    for _ in range(20):
         page.click("#pause")
         wait_until(lambda: page.locator("#pause").inner_text().strip() == "Resume", 5, "the Resume label")
         wait_until(lambda: tab.session.status == "paused", 5, "the session to pause")
         time.sleep(0.2)
         if tab.snapshots and tab.total_frames - tab.snapshots[-1].frames >= hub.block_pixels:
             break
-        page.click("#pause")  # resume and try again once a block between two rewind points is out
+        page.click("#pause")  # resume and try again at a random point of the rewind-point cycle
         wait_until(lambda: tab.session.status == "running", 5, "the session to resume")
-        b0 = tab.blocks
-        wait_until(lambda: tab.blocks > b0 and tab.blocks % hub.config.snapshot_every, 10, "a block between rewind points")
-        time.sleep(0.1 * np.random.rand())
+        b0, t0 = tab.blocks, time.monotonic()
+        wait_until(lambda: tab.blocks >= b0 + 2, 10, "two blocks after resuming")
+        block_s = (time.monotonic() - t0) / 2
+        time.sleep(block_s * hub.config.snapshot_every * np.random.rand())
     else:
         pytest.fail(f"no rewind point with frames after it came up: {len(tab.snapshots)} rewind points, "
                     f"newest at {tab.snapshots[-1].frames if tab.snapshots else None}, frames {tab.total_frames}")
