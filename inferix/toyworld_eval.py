@@ -13,18 +13,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["main", "evaluate", "evaluate_from_truth"]
+__all__ = ["main", "evaluate", "evaluate_from_truth", "evaluate_suite", "suite_table", "SUITE"]
+
+# The standard episodes (seed, prompt) of ``--suite``: every theme on the default seed, then ten more seeds.
+SUITE: tuple[tuple[int, str], ...] = (
+    (12345, "a red cube in a snowy field"), (12345, "a cube in the desert"), (12345, "a cube on the grass"),
+    (12345, "a cube in the forest"), (12345, "a cube at night"),
+    (7, "a cube on the grass"), (8, "a cube at night"), (9, "a cube on the grass"), (10, "a cube at night"),
+    (11, "a red cube in a snowy field"), (12, "a cube in the desert"), (13, "a cube in the forest"),
+    (14, "a cube at night"), (15, "a cube on the grass"), (16, "a cube at night"),
+)
 
 
 def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
-             sink: int | None = None, positions: str = "auto", save_frames: bool = False) -> dict:
+             sink: int | None = None, positions: str = "auto", save_frames: bool = False, engine=None) -> dict:
+    """One rollout of ``frames`` frames against the simulator; writes metrics.json, drift.png, strip.png to out.
+    ``engine``: an Engine to reuse (then model, window, sink and positions are its own)."""
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.metrics import drift_curve_png, eval_episode, rollout_metrics, strip_png
-    from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
-    eng = Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions)
+    eng = engine if engine is not None else _engine(model, window, sink, positions)
     if context % eng.block_frames:
         raise ValueError(f"--context {context} must be a multiple of the block ({eng.block_frames} frames)")
     acts, true, pos = eval_episode(seed, prompt, context + frames)
@@ -58,6 +68,80 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
     if save_frames:
         np.savez_compressed(out / "frames.npz", gen=gen, true=true[context:], positions=pos[context:])
     return m
+
+
+def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto"):
+    from .engine import Engine
+    return Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions)
+
+
+def _episode_dir(seed: int, prompt: str) -> str:
+    from inferix.models.toyworld import simulator as sim
+    return f"seed{seed}_{sim.theme_of(prompt)}"
+
+
+def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, model: str = "toyworld",
+                   threads: int | None = None, window: int = -1, sink: int | None = None,
+                   positions: str = "auto", save_frames: bool = False) -> dict:
+    """``evaluate`` on several episodes (seed, prompt) with one engine: each episode's files go to
+    out/seed<S>_<theme>/, and out/suite.json holds a row per episode and how many episodes meet each target."""
+    from tqdm import tqdm
+    episodes = [(int(s), str(p)) for s, p in episodes]
+    if not episodes:
+        raise ValueError("the suite needs at least one (seed, prompt) episode")
+    names = [_episode_dir(s, p) for s, p in episodes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"episodes repeat a (seed, theme): {sorted(n for n in names if names.count(n) > 1)}")
+    if threads:
+        torch.set_num_threads(threads)
+    eng = _engine(model, window, sink, positions)
+    rows = []
+    for (seed, prompt), name in zip(tqdm(episodes, desc="suite episodes", unit="episode"), names):
+        s = evaluate(frames=frames, out=out / name, seed=seed, prompt=prompt, context=context,
+                     save_frames=save_frames, engine=eng)["summary"]
+        beaten = sum(m > max(a, b) for m, a, b in zip(s["psnr_per_32"], s["psnr_copy_last_per_32"],
+                                                      s["psnr_context_mean_per_32"]))
+        rows.append({"dir": name, "seed": seed, "prompt": prompt, "theme": s["theme"],
+                     "agent_error_median_px": s["agent_error_median_px"], "agent_found_share": s["agent_found_share"],
+                     "palette_share_min_window": s["palette_share_min_window"],
+                     "psnr_windows_beating_both": int(beaten), "psnr_windows": len(s["psnr_per_32"]),
+                     "ball_found_share": s["ball_found_share"],
+                     "pixel_fps_including_decode": s["pixel_fps_including_decode"],
+                     "time_to_first_frame_s": s["time_to_first_frame_s"], "targets": s["targets"]})
+    agent = [r["agent_error_median_px"] for r in rows]
+    summary = {
+        "episodes": len(rows), "frames": frames, "model": model, "context_frames": context,
+        "episodes_meeting": {k: sum(r["targets"][k] for r in rows) for k in rows[0]["targets"]},
+        "episodes_meeting_all_targets": sum(all(r["targets"].values()) for r in rows),
+        "agent_error_median_px_mean": float(np.mean(agent)), "agent_error_median_px_max": float(np.max(agent)),
+        "palette_share_min_window_worst": min(r["palette_share_min_window"] for r in rows),
+        "psnr_windows_beating_both": sum(r["psnr_windows_beating_both"] for r in rows),
+        "psnr_windows": sum(r["psnr_windows"] for r in rows),
+        "pixel_fps_including_decode_range": [min(r["pixel_fps_including_decode"] for r in rows),
+                                             max(r["pixel_fps_including_decode"] for r in rows)],
+        "note": "targets per episode as in metrics.json: the palette target needs 1,000+ frames and the PSNR one "
+                "256+, so shorter episodes never meet them",
+    }
+    res = {"summary": summary, "per_episode": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def suite_table(res: dict) -> str:
+    """suite.json as a Markdown table, one row per episode, and a last line with the counts."""
+    lines = ["| seed | prompt | agent median | palette, worst window | PSNR windows beating both | targets met |",
+             "|---|---|---|---|---|---|"]
+    for r in res["per_episode"]:
+        lines.append(f"| {r['seed']} | {r['prompt']} | {r['agent_error_median_px']:.2f} px | "
+                     f"{100 * r['palette_share_min_window']:.1f}% | {r['psnr_windows_beating_both']} of "
+                     f"{r['psnr_windows']} | {sum(r['targets'].values())} of {len(r['targets'])} |")
+    s = res["summary"]
+    met = ", ".join(f"{k} {v}" for k, v in s["episodes_meeting"].items())
+    lines.append(f"\n{s['episodes']} episodes of {s['frames']} frames; episodes meeting each target: {met}; all "
+                 f"three: {s['episodes_meeting_all_targets']}. Agent median: mean {s['agent_error_median_px_mean']:.2f}"
+                 f" px, worst {s['agent_error_median_px_max']:.2f} px.")
+    return "\n".join(lines)
 
 
 def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
@@ -125,8 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["eval"])
     ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=12345)
-    ap.add_argument("--prompt", default="a red cube in a snowy field")
+    ap.add_argument("--seed", type=int, default=None, help="episode seed (default 12345)")
+    ap.add_argument("--prompt", default=None, help="picks the theme (default: a red cube in a snowy field)")
+    ap.add_argument("--suite", action="store_true",
+                    help=f"the {len(SUITE)} standard episodes (every theme on seed 12345, then seeds 7-16) with "
+                         "one engine: a folder per episode and suite.json with the counts per target")
     ap.add_argument("--context", type=int, default=8, help="true frames given as context (whole blocks)")
     ap.add_argument("--model", default="toyworld")
     ap.add_argument("--threads", type=int, default=None)
@@ -143,6 +230,16 @@ def main(argv=None) -> int:
         ap.error(f"--frames must be positive, got {a.frames}")
     if a.from_truth < 0:
         ap.error(f"--from-truth must be positive, got {a.from_truth}")
+    if a.suite:
+        if a.from_truth or a.seed is not None or a.prompt is not None:
+            ap.error("--suite runs its own seeds and prompts: leave out --seed, --prompt and --from-truth")
+        r = evaluate_suite(frames=a.frames, out=Path(a.out), context=a.context, model=a.model, threads=a.threads,
+                           window=a.window, sink=a.sink, positions=a.positions, save_frames=a.save_frames)
+        print(suite_table(r))
+        print(f"wrote {Path(a.out) / 'suite.json'} and a folder per episode")
+        return 0
+    a.seed = 12345 if a.seed is None else a.seed
+    a.prompt = "a red cube in a snowy field" if a.prompt is None else a.prompt
     if a.from_truth:
         r = evaluate_from_truth(blocks=a.from_truth, out=Path(a.out), seed=a.seed, prompt=a.prompt,
                                 context=a.context, model=a.model, threads=a.threads)

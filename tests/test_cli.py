@@ -136,6 +136,41 @@ def test_toyworld_eval_through_engine_and_default_main_job(tmp_path, capsys):
     assert "toyworld" in capsys.readouterr().err  # the progress bar names the model
 
 
+def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, capsys):
+    from inferix.toyworld_eval import SUITE, evaluate, evaluate_suite
+    eps = [(12345, "a cube at night"), (9, "a cube on the grass")]
+    res = evaluate_suite(frames=16, out=tmp_path / "suite", episodes=eps)
+    assert [r["dir"] for r in res["per_episode"]] == ["seed12345_night", "seed9_meadow"]
+    # Each episode is what a fresh engine gives for it alone: one engine across episodes leaks nothing.
+    for (seed, prompt), row in zip(eps, res["per_episode"]):
+        alone = evaluate(frames=16, out=tmp_path / f"alone{seed}", seed=seed, prompt=prompt)["summary"]
+        kept = json.loads((tmp_path / "suite" / row["dir"] / "metrics.json").read_text())["summary"]
+        for s in (alone, kept):
+            assert s["seed"] == seed and s["prompt"] == prompt
+        assert kept["psnr_per_32"] == pytest.approx(alone["psnr_per_32"])
+        assert kept["agent_error_median_px"] == pytest.approx(alone["agent_error_median_px"])
+        assert row["agent_error_median_px"] == pytest.approx(kept["agent_error_median_px"])
+    # The counts are sums over the episodes' own metrics.json files.
+    saved = json.loads((tmp_path / "suite" / "suite.json").read_text())
+    kept = [json.loads((tmp_path / "suite" / r["dir"] / "metrics.json").read_text())["summary"]
+            for r in saved["per_episode"]]
+    s = saved["summary"]
+    assert s["episodes"] == 2
+    assert s["episodes_meeting"]["agent_error_median_le_2px"] == sum(k["agent_error_median_px"] <= 2 for k in kept)
+    assert s["episodes_meeting"]["palette_share_ge_95_every_100"] == 0  # needs 1,000 frames
+    assert s["agent_error_median_px_max"] == max(k["agent_error_median_px"] for k in kept)
+    assert s["psnr_windows"] == 2 * 1 and s["psnr_windows_beating_both"] == sum(
+        k["psnr_per_32"][0] > max(k["psnr_copy_last_per_32"][0], k["psnr_context_mean_per_32"][0]) for k in kept)
+    # The standard suite: every theme on the default seed, episode folders that cannot collide.
+    from inferix.models.toyworld import simulator as sim
+    assert {sim.theme_of(p) for s_, p in SUITE if s_ == 12345} == set(sim.THEMES)
+    with pytest.raises(ValueError, match="repeat"):
+        evaluate_suite(frames=8, out=tmp_path / "dup", episodes=[(1, "a snowy field"), (1, "icy")])
+    with pytest.raises(SystemExit):
+        main(["toyworld", "eval", "--suite", "--seed", "3", "--out", str(tmp_path / "x")])
+    assert "leave out --seed" in capsys.readouterr().err
+
+
 def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
     out = tmp_path / "ft"
     assert main(["toyworld", "eval", "--from-truth", "6", "--out", str(out)]) == 0
