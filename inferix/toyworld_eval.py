@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["main", "evaluate", "evaluate_from_truth", "evaluate_suite", "suite_table", "SUITE"]
+__all__ = ["main", "evaluate", "evaluate_from_truth", "evaluate_suite", "suite_table", "seed_range_episodes", "SUITE"]
 
 # The standard episodes (seed, prompt) of ``--suite``: every theme on the default seed, then ten more seeds.
 SUITE: tuple[tuple[int, str], ...] = (
@@ -68,6 +68,22 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
     if save_frames:
         np.savez_compressed(out / "frames.npz", gen=gen, true=true[context:], positions=pos[context:])
     return m
+
+
+THEME_PROMPTS = ("a red cube in a snowy field", "a cube in the desert", "a cube on the grass", "a cube in the forest",
+                 "a cube at night")
+
+
+def seed_range_episodes(spec: str) -> list[tuple[int, str]]:
+    """'A-B' (or one seed 'A'): seeds A..B, the i-th with the i-th of the five theme prompts, cycling."""
+    try:
+        lo, _, hi = spec.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"seed range must look like 17-26 or 17, got {spec!r}") from None
+    if hi < lo:
+        raise ValueError(f"seed range {spec!r} ends before it starts")
+    return [(s, THEME_PROMPTS[i % len(THEME_PROMPTS)]) for i, s in enumerate(range(lo, hi + 1))]
 
 
 def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto"):
@@ -225,16 +241,23 @@ def main(argv=None) -> int:
     ap.add_argument("--from-truth", type=int, default=0, metavar="BLOCKS",
                     help="instead of a rollout: BLOCKS single blocks, each generated from the simulator's frames "
                          "before it (one-block error, bounce blocks apart); writes from_truth.json")
+    ap.add_argument("--suite-seeds", default=None, metavar="A-B",
+                    help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")
     a = ap.parse_args(argv)
     if a.frames <= 0:
         ap.error(f"--frames must be positive, got {a.frames}")
     if a.from_truth < 0:
         ap.error(f"--from-truth must be positive, got {a.from_truth}")
-    if a.suite:
+    if a.suite or a.suite_seeds:
         if a.from_truth or a.seed is not None or a.prompt is not None:
             ap.error("--suite runs its own seeds and prompts: leave out --seed, --prompt and --from-truth")
-        r = evaluate_suite(frames=a.frames, out=Path(a.out), context=a.context, model=a.model, threads=a.threads,
-                           window=a.window, sink=a.sink, positions=a.positions, save_frames=a.save_frames)
+        try:
+            episodes = seed_range_episodes(a.suite_seeds) if a.suite_seeds else SUITE
+        except ValueError as e:
+            ap.error(f"--suite-seeds: {e}")
+        r = evaluate_suite(frames=a.frames, out=Path(a.out), episodes=episodes, context=a.context, model=a.model,
+                           threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
+                           save_frames=a.save_frames)
         print(suite_table(r))
         print(f"wrote {Path(a.out) / 'suite.json'} and a folder per episode")
         return 0

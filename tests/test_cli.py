@@ -169,6 +169,18 @@ def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["toyworld", "eval", "--suite", "--seed", "3", "--out", str(tmp_path / "x")])
     assert "leave out --seed" in capsys.readouterr().err
+    # Other episodes: a seed range cycling through the five themes' prompts.
+    from inferix.toyworld_eval import seed_range_episodes
+    assert [sim.theme_of(p) for _, p in seed_range_episodes("17-23")] == [
+        "snow", "desert", "meadow", "forest", "night", "snow", "desert"]
+    assert [s_ for s_, _ in seed_range_episodes("4")] == [4]
+    for bad in ("9-3", "x-2"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            seed_range_episodes(bad)
+    assert main(["toyworld", "eval", "--suite-seeds", "5-6", "--frames", "8", "--out", str(tmp_path / "r")]) == 0
+    rows = json.loads((tmp_path / "r" / "suite.json").read_text())["per_episode"]
+    assert [r["dir"] for r in rows] == ["seed5_snow", "seed6_desert"]
+    assert "| 6 | a cube in the desert |" in capsys.readouterr().out
 
 
 def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
