@@ -302,6 +302,74 @@ def test_engine_free_rollout_gives_the_engines_frames():
     assert np.abs(other.astype(int) - want.astype(int))[16:].mean() > 1.0
 
 
+def test_mirror_images_are_worlds_of_the_same_kind():
+    """Each mirror of an episode, played with the mirrored actions, obeys the simulator's rules: the agent sits where
+    the mirrored true position says and moves 2 px per frame in the mirrored action's direction, stopped by the
+    same wall; the scene stays on the 4-px grid and the agent on the 2-px lattice."""
+    acts = sim.random_actions(np.random.default_rng(4), 120)
+    frames, pos, bg = sim.simulate(4, acts, "desert", 120, return_background=True)
+    lo, hi = sim.WALL + sim.AGENT_SIZE / 2, sim.SIZE - sim.WALL - sim.AGENT_SIZE / 2  # agent centre bounds
+    for name, (axes, perm) in sim.MIRRORS.items():
+        f, a = sim.mirror_frames(frames, name), sim.mirror_actions(acts, name)
+        assert np.array_equal(sim.mirror_frames(f, name), frames) and np.array_equal(sim.mirror_actions(a, name), acts)
+        p = pos.copy()
+        for ax in axes:  # -1 mirrors x, -2 mirrors y
+            p[:, -1 - ax] = sim.SIZE - p[:, -1 - ax]
+        assert np.allclose(detect_color(f, sim.AGENT_COLOR), p)
+        for t in range(1, len(acts)):
+            dx, dy = sim.ACTION_DELTAS[int(a[t])]
+            want = np.clip(p[t - 1] + sim.AGENT_SPEED * np.array([dx, dy]), lo, hi)
+            assert np.array_equal(p[t], want), (name, t)
+        assert np.all((p - sim.AGENT_SIZE / 2) % 2 == 0)
+        m = sim.mirror_frames(bg, name)
+        assert np.array_equal(m, np.repeat(np.repeat(m[::4, ::4], 4, 0), 4, 1))
+    assert np.array_equal(sim.mirror_frames(frames, "hv"), sim.mirror_frames(sim.mirror_frames(frames, "h"), "v"))
+    with pytest.raises(ValueError, match="unknown mirror 'd'"):
+        sim.mirror_frames(frames, "d")
+
+
+def test_rollout_with_mirror_views_averages_each_block():
+    """rollout(mirrors=...) against a plain loop: one cache per view, each fed the mirrored start frames, noise and
+    actions; each block the views' estimates are mapped back and averaged, and every view commits the mean."""
+    dit, text, meta = load_toyworld(WEIGHTS)
+    sampling = SamplingConfig.from_dict(meta["sampling"])
+    acts = sim.random_actions(np.random.default_rng(6), 20)
+    frames, _ = sim.simulate(6, acts, "night", 20)
+    mirrors = ("h", "hv")
+    kw = dict(seed=2, window=16, sink=8, init_actions=acts[:8], positions="absolute")
+    got = np.concatenate(list(rollout(dit, text, sampling, "night", frames[:8], acts[8:], mirrors=mirrors, **kw)))
+    plain = np.concatenate(list(rollout(dit, text, sampling, "night", frames[:8], acts[8:], **kw)))
+
+    views = [((), list(range(5)))] + [(sim.MIRRORS[m][0], list(sim.MIRRORS[m][1])) for m in mirrors]
+    ctx = dit.prepare_text(text.encode("night"))
+    caches = [WindowKVBackend(dit.config.num_layers, 64, 16, 8, 4) for _ in views]
+    g = torch.Generator().manual_seed(2)
+    flip = lambda x, ax: x.flip(ax) if ax else x  # noqa: E731
+    out = []
+    with torch.no_grad():
+        def run(x, t, f0, a, commit, i):
+            ax, perm = views[i]
+            return dit(flip(x, ax), torch.full((1, 4), t), ctx, frame_pos=torch.arange(f0, f0 + 4)[None],
+                       meta=RolloutMeta(commit), backend=caches[i],
+                       actions=torch.tensor([[perm[int(v)] for v in a]]))
+        for b in (0, 4):
+            for i in range(len(views)):
+                run(to_latent(frames[b:b + 4])[None], 0.0, b, acts[b:b + 4], True, i)
+        for b in (8, 12, 16):
+            x = torch.randn((1, 4, 3, 64, 64), generator=g)
+            est = [flip(run(x, 1000.0, b, acts[b:b + 4], False, i), views[i][0]) for i in range(len(views))]
+            x0 = (sum(est) / len(est)).clamp(-1, 1)
+            for i in range(len(views)):
+                run(x0, 0.0, b, acts[b:b + 4], True, i)
+            out.append(to_pixels(x0[0]))
+    want = np.concatenate(out)
+    assert got.shape == want.shape == (12, 64, 64, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 0.1  # the views do change the frames
+    with pytest.raises(ValueError, match="mirrors must be distinct"):
+        next(rollout(dit, text, sampling, "night", frames[:8], acts[8:], mirrors=("h", "h"), **kw))
+
+
 # ---- sink layout (the engine's cache: sink blocks + the blocks generated last) ---------------------
 def test_teacher_forcing_with_sink_targets_masks_and_backend():
     T, bf, n, ft = 2, 2, 4, 2

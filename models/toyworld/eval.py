@@ -70,7 +70,8 @@ class WindowKVBackend(SDPABackend):
         n = kc.shape[1] // self.T
         if n not in self._rot:
             self._rot[n] = self.rope(n)
-        return apply_rope(kc, *self._rot[n])
+        cos, sin = self._rot[n]  # [1, L, D/2]: the same cache positions for every batch row
+        return apply_rope(kc, cos.expand(kc.shape[0], -1, -1), sin.expand(kc.shape[0], -1, -1))
 
     def attend(self, q, k, v, layer, meta, k_raw=None):
         if not isinstance(meta, RolloutMeta):
@@ -125,7 +126,8 @@ def load_decoder(path, meta: dict):
 
 @torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
-            window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute"):
+            window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute",
+            mirrors: tuple = ()):
     """Generate len(actions) frames after init_frames (uint8 [T0, H, W, 3], T0 a multiple of the block size).
 
     ``window``/``sink``: frames a block attends to (counting the sink and the block) and first frames kept for
@@ -135,8 +137,29 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     ``decoder``: a ``PixelDecoder`` (its refiner renders each block; the cache keeps the DiT's estimate). Its stream
     state is primed with the start frames, as the engine primes it.
 
+    ``mirrors``: mirror images of the world (names from ``simulator.MIRRORS``) run beside it as extra batch rows,
+    each with its own cache holding the mirrored frames and played with the mirrored actions and the mirrored
+    noise; every block's estimate is the mean of all views' estimates mapped back, and that mean is what every
+    view commits (mirrored) and what the decoder renders. The DiT is not exactly mirror-equivariant, so its views
+    err differently and the mean errs less.
+
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
+    bad = [m for m in mirrors if m not in sim.MIRRORS]
+    if bad or len(set(mirrors)) != len(mirrors):
+        raise ValueError(f"mirrors must be distinct names from {sorted(sim.MIRRORS)}, got {list(mirrors)}")
+    views = [((), tuple(range(len(sim.ACTIONS))))] + [sim.MIRRORS[m] for m in mirrors]
+    V = len(views)
+    perms = torch.tensor([p for _, p in views], dtype=torch.long)  # [V, actions]
+
+    def fan(x):  # [1, F, C, H, W] -> [V, F, C, H, W]: each view's mirror image
+        return torch.cat([x if not ax else x.flip(ax) for ax, _ in views])
+
+    def gather(x):  # [V, F, C, H, W] -> [1, F, C, H, W]: the views mapped back, averaged
+        return torch.stack([x[i] if not ax else x[i].flip(ax) for i, (ax, _) in enumerate(views)]).mean(0)[None]
+
+    def fan_actions(a):  # [1, F] -> [V, F]
+        return perms[:, a[0].cpu()].to(a.device)
     bf = sampling.block_frames
     init = _as_frames(init_frames, "init_frames") if init_frames is not None else None
     T0 = 0 if init is None else len(init)
@@ -159,6 +182,8 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         start = be.frames_cached() if positions == "relative" else f0
         return torch.arange(start, start + bf, device=dev)[None]
     ctx = dit.prepare_text(text.encode(prompt).to(dev))
+    if V > 1:
+        ctx = type(ctx).cat([ctx] * V)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     ts, sig = sampling.timesteps, sampling.sigmas()
     commit = RolloutMeta(commit=True)
@@ -171,8 +196,8 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     for b in range(0, T0, bf):  # commit the context frames block by block, clean, at the context timestep
         x = to_latent(init[b:b + bf])[None].to(dev)  # [1, bf, 3, H, W]
         pos = frame_pos(b)
-        dit(x, torch.full((1, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos, meta=commit,
-            backend=be, actions=ia[b:b + bf][None].to(dev))
+        dit(fan(x), torch.full((V, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos.expand(V, -1),
+            meta=commit, backend=be, actions=fan_actions(ia[b:b + bf][None].to(dev)))
     n = len(acts)
     n_blocks = -(-n // bf)
     a_pad = torch.cat([acts, torch.zeros(n_blocks * bf - n, dtype=torch.long)])
@@ -182,21 +207,22 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         x = torch.randn((1, bf, 3, H, W), generator=g).to(dev)
         x0 = None
         for k, t in enumerate(ts):
-            out = dit(x, torch.full((1, bf), t, device=dev), ctx, frame_pos=pos, meta=probe, backend=be, actions=a)
-            x0 = out if cfg.prediction == "x0" else x.float() - sig[k] * out
+            out = dit(fan(x), torch.full((V, bf), t, device=dev), ctx, frame_pos=pos.expand(V, -1), meta=probe,
+                      backend=be, actions=fan_actions(a))
+            x0 = gather(out if cfg.prediction == "x0" else fan(x).float() - sig[k] * out)
             if k + 1 < len(ts):
                 s = sig[k + 1]
                 x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g).to(dev)
         x0 = x0.clamp(-1, 1)
-        dit(x0, torch.full((1, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos, meta=commit,
-            backend=be, actions=a)
+        dit(fan(x0), torch.full((V, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos.expand(V, -1),
+            meta=commit, backend=be, actions=fan_actions(a))
         frames = to_pixels(x0[0] if decoder is None else decoder.refine_stream(dec_state, x0[0]))  # [bf, H, W, 3]
         yield frames[: min(bf, n - i * bf)]
 
 
 def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: list | None, out: Path,
              threads: int, window: int | None = None, sink: int | None = None, strip: Path | None = None,
-             init_actions: bool = True, positions: str | None = None) -> dict:
+             init_actions: bool = True, positions: str | None = None, mirrors: tuple = ()) -> dict:
     torch.set_num_threads(threads)
     dit, text, meta = load_toyworld(weights)
     decoder = load_decoder(weights, meta)
@@ -213,7 +239,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     gen, t_first = [], None
     for blk in rollout(dit, text, sampling, prompt, true[:context] if context else None, acts[context:], seed=seed,
                        window=window, sink=sink, init_actions=acts[:context] if init_actions else None,
-                       decoder=decoder, positions=positions):
+                       decoder=decoder, positions=positions, mirrors=mirrors):
         if t_first is None:
             t_first = time.perf_counter() - t0
         gen.append(blk)
@@ -223,6 +249,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     m["summary"].update({
         "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed, "context_frames": context, "init_actions": "true" if init_actions else "none",
         "sampling": sampling.to_dict(), "window": window, "sink": sink, "positions": positions, "threads": threads,
+        "mirrors": list(mirrors),
         "time_to_first_block_s": t_first, "total_s": total, "pixel_fps": frames / total,
         "pixel_fps_after_first": (frames - sampling.block_frames) / max(total - t_first, 1e-9),
     })
@@ -255,13 +282,19 @@ def main(argv=None) -> int:
                     help="actions given with the context frames: the simulator's, or 'none' for every frame (what "
                          "an engine that is handed bare frames does)")
     ap.add_argument("--strip", default=None, help="also write the truth-vs-model strip here")
+    ap.add_argument("--mirrors", default="", help="comma-separated mirror views run beside the world and averaged "
+                                                   "each block (h, v, hv); default none")
     a = ap.parse_args(argv)
+    mirrors = tuple(m for m in a.mirrors.split(",") if m)
+    bad = [m for m in mirrors if m not in sim.MIRRORS]
+    if bad or len(set(mirrors)) != len(mirrors):
+        ap.error(f"--mirrors takes distinct names from {sorted(sim.MIRRORS)}, got {a.mirrors!r}")
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
-                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions)
+                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors)
     s = m["summary"]
     print(json.dumps({k: s[k] for k in ("agent_error_median_px", "agent_found_share", "palette_share_min_window",
                                         "psnr_per_32", "psnr_copy_last_per_32", "psnr_context_mean_per_32",
-                                        "pixel_fps", "time_to_first_block_s", "targets")}, indent=1))
+                                        "pixel_fps", "time_to_first_block_s", "targets", "mirrors")}, indent=1))
     return 0
 
 

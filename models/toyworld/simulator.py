@@ -21,7 +21,8 @@ import numpy as np
 
 __all__ = ["ACTIONS", "ACTION_DELTAS", "THEMES", "THEME_WORDS", "DEFAULT_THEME", "AGENT_COLOR", "BALL_COLOR",
            "FILLER_WORDS", "SIZE", "WALL", "AGENT_SIZE", "AGENT_SPEED", "BALL_DIAMETER", "theme_of", "palette", "all_colors",
-           "random_actions", "action_ids", "World", "simulate", "random_prompt", "draw_sprites"]
+           "random_actions", "action_ids", "World", "simulate", "random_prompt", "draw_sprites", "MIRRORS",
+           "mirror_frames", "mirror_actions"]
 
 SIZE = 64  # arena is SIZE x SIZE pixels, the whole screen (no camera)
 WALL = 4  # border wall thickness: the agent and the ball stay inside [WALL, SIZE - WALL)
@@ -87,6 +88,34 @@ def palette(theme: str) -> np.ndarray:
 def all_colors() -> np.ndarray:
     """uint8 [K, 3]: the union of all theme palettes (for a theme-agnostic colour metric)."""
     return np.unique(np.concatenate([palette(t) for t in THEMES]), axis=0)
+
+
+# The arena is symmetric: its mirror images are worlds of the same kind (the wall is as thick on every side, tiles,
+# patches and items sit on a 4-px grid, the agent on a 2-px lattice), played with the actions mirrored too.
+# name -> (image axes flipped, counted from the end: -1 is x, -2 is y; the action that each action id becomes)
+MIRRORS = {
+    "h": ((-1,), (0, 1, 2, 4, 3)),  # left <-> right
+    "v": ((-2,), (0, 2, 1, 3, 4)),  # up <-> down
+    "hv": ((-2, -1), (0, 2, 1, 4, 3)),  # both: a half turn
+}
+
+
+def _mirror(name: str):
+    if name not in MIRRORS:
+        raise ValueError(f"unknown mirror {name!r}; choose one of {sorted(MIRRORS)}")
+    return MIRRORS[name]
+
+
+def mirror_frames(frames: np.ndarray, name: str) -> np.ndarray:
+    """Frames uint8 [..., H, W, 3] seen in mirror ``name`` ("h", "v" or "hv")."""
+    axes, _ = _mirror(name)
+    return np.flip(frames, tuple(a - 1 for a in axes))  # the colour axis is last here
+
+
+def mirror_actions(actions, name: str) -> np.ndarray:
+    """Action ids int64 [T] that play the mirrored world as ``actions`` play the original."""
+    _, perm = _mirror(name)
+    return np.asarray(perm, np.int64)[action_ids(actions, len(actions))]
 
 
 def action_ids(actions, n: int) -> np.ndarray:
