@@ -30,6 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"],
                    help="attention backend (default: sdpa)")
     p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
+    p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
+                   "views (h, v, hv) run beside each stream and averaged every block; slower, steadier")
 
 
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
@@ -49,7 +51,13 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
         per = window if window is not None else -(-bundle.latent_frames(frames or 1) // bf) * bf
         kv_pages = per * max_sessions
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
-                  attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages)
+                  attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
+                  mirrors=parse_mirrors(a.mirrors))
+
+
+def parse_mirrors(text: str | None) -> tuple:
+    """'h,v,hv' -> ('h', 'v', 'hv'); the engine checks the names."""
+    return tuple(m.strip() for m in (text or "").split(",") if m.strip())
 
 
 def _parse_actions(text: str | None, eng) -> list | None:

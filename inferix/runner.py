@@ -85,11 +85,13 @@ class SessionTensors:
     history: OrderedDict = field(default_factory=OrderedDict)  # abs frame -> clean latent [C, h, w]
     prefill: list = field(default_factory=list)  # latent chunks [n, C, h, w] still to commit
     text_embeds: torch.Tensor | None = None  # explicit text conditioning (bypasses the text encoder)
+    views: object = None  # mirror views' cache (a WindowKVBackend whose batch rows are the views), or None
 
 
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
-                 positions: str = "absolute", keep_frames: int | None = None, device="cpu"):
+                 positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
+                 view_cache: tuple | None = None):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -108,6 +110,10 @@ class Runner:
         self.clamp_x0 = isinstance(bundle.decoder, PixelDecoder)
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
+        # Mirror views [(axes, action permutation or None)]: each session also keeps a dense sink + window cache
+        # (window, sink, tokens per frame = view_cache) for its mirror images; see _views.
+        self.mirrors = list(mirrors)
+        self.view_cache = view_cache
         self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
         self.forward_calls = 0
 
@@ -115,6 +121,8 @@ class Runner:
     def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
                     text_embeds: torch.Tensor | None = None, chunks: list | None = None) -> None:
         st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds)
+        if self.mirrors:
+            st.views = self._new_view_cache()
         if self.bundle.decoder is not None:
             st.decoder_state = self.bundle.decoder.new_stream()
         if init_latents is not None:
@@ -133,7 +141,7 @@ class Runner:
             noise=s.noise.clone(), prompt=s.prompt, negative_prompt=s.negative_prompt,
             x=None if s.x is None else s.x.clone(), x0=None if s.x0 is None else s.x0.clone(),
             decoder_state=copy.deepcopy(s.decoder_state), history=OrderedDict(s.history),
-            prefill=list(s.prefill), text_embeds=s.text_embeds)
+            prefill=list(s.prefill), text_embeds=s.text_embeds, views=copy.deepcopy(s.views))
 
     def drop(self, sid: int) -> None:
         self.sessions.pop(sid, None)
@@ -263,6 +271,8 @@ class Runner:
         else:
             meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
         pred = self._forward(x, t, rows, meta, qpos, actions)
+        if self.mirrors:
+            pred = self._views(g.kind, rows, x, t, qpos, actions, pred)
         outs = []
         if g.kind == DENOISE:
             outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
@@ -270,6 +280,45 @@ class Runner:
         else:
             self.timing["commit"] += time.perf_counter() - tic
         return outs
+
+    def _new_view_cache(self):
+        from inferix.models.toyworld.eval import WindowKVBackend
+        window, sink, tokens = self.view_cache
+        rope = None
+        if self.positions == "relative":  # keys kept unrotated and read at cache positions 0..n-1, as the pages are
+            h, w = self.latent_hw
+            ph, pw = self.dit.config.patch_size[1:]
+            rope = lambda n: self.dit.rope_for(torch.arange(n, device=self.device)[None], h // ph, w // pw)  # noqa: E731
+        return WindowKVBackend(self.dit.config.num_layers, tokens, window, sink, self.sampling.block_frames,
+                               rope=rope)
+
+    def _views(self, kind, rows, x, t, qpos, actions, pred):
+        """Run each row's mirror views on its cache of mirror images: the input mirrored, the actions swapped.
+        PREFILL / COMMIT / RECACHE write the mirrored frames into the views' cache; a DENOISE step returns, per
+        row, the mean of its own prediction and its views' predictions mapped back (so every view then commits
+        that same mean, mirrored). A RECACHE starts the views' cache afresh, as the pages are rewritten."""
+        from inferix.models.toyworld.eval import RolloutMeta
+        from inferix.models.wan_dit import TextKV
+        V = len(self.mirrors)
+        pred = pred.clone() if kind == DENOISE else pred
+        for i, r in enumerate(rows):
+            st = self.sessions[r.sid]
+            if kind == RECACHE:
+                st.views = self._new_view_cache()
+            xv = torch.cat([x[i:i + 1].flip(ax) for ax, _ in self.mirrors])
+            av = None
+            if actions is not None:
+                av = torch.stack([actions[i] if perm is None else
+                                  torch.tensor(perm, device=actions.device)[actions[i]] for _, perm in self.mirrors])
+            ctx = TextKV.cat([self.text_kv(st)] * V)
+            with torch.no_grad():
+                out = self.dit(xv, t[i:i + 1].expand(V, -1), ctx, frame_pos=qpos[i:i + 1].expand(V, -1).to(self.device),
+                               meta=RolloutMeta(commit=kind != DENOISE), backend=st.views, actions=av)
+            self.forward_calls += 1
+            if kind == DENOISE:
+                back = [out[j].flip(ax) for j, (ax, _) in enumerate(self.mirrors)]
+                pred[i] = (pred[i] + sum(back)) / (V + 1)
+        return pred
 
     def _to_x0(self, x, pred, sigma):
         if self.dit.config.prediction == "x0":

@@ -27,14 +27,15 @@ SUITE: tuple[tuple[int, str], ...] = (
 
 def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
-             sink: int | None = None, positions: str = "auto", save_frames: bool = False, engine=None) -> dict:
+             sink: int | None = None, positions: str = "auto", save_frames: bool = False, engine=None,
+             mirrors: tuple = ()) -> dict:
     """One rollout of ``frames`` frames against the simulator; writes metrics.json, drift.png, strip.png to out.
     ``engine``: an Engine to reuse (then model, window, sink and positions are its own)."""
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.metrics import drift_curve_png, eval_episode, rollout_metrics, strip_png
     if threads:
         torch.set_num_threads(threads)
-    eng = engine if engine is not None else _engine(model, window, sink, positions)
+    eng = engine if engine is not None else _engine(model, window, sink, positions, mirrors)
     if context % eng.block_frames:
         raise ValueError(f"--context {context} must be a multiple of the block ({eng.block_frames} frames)")
     acts, true, pos = eval_episode(seed, prompt, context + frames)
@@ -55,6 +56,7 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
     m["summary"].update({
         "engine": True, "model": model, "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed,
         "context_frames": context, "window": eng.window, "sink": eng.sink, "positions": eng.positions,
+        "mirrors": list(eng.mirrors),
         "threads": torch.get_num_threads(),
         "time_to_first_frame_s": t_first,
         "time_to_first_frame_note": "from the request to the first decoded block, context commit included",
@@ -86,9 +88,10 @@ def seed_range_episodes(spec: str) -> list[tuple[int, str]]:
     return [(s, THEME_PROMPTS[i % len(THEME_PROMPTS)]) for i, s in enumerate(range(lo, hi + 1))]
 
 
-def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto"):
+def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto", mirrors: tuple = ()):
     from .engine import Engine
-    return Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions)
+    return Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions,
+                                  mirrors=mirrors)
 
 
 def _episode_dir(seed: int, prompt: str) -> str:
@@ -98,7 +101,7 @@ def _episode_dir(seed: int, prompt: str) -> str:
 
 def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, model: str = "toyworld",
                    threads: int | None = None, window: int = -1, sink: int | None = None,
-                   positions: str = "auto", save_frames: bool = False) -> dict:
+                   positions: str = "auto", save_frames: bool = False, mirrors: tuple = ()) -> dict:
     """``evaluate`` on several episodes (seed, prompt) with one engine: each episode's files go to
     out/seed<S>_<theme>/, and out/suite.json holds a row per episode and how many episodes meet each target."""
     from tqdm import tqdm
@@ -110,7 +113,7 @@ def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, 
         raise ValueError(f"episodes repeat a (seed, theme): {sorted(n for n in names if names.count(n) > 1)}")
     if threads:
         torch.set_num_threads(threads)
-    eng = _engine(model, window, sink, positions)
+    eng = _engine(model, window, sink, positions, mirrors)
     rows = []
     for (seed, prompt), name in zip(tqdm(episodes, desc="suite episodes", unit="episode"), names):
         s = evaluate(frames=frames, out=out / name, seed=seed, prompt=prompt, context=context,
@@ -127,6 +130,7 @@ def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, 
     agent = [r["agent_error_median_px"] for r in rows]
     summary = {
         "episodes": len(rows), "frames": frames, "model": model, "context_frames": context,
+        "mirrors": list(mirrors),
         "episodes_meeting": {k: sum(r["targets"][k] for r in rows) for k in rows[0]["targets"]},
         "episodes_meeting_all_targets": sum(all(r["targets"].values()) for r in rows),
         "agent_error_median_px_mean": float(np.mean(agent)), "agent_error_median_px_max": float(np.max(agent)),
@@ -241,9 +245,18 @@ def main(argv=None) -> int:
     ap.add_argument("--from-truth", type=int, default=0, metavar="BLOCKS",
                     help="instead of a rollout: BLOCKS single blocks, each generated from the simulator's frames "
                          "before it (one-block error, bounce blocks apart); writes from_truth.json")
+    ap.add_argument("--mirrors", default="", help="comma-separated mirror views (h, v, hv) run beside the world "
+                                                   "and averaged every block")
     ap.add_argument("--suite-seeds", default=None, metavar="A-B",
                     help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")
     a = ap.parse_args(argv)
+    from .cli import parse_mirrors
+    from .engine import MIRRORS
+    mirrors = parse_mirrors(a.mirrors)
+    if any(m not in MIRRORS for m in mirrors) or len(set(mirrors)) != len(mirrors):
+        ap.error(f"--mirrors takes distinct names from {sorted(MIRRORS)}, got {a.mirrors!r}")
+    if mirrors and a.from_truth:
+        ap.error("--mirrors applies to rollouts, not to --from-truth")
     if a.frames <= 0:
         ap.error(f"--frames must be positive, got {a.frames}")
     if a.from_truth < 0:
@@ -257,7 +270,7 @@ def main(argv=None) -> int:
             ap.error(f"--suite-seeds: {e}")
         r = evaluate_suite(frames=a.frames, out=Path(a.out), episodes=episodes, context=a.context, model=a.model,
                            threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
-                           save_frames=a.save_frames)
+                           save_frames=a.save_frames, mirrors=mirrors)
         print(suite_table(r))
         print(f"wrote {Path(a.out) / 'suite.json'} and a folder per episode")
         return 0
@@ -271,7 +284,7 @@ def main(argv=None) -> int:
         return 0
     m = evaluate(frames=a.frames, out=Path(a.out), seed=a.seed, prompt=a.prompt, context=a.context, model=a.model,
                  threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
-                 save_frames=a.save_frames)
+                 save_frames=a.save_frames, mirrors=mirrors)
     s = m["summary"]
     keys = ("agent_error_median_px", "agent_found_share", "palette_share_min_window", "psnr_per_32",
             "psnr_copy_last_per_32", "psnr_context_mean_per_32", "pixel_fps_including_decode",

@@ -370,6 +370,47 @@ def test_rollout_with_mirror_views_averages_each_block():
         next(rollout(dit, text, sampling, "night", frames[:8], acts[8:], mirrors=("h", "h"), **kw))
 
 
+def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_stream():
+    from inferix.engine import Engine
+    meta = json.loads(WEIGHTS.read_text())
+    acts = sim.random_actions(np.random.default_rng(5), 40)
+    frames, _ = sim.simulate(5, acts, "desert", 40)
+    mirrors = ("h", "v", "hv")
+    eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=2, mirrors=mirrors)
+    # 8 blocks after 8 start frames: the views' caches drop frames like the pages from the third block on.
+    want = np.concatenate(list(eng.generate("a cube in the desert", num_frames=32, seed=3, init_frames=frames[:8],
+                                            actions=[int(a) for a in acts[8:]])))
+    dit, text, _ = load_toyworld(WEIGHTS)
+    got = np.concatenate(list(rollout(dit, text, SamplingConfig.from_dict(meta["sampling"]), "a cube in the desert",
+                                      frames[:8], acts[8:], seed=3, window=meta["window"], sink=meta["sink"],
+                                      decoder=load_decoder(WEIGHTS, meta), positions="relative", mirrors=mirrors)))
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # A fork carries its own copy of the views' caches: a stream goes on as if it had never been forked, whatever
+    # its fork does, and the fork goes on as the stream would with the fork's actions.
+    def run(turn, fork_turn=None):
+        s = eng.open_session("a cube at night", num_frames=24, seed=1, init_frames=frames[:8])
+        s.act("left")
+        first = next(iter(s))
+        eng.run_until_idle(max_steps=1)  # commit the first block
+        f = None
+        if fork_turn:
+            f = s.fork()
+            f.resume()
+            f.act(fork_turn)
+        s.act(turn)
+        eng.run_until_idle()
+        return np.concatenate([first] + s.poll()), None if f is None else np.concatenate([first] + f.poll())
+    down, up = run("down")[0], run("up")[0]
+    a, b = run("down", "up")
+    assert len(a) == 24 and np.array_equal(a, down) and np.array_equal(b, up) and not np.array_equal(down, up)
+    # The names are checked, and so is the model.
+    with pytest.raises(ValueError, match="mirrors must be distinct"):
+        Engine.from_pretrained("toyworld", device="cpu", mirrors=("x",))
+    with pytest.raises(ValueError, match="need a window"):
+        Engine.from_pretrained("toyworld", device="cpu", window=None, mirrors=("h",))
+
+
 # ---- sink layout (the engine's cache: sink blocks + the blocks generated last) ---------------------
 def test_teacher_forcing_with_sink_targets_masks_and_backend():
     T, bf, n, ft = 2, 2, 4, 2
