@@ -183,6 +183,17 @@ def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, caps
     assert "| 6 | a cube in the desert |" in capsys.readouterr().out
 
 
+def test_generate_with_mirror_views(tmp_path, capsys):
+    video = tmp_path / "m.mp4"
+    assert main(["generate", "--prompt", "a cube at night", "--frames", "8", "--mirrors", "h,hv", "--actions", "left",
+                 "--out", str(video)]) == 0
+    assert _count_frames(video) == 8
+    assert main(["generate", "--frames", "8", "--mirrors", "h,diagonal", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "mirrors must be distinct names" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
+    with pytest.raises(SystemExit):
+        main(["toyworld", "eval", "--mirrors", "h", "--from-truth", "2", "--out", str(tmp_path / "ft")])
+
+
 def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
     out = tmp_path / "ft"
     assert main(["toyworld", "eval", "--from-truth", "6", "--out", str(out)]) == 0
