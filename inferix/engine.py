@@ -192,7 +192,7 @@ class Engine:
         self.mirrors = tuple(mirrors)
         views = mirror_views(bundle, self.mirrors, self.window, self.sink) if self.mirrors else ()
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
-                             keep_frames=keep, device=self.device, mirrors=views,
+                             keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
                              view_cache=(self.window, self.sink, page_tokens))
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count()

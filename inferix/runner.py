@@ -91,7 +91,7 @@ class SessionTensors:
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
                  positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
-                 view_cache: tuple | None = None):
+                 view_cache: tuple | None = None, keep_sink: int = 0):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -101,6 +101,7 @@ class Runner:
         self.positions = positions
         self.latent_hw = latent_hw
         self.keep_frames = keep_frames
+        self.keep_sink = keep_sink  # first frames of a stream that history keeps for good (the cache's sink)
         self.device = torch.device(device)
         self.sampling = bundle.sampling
         self.timesteps = self.sampling.timesteps
@@ -368,9 +369,10 @@ class Runner:
                 self._remember(st, frame + j, latent[j])
             return
         st.history[frame] = latent
-        if self.keep_frames is not None:
-            while len(st.history) > self.keep_frames:
-                st.history.popitem(last=False)
+        if self.keep_frames is not None:  # the sink frames stay for good (a recache re-commits them), then the
+            later = [f for f in st.history if f >= self.keep_sink]  # latest keep_frames frames
+            for f in later[:max(0, len(later) - self.keep_frames)]:
+                del st.history[f]
 
 
 def meta_without_write(meta: PagedMeta) -> PagedMeta:

@@ -411,6 +411,41 @@ def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_strea
         Engine.from_pretrained("toyworld", device="cpu", window=None, mirrors=("h",))
 
 
+def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
+    from inferix.engine import Engine
+    from inferix.plan import RECACHE
+    frames, _ = sim.simulate(2, None, "snow", 8)
+    eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1, mirrors=("hv",))
+    seen = []
+
+    def hook(plan, outs):
+        for g in plan.groups:
+            if g.kind == RECACHE:
+                seen.extend((len(r.context_frames), eng.runner.sessions[r.sid].views.frames_cached())
+                            for r in g.rows)
+    eng.hooks.append(hook)
+    s = eng.open_session("a red cube in a snowy field", num_frames=24, seed=0, init_frames=frames, recache=True)
+    it = iter(s)
+    out = [next(it) for _ in range(3)]  # the window is full: the views' cache has dropped frames
+    s.set_prompt("a cube at night")
+    out += list(it)
+    # The views' cache holds exactly the window the pages re-committed, no leftovers of the old prompt's K/V.
+    assert seen and all(n == v and n > 0 for n, v in seen)
+    assert sum(len(b) for b in out) == 24 and eng.pages_in_use == 0
+    # Without views too: the re-commit reads the sink frames (0..7) from the runner's history, which keeps them
+    # for good even after the stream has outgrown the window (it used to drop them and fail the session).
+    plain = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1)
+    rows = []
+    plain.hooks.append(lambda plan, outs: rows.extend(r for g in plan.groups if g.kind == RECACHE for r in g.rows))
+    s = plain.open_session("a red cube in a snowy field", num_frames=24, seed=0, init_frames=frames, recache=True)
+    it = iter(s)
+    out = [next(it) for _ in range(3)]
+    s.set_prompt("a cube at night")
+    out += list(it)
+    assert rows and rows[0].context_frames[:8] == list(range(8)) and max(rows[0].context_frames) > 16
+    assert sum(len(b) for b in out) == 24 and s.status == "finished"
+
+
 # ---- sink layout (the engine's cache: sink blocks + the blocks generated last) ---------------------
 def test_teacher_forcing_with_sink_targets_masks_and_backend():
     T, bf, n, ft = 2, 2, 4, 2
