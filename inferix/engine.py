@@ -16,6 +16,7 @@ import torch
 
 from inferix.kernels.attention import KVPool, get_backend
 from inferix.models.bundle import ModelBundle, PixelDecoder, load_model
+from inferix.models.mirrors import MIRRORS, action_permutation, check_mirrors
 
 from .pages import AdmissionError, KVManager
 from .profiling import Profiler
@@ -121,17 +122,9 @@ class Session:
             self.engine.step()
 
 
-# Mirror images of a world: the image axes flipped (counted from the end: -1 is x, -2 is y) and the actions whose
-# names swap, for models whose worlds are mirror-symmetric (the toy world's arena is).
-MIRRORS = {"h": ((-1,), (("left", "right"),)), "v": ((-2,), (("up", "down"),)),
-           "hv": ((-2, -1), (("left", "right"), ("up", "down")))}
-
-
-def mirror_views(bundle: ModelBundle, mirrors, window, sink) -> list:
+def mirror_views(bundle: ModelBundle, mirrors, window) -> list:
     """Validated mirror views for ``Engine(mirrors=...)``: a list of (axes, action-id permutation or None)."""
-    bad = [m for m in mirrors if m not in MIRRORS]
-    if bad or len(set(mirrors)) != len(mirrors):
-        raise ValueError(f"mirrors must be distinct names from {sorted(MIRRORS)}, got {list(mirrors)}")
+    check_mirrors(mirrors)
     if bundle.spatial_ratio != 1 or not isinstance(bundle.decoder, PixelDecoder):
         raise ValueError(f"mirror views need a pixel-space model (latents are images); {bundle.name!r} is not")
     s = bundle.sampling
@@ -140,19 +133,8 @@ def mirror_views(bundle: ModelBundle, mirrors, window, sink) -> list:
     if window is None:
         raise ValueError("mirror views need a window (each view keeps a sink + window cache of its own)")
     names = list(bundle.actions or [])
-    views = []
-    for m in mirrors:
-        axes, swaps = MIRRORS[m]
-        perm = None
-        if names:
-            missing = [a for pair in swaps for a in pair if a not in names]
-            if missing:
-                raise ValueError(f"mirror {m!r} swaps actions {missing} that {bundle.name!r} does not have ({names})")
-            perm = list(range(len(names)))
-            for a, b in swaps:
-                perm[names.index(a)], perm[names.index(b)] = names.index(b), names.index(a)
-        views.append((axes, perm))
-    return views
+    model = repr(bundle.name)
+    return [(MIRRORS[m][0], action_permutation(m, names, model) if names else None) for m in mirrors]
 
 
 class Engine:
@@ -189,8 +171,8 @@ class Engine:
         self.backend = get_backend(attention)
         self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
         keep = None if self.window is None else self.window
-        self.mirrors = tuple(mirrors)
-        views = mirror_views(bundle, self.mirrors, self.window, self.sink) if self.mirrors else ()
+        self.mirrors = check_mirrors(mirrors)
+        views = mirror_views(bundle, self.mirrors, self.window) if self.mirrors else ()
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
                              view_cache=(self.window, self.sink, page_tokens))

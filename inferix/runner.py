@@ -18,6 +18,7 @@ from inferix.kernels.attention import KVPool, PagedMeta
 from inferix.models.bundle import ModelBundle, PixelDecoder
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
+from inferix.models.window_kv import RolloutMeta, WindowKVBackend
 
 from .plan import COMMIT, DENOISE, PREFILL, RECACHE, StepPlan
 
@@ -115,6 +116,7 @@ class Runner:
         # (window, sink, tokens per frame = view_cache) for its mirror images; see _views.
         self.mirrors = list(mirrors)
         self.view_cache = view_cache
+        self.view_perms = [None if perm is None else torch.tensor(perm, device=self.device) for _, perm in mirrors]
         self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
         self.forward_calls = 0
 
@@ -283,7 +285,6 @@ class Runner:
         return outs
 
     def _new_view_cache(self):
-        from inferix.models.toyworld.eval import WindowKVBackend
         window, sink, tokens = self.view_cache
         rope = None
         if self.positions == "relative":  # keys kept unrotated and read at cache positions 0..n-1, as the pages are
@@ -298,8 +299,6 @@ class Runner:
         PREFILL / COMMIT / RECACHE write the mirrored frames into the views' cache; a DENOISE step returns, per
         row, the mean of its own prediction and its views' predictions mapped back (so every view then commits
         that same mean, mirrored). A RECACHE starts the views' cache afresh, as the pages are rewritten."""
-        from inferix.models.toyworld.eval import RolloutMeta
-        from inferix.models.wan_dit import TextKV
         V = len(self.mirrors)
         pred = pred.clone() if kind == DENOISE else pred
         for i, r in enumerate(rows):
@@ -309,8 +308,7 @@ class Runner:
             xv = torch.cat([x[i:i + 1].flip(ax) for ax, _ in self.mirrors])
             av = None
             if actions is not None:
-                av = torch.stack([actions[i] if perm is None else
-                                  torch.tensor(perm, device=actions.device)[actions[i]] for _, perm in self.mirrors])
+                av = torch.stack([actions[i] if perm is None else perm[actions[i]] for perm in self.view_perms])
             ctx = TextKV.cat([self.text_kv(st)] * V)
             with torch.no_grad():
                 out = self.dit(xv, t[i:i + 1].expand(V, -1), ctx, frame_pos=qpos[i:i + 1].expand(V, -1).to(self.device),

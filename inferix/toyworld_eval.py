@@ -251,10 +251,11 @@ def main(argv=None) -> int:
                     help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")
     a = ap.parse_args(argv)
     from .cli import parse_mirrors
-    from .engine import MIRRORS
-    mirrors = parse_mirrors(a.mirrors)
-    if any(m not in MIRRORS for m in mirrors) or len(set(mirrors)) != len(mirrors):
-        ap.error(f"--mirrors takes distinct names from {sorted(MIRRORS)}, got {a.mirrors!r}")
+    from inferix.models.mirrors import check_mirrors
+    try:
+        mirrors = check_mirrors(parse_mirrors(a.mirrors))
+    except ValueError as e:
+        ap.error(f"--mirrors: {e}")
     if mirrors and a.from_truth:
         ap.error("--mirrors applies to rollouts, not to --from-truth")
     if a.frames <= 0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ from ..schedule import SamplingConfig
 from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
-from ...kernels.attention import SDPABackend
-from ...kernels.rope import apply_rope
+from ..mirrors import check_mirrors
+from ..window_kv import RolloutMeta, WindowKVBackend
 from . import simulator as sim
 from .data import to_latent, to_pixels
 from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
@@ -33,64 +32,7 @@ __all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "r
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
 
-# ---- standalone rollout ----------------------------------------------------------------------------
-@dataclass
-class RolloutMeta:
-    commit: bool  # True: this pass's K/V are appended to the cache after attending
-
-
-class WindowKVBackend(SDPABackend):
-    """Dense per-layer K/V lists of the committed frames, trimmed like the engine's cache: the first ``sink``
-    frames for good, then the most recent ones, so that a block attends to at most ``window`` frames counting
-    the sink and the block itself.
-
-    ``rope``: for cache-relative positions (a bundle's ``positions: "relative"``), a callable ``rope(n)`` giving
-    cos/sin for cache positions 0..n-1. Keys are then stored before RoPE and rotated when read, the cached frames
-    at 0..n-1 in cache order, as the engine's paged cache does; the block being run must use positions n, n+1, ...
-    Without it, keys are stored rotated at whatever positions their pass used (absolute positions)."""
-    name = "window-kv"
-
-    def __init__(self, num_layers: int, frame_tokens: int, window: int, sink: int, block_frames: int, rope=None):
-        if window < sink + block_frames:
-            raise ValueError(f"window {window} must hold the sink ({sink}) plus one block ({block_frames})")
-        self.k: list = [None] * num_layers
-        self.v: list = [None] * num_layers
-        self.T, self.sink = frame_tokens, sink
-        self.keep = window - block_frames - sink
-        self.rope = rope
-        self._rot: dict = {}  # n cached frames -> (cos, sin)
-
-    def frames_cached(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[1] // self.T
-
-    def _cached_keys(self, layer: int):
-        kc = self.k[layer]
-        if kc is None or self.rope is None:
-            return kc
-        n = kc.shape[1] // self.T
-        if n not in self._rot:
-            self._rot[n] = self.rope(n)
-        cos, sin = self._rot[n]  # [1, L, D/2]: the same cache positions for every batch row
-        return apply_rope(kc, cos.expand(kc.shape[0], -1, -1), sin.expand(kc.shape[0], -1, -1))
-
-    def attend(self, q, k, v, layer, meta, k_raw=None):
-        if not isinstance(meta, RolloutMeta):
-            return super().attend(q, k, v, layer, meta, k_raw=k_raw)
-        kc, vc = self._cached_keys(layer), self.v[layer]
-        kk = k if kc is None else torch.cat([kc, k], 1)  # [B, (cached + own) tokens, H, D]
-        vv = v if vc is None else torch.cat([vc, v], 1)
-        out = self.masked(q, kk, vv, None)
-        if meta.commit:
-            new = k if self.rope is None else k_raw
-            ks = new if self.k[layer] is None else torch.cat([self.k[layer], new], 1)
-            s, n = self.sink * self.T, self.keep * self.T
-            if ks.shape[1] > s + n:  # drop the oldest frames after the sink
-                ks = torch.cat([ks[:, :s], ks[:, ks.shape[1] - n:]], 1)
-                vv = torch.cat([vv[:, :s], vv[:, vv.shape[1] - n:]], 1)
-            self.k[layer], self.v[layer] = ks, vv
-        return out
-
-
+# ---- loading and the standalone rollout --------------------------------------------------------------
 def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
     """Read a toy-world bundle (json + safetensors) without the engine: (dit, text encoder, meta dict)."""
     from safetensors.torch import load_file
@@ -145,9 +87,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
-    bad = [m for m in mirrors if m not in sim.MIRRORS]
-    if bad or len(set(mirrors)) != len(mirrors):
-        raise ValueError(f"mirrors must be distinct names from {sorted(sim.MIRRORS)}, got {list(mirrors)}")
+    mirrors = check_mirrors(mirrors)
     views = [((), tuple(range(len(sim.ACTIONS))))] + [sim.MIRRORS[m] for m in mirrors]
     V = len(views)
     perms = torch.tensor([p for _, p in views], dtype=torch.long)  # [V, actions]
@@ -285,10 +225,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mirrors", default="", help="comma-separated mirror views run beside the world and averaged "
                                                    "each block (h, v, hv); default none")
     a = ap.parse_args(argv)
-    mirrors = tuple(m for m in a.mirrors.split(",") if m)
-    bad = [m for m in mirrors if m not in sim.MIRRORS]
-    if bad or len(set(mirrors)) != len(mirrors):
-        ap.error(f"--mirrors takes distinct names from {sorted(sim.MIRRORS)}, got {a.mirrors!r}")
+    try:
+        mirrors = check_mirrors(m for m in a.mirrors.split(",") if m)
+    except ValueError as e:
+        ap.error(f"--mirrors: {e}")
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
                  a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors)
     s = m["summary"]

@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from ..mirrors import MIRRORS as _MIRROR_TABLE, action_permutation
+
 __all__ = ["ACTIONS", "ACTION_DELTAS", "THEMES", "THEME_WORDS", "DEFAULT_THEME", "AGENT_COLOR", "BALL_COLOR",
            "FILLER_WORDS", "SIZE", "WALL", "AGENT_SIZE", "AGENT_SPEED", "BALL_DIAMETER", "theme_of", "palette", "all_colors",
            "random_actions", "action_ids", "World", "simulate", "random_prompt", "draw_sprites", "MIRRORS",
@@ -93,11 +95,7 @@ def all_colors() -> np.ndarray:
 # The arena is symmetric: its mirror images are worlds of the same kind (the wall is as thick on every side, tiles,
 # patches and items sit on a 4-px grid, the agent on a 2-px lattice), played with the actions mirrored too.
 # name -> (image axes flipped, counted from the end: -1 is x, -2 is y; the action that each action id becomes)
-MIRRORS = {
-    "h": ((-1,), (0, 1, 2, 4, 3)),  # left <-> right
-    "v": ((-2,), (0, 2, 1, 3, 4)),  # up <-> down
-    "hv": ((-2, -1), (0, 2, 1, 4, 3)),  # both: a half turn
-}
+MIRRORS = {name: (axes, tuple(action_permutation(name, ACTIONS))) for name, (axes, _) in _MIRROR_TABLE.items()}
 
 
 def _mirror(name: str):
