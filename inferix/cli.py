@@ -31,7 +31,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention backend (default: sdpa)")
     p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
     p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
-                   "views (h, v, hv) run beside each stream and averaged every block; slower, steadier")
+                   "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
 
 
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):

@@ -16,7 +16,7 @@ import torch
 
 from inferix.kernels.attention import KVPool, get_backend
 from inferix.models.bundle import ModelBundle, PixelDecoder, load_model
-from inferix.models.mirrors import MIRRORS, action_permutation, check_mirrors
+from inferix.models.mirrors import action_permutation, check_mirrors, needs_square
 
 from .pages import AdmissionError, KVManager
 from .profiling import Profiler
@@ -123,7 +123,7 @@ class Session:
 
 
 def mirror_views(bundle: ModelBundle, mirrors, window) -> list:
-    """Validated mirror views for ``Engine(mirrors=...)``: a list of (axes, action-id permutation or None)."""
+    """Validated mirror views for ``Engine(mirrors=...)``: a list of (name, action-id permutation or None)."""
     check_mirrors(mirrors)
     if bundle.spatial_ratio != 1 or not isinstance(bundle.decoder, PixelDecoder):
         raise ValueError(f"mirror views need a pixel-space model (latents are images); {bundle.name!r} is not")
@@ -132,9 +132,12 @@ def mirror_views(bundle: ModelBundle, mirrors, window) -> list:
         raise ValueError("mirror views need an x0-predicting model sampled with the few-step sampler, no guidance")
     if window is None:
         raise ValueError("mirror views need a window (each view keeps a sink + window cache of its own)")
+    if needs_square(mirrors) and bundle.height != bundle.width:
+        raise ValueError(f"mirrors {needs_square(mirrors)} transpose the frame, which needs a square one; "
+                         f"{bundle.name!r} makes {bundle.height}x{bundle.width}")
     names = list(bundle.actions or [])
     model = repr(bundle.name)
-    return [(MIRRORS[m][0], action_permutation(m, names, model) if names else None) for m in mirrors]
+    return [(m, action_permutation(m, names, model) if names else None) for m in mirrors]
 
 
 class Engine:

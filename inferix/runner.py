@@ -16,6 +16,7 @@ import torch
 
 from inferix.kernels.attention import KVPool, PagedMeta
 from inferix.models.bundle import ModelBundle, PixelDecoder
+from inferix.models.mirrors import mirror_tensor
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
 from inferix.models.window_kv import RolloutMeta, WindowKVBackend
@@ -112,7 +113,7 @@ class Runner:
         self.clamp_x0 = isinstance(bundle.decoder, PixelDecoder)
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
-        # Mirror views [(axes, action permutation or None)]: each session also keeps a dense sink + window cache
+        # Mirror views [(name, action permutation or None)]: each session also keeps a dense sink + window cache
         # (window, sink, tokens per frame = view_cache) for its mirror images; see _views.
         self.mirrors = list(mirrors)
         self.view_cache = view_cache
@@ -305,7 +306,7 @@ class Runner:
             st = self.sessions[r.sid]
             if kind == RECACHE:
                 st.views = self._new_view_cache()
-            xv = torch.cat([x[i:i + 1].flip(ax) for ax, _ in self.mirrors])
+            xv = torch.cat([mirror_tensor(x[i:i + 1], m) for m, _ in self.mirrors])
             av = None
             if actions is not None:
                 av = torch.stack([actions[i] if perm is None else perm[actions[i]] for perm in self.view_perms])
@@ -315,7 +316,7 @@ class Runner:
                                meta=RolloutMeta(commit=kind != DENOISE), backend=st.views, actions=av)
             self.forward_calls += 1
             if kind == DENOISE:
-                back = [out[j].flip(ax) for j, (ax, _) in enumerate(self.mirrors)]
+                back = [mirror_tensor(out[j], m) for j, (m, _) in enumerate(self.mirrors)]
                 pred[i] = (pred[i] + sum(back)) / (V + 1)
         return pred
 

@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--from-truth", type=int, default=0, metavar="BLOCKS",
                     help="instead of a rollout: BLOCKS single blocks, each generated from the simulator's frames "
                          "before it (one-block error, bounce blocks apart); writes from_truth.json")
-    ap.add_argument("--mirrors", default="", help="comma-separated mirror views (h, v, hv) run beside the world "
+    ap.add_argument("--mirrors", default="", help="comma-separated mirror views (h, v, hv, d, a) run beside the world "
                                                    "and averaged every block")
     ap.add_argument("--suite-seeds", default=None, metavar="A-B",
                     help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")

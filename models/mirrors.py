@@ -1,13 +1,24 @@
-"""Mirror images of a mirror-symmetric world (the toy world's arena is one): which image axes flip and which
-actions swap. The engine's mirror views and the toy world's simulator and standalone rollout all read this table.
+"""Mirror images of a symmetric world (the toy world's square arena is one): which image axes flip, whether the
+image is transposed, and which actions swap. The engine's mirror views and the toy world's simulator and standalone
+rollout all read this table.
+
+Every entry is a reflection of the square (or the half turn "hv"), so applying it twice gives the image back: the
+same operation maps a view into the mirror and back. Flips come first, then the transpose; in every entry the two
+commute.
 """
 from __future__ import annotations
 
-__all__ = ["MIRRORS", "check_mirrors", "action_permutation"]
+__all__ = ["MIRRORS", "check_mirrors", "action_permutation", "mirror_tensor", "needs_square"]
 
-# name -> (image axes flipped, counted from the end: -1 is x, -2 is y; the pairs of action names that swap)
-MIRRORS = {"h": ((-1,), (("left", "right"),)), "v": ((-2,), (("up", "down"),)),
-           "hv": ((-2, -1), (("left", "right"), ("up", "down")))}
+# name -> (image axes flipped, counted from the end: -1 is x, -2 is y; whether x and y then swap (a transpose);
+#          the pairs of action names that swap)
+MIRRORS = {
+    "h": ((-1,), False, (("left", "right"),)),  # left-right mirror
+    "v": ((-2,), False, (("up", "down"),)),  # top-bottom mirror
+    "hv": ((-2, -1), False, (("left", "right"), ("up", "down"))),  # half turn
+    "d": ((), True, (("up", "left"), ("down", "right"))),  # mirror in the main diagonal (a transpose)
+    "a": ((-2, -1), True, (("up", "right"), ("down", "left"))),  # mirror in the anti-diagonal
+}
 
 
 def check_mirrors(mirrors) -> tuple:
@@ -18,10 +29,23 @@ def check_mirrors(mirrors) -> tuple:
     return mirrors
 
 
+def needs_square(mirrors) -> list:
+    """The names among ``mirrors`` that transpose the image (they need height == width)."""
+    return [m for m in check_mirrors(mirrors) if MIRRORS[m][1]]
+
+
+def mirror_tensor(x, name: str):
+    """``x`` (a torch tensor whose last two axes are y, x) seen in mirror ``name``; also maps a view back."""
+    axes, transpose, _ = MIRRORS[name]
+    if axes:
+        x = x.flip(axes)
+    return x.transpose(-1, -2) if transpose else x
+
+
 def action_permutation(name: str, action_names, model: str = "the model") -> list[int]:
     """The action id each action id becomes in mirror ``name``, for a model with these action names."""
     names = list(action_names)
-    swaps = MIRRORS[check_mirrors([name])[0]][1]
+    swaps = MIRRORS[check_mirrors([name])[0]][2]
     missing = [a for pair in swaps for a in pair if a not in names]
     if missing:
         raise ValueError(f"mirror {name!r} swaps actions {missing} that {model} does not have ({names})")

@@ -1,4 +1,5 @@
 """Mirror views: the toy world's mirror images, and the engine and the standalone rollout averaging them."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from inferix.models.schedule import SamplingConfig
+from inferix.models.mirrors import mirror_tensor
 from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.data import to_latent, to_pixels
 from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
@@ -26,16 +28,28 @@ def one_thread():  # as in test_toyworld.py: small tensors, and a busy machine p
 def test_mirror_images_are_worlds_of_the_same_kind():
     """Each mirror of an episode, played with the mirrored actions, obeys the simulator's rules: the agent sits where
     the mirrored true position says and moves 2 px per frame in the mirrored action's direction, stopped by the
-    same wall; the scene stays on the 4-px grid and the agent on the 2-px lattice."""
+    same wall; the scene stays on the 4-px grid and the agent on the 2-px lattice. The half turn and the diagonal
+    mirrors keep the checker's shades where the simulator puts them; the left-right and top-bottom ones swap them."""
     acts = sim.random_actions(np.random.default_rng(4), 120)
     frames, pos, bg = sim.simulate(4, acts, "desert", 120, return_background=True)
     lo, hi = sim.WALL + sim.AGENT_SIZE / 2, sim.SIZE - sim.WALL - sim.AGENT_SIZE / 2  # agent centre bounds
-    for name, (axes, perm) in sim.MIRRORS.items():
+    floor = np.zeros((sim.SIZE, sim.SIZE), bool)
+    floor[sim.WALL:-sim.WALL, sim.WALL:-sim.WALL] = True
+    yy, xx = np.mgrid[0:sim.SIZE, 0:sim.SIZE]
+    tile = ((yy // sim.TILE + xx // sim.TILE) % 2 == 1) & floor  # where the simulator draws the second shade
+    pal = sim.THEMES["desert"]
+    assert set(sim.MIRRORS) == {"h", "v", "hv", "d", "a"}
+    for name, (axes, transpose, perm) in sim.MIRRORS.items():
         f, a = sim.mirror_frames(frames, name), sim.mirror_actions(acts, name)
         assert np.array_equal(sim.mirror_frames(f, name), frames) and np.array_equal(sim.mirror_actions(a, name), acts)
+        # the engine's tensor version (channels first) is the same image
+        t = torch.from_numpy(np.ascontiguousarray(frames[:3])).permute(0, 3, 1, 2)
+        assert np.array_equal(mirror_tensor(t, name).permute(0, 2, 3, 1).numpy(), f[:3])
         p = pos.copy()
         for ax in axes:  # -1 mirrors x, -2 mirrors y
             p[:, -1 - ax] = sim.SIZE - p[:, -1 - ax]
+        if transpose:
+            p = p[:, ::-1]
         assert np.allclose(detect_color(f, sim.AGENT_COLOR), p)
         for t in range(1, len(acts)):
             dx, dy = sim.ACTION_DELTAS[int(a[t])]
@@ -44,9 +58,12 @@ def test_mirror_images_are_worlds_of_the_same_kind():
         assert np.all((p - sim.AGENT_SIZE / 2) % 2 == 0)
         m = sim.mirror_frames(bg, name)
         assert np.array_equal(m, np.repeat(np.repeat(m[::4, ::4], 4, 0), 4, 1))
+        shade = np.all(m == pal["tile"], -1)  # the mirrored scene's pixels in the second shade
+        assert shade.any() and (not (shade & ~tile).any()) == (name in ("hv", "d", "a")), name
     assert np.array_equal(sim.mirror_frames(frames, "hv"), sim.mirror_frames(sim.mirror_frames(frames, "h"), "v"))
-    with pytest.raises(ValueError, match="unknown mirror 'd'"):
-        sim.mirror_frames(frames, "d")
+    assert np.array_equal(sim.mirror_frames(frames, "a"), sim.mirror_frames(sim.mirror_frames(frames, "hv"), "d"))
+    with pytest.raises(ValueError, match="unknown mirror 'r90'"):
+        sim.mirror_frames(frames, "r90")
 
 
 def test_rollout_with_mirror_views_averages_each_block():
@@ -56,21 +73,22 @@ def test_rollout_with_mirror_views_averages_each_block():
     sampling = SamplingConfig.from_dict(meta["sampling"])
     acts = sim.random_actions(np.random.default_rng(6), 20)
     frames, _ = sim.simulate(6, acts, "night", 20)
-    mirrors = ("h", "hv")
+    mirrors = ("h", "a")
     kw = dict(seed=2, window=16, sink=8, init_actions=acts[:8], positions="absolute")
     got = np.concatenate(list(rollout(dit, text, sampling, "night", frames[:8], acts[8:], mirrors=mirrors, **kw)))
     plain = np.concatenate(list(rollout(dit, text, sampling, "night", frames[:8], acts[8:], **kw)))
 
-    views = [((), list(range(5)))] + [(sim.MIRRORS[m][0], list(sim.MIRRORS[m][1])) for m in mirrors]
+    # written out here: the image maps and the action ids (none, up, down, left, right) of each view
+    views = [(lambda x: x, [0, 1, 2, 3, 4]), (lambda x: x.flip(-1), [0, 1, 2, 4, 3]),
+             (lambda x: x.flip(-1).flip(-2).transpose(-1, -2), [0, 4, 3, 2, 1])]
     ctx = dit.prepare_text(text.encode("night"))
     caches = [WindowKVBackend(dit.config.num_layers, 64, 16, 8, 4) for _ in views]
     g = torch.Generator().manual_seed(2)
-    flip = lambda x, ax: x.flip(ax) if ax else x  # noqa: E731
     out = []
     with torch.no_grad():
         def run(x, t, f0, a, commit, i):
-            ax, perm = views[i]
-            return dit(flip(x, ax), torch.full((1, 4), t), ctx, frame_pos=torch.arange(f0, f0 + 4)[None],
+            look, perm = views[i]
+            return dit(look(x), torch.full((1, 4), t), ctx, frame_pos=torch.arange(f0, f0 + 4)[None],
                        meta=RolloutMeta(commit), backend=caches[i],
                        actions=torch.tensor([[perm[int(v)] for v in a]]))
         for b in (0, 4):
@@ -78,7 +96,7 @@ def test_rollout_with_mirror_views_averages_each_block():
                 run(to_latent(frames[b:b + 4])[None], 0.0, b, acts[b:b + 4], True, i)
         for b in (8, 12, 16):
             x = torch.randn((1, 4, 3, 64, 64), generator=g)
-            est = [flip(run(x, 1000.0, b, acts[b:b + 4], False, i), views[i][0]) for i in range(len(views))]
+            est = [views[i][0](run(x, 1000.0, b, acts[b:b + 4], False, i)) for i in range(len(views))]
             x0 = (sum(est) / len(est)).clamp(-1, 1)
             for i in range(len(views)):
                 run(x0, 0.0, b, acts[b:b + 4], True, i)
@@ -92,11 +110,11 @@ def test_rollout_with_mirror_views_averages_each_block():
 
 
 def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_stream():
-    from inferix.engine import Engine
+    from inferix.engine import Engine, mirror_views
     meta = json.loads(WEIGHTS.read_text())
     acts = sim.random_actions(np.random.default_rng(5), 40)
     frames, _ = sim.simulate(5, acts, "desert", 40)
-    mirrors = ("h", "v", "hv")
+    mirrors = ("v", "d", "a")
     eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=2, mirrors=mirrors)
     # 8 blocks after 8 start frames: the views' caches drop frames like the pages from the third block on.
     want = np.concatenate(list(eng.generate("a cube in the desert", num_frames=32, seed=3, init_frames=frames[:8],
@@ -130,6 +148,10 @@ def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_strea
         Engine.from_pretrained("toyworld", device="cpu", mirrors=("x",))
     with pytest.raises(ValueError, match="need a window"):
         Engine.from_pretrained("toyworld", device="cpu", window=None, mirrors=("h",))
+    wide = dataclasses.replace(eng.bundle, width=96)
+    assert mirror_views(wide, ("h", "hv"), 16)[1] == ("hv", [0, 2, 1, 4, 3])
+    with pytest.raises(ValueError, match=r"mirrors \['d', 'a'\] transpose the frame, which needs a square one"):
+        mirror_views(wide, ("h", "d", "a"), 16)
 
 
 def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():

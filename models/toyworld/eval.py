@@ -21,7 +21,7 @@ from ..schedule import SamplingConfig
 from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
-from ..mirrors import check_mirrors
+from ..mirrors import check_mirrors, mirror_tensor
 from ..window_kv import RolloutMeta, WindowKVBackend
 from . import simulator as sim
 from .data import to_latent, to_pixels
@@ -88,15 +88,19 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
     mirrors = check_mirrors(mirrors)
-    views = [((), tuple(range(len(sim.ACTIONS))))] + [sim.MIRRORS[m] for m in mirrors]
+    views = [None] + list(mirrors)  # None: the world itself
     V = len(views)
-    perms = torch.tensor([p for _, p in views], dtype=torch.long)  # [V, actions]
+    perms = torch.tensor([range(len(sim.ACTIONS)) if m is None else sim.MIRRORS[m][2] for m in views],
+                         dtype=torch.long)  # [V, actions]
+
+    def look(x, m):
+        return x if m is None else mirror_tensor(x, m)
 
     def fan(x):  # [1, F, C, H, W] -> [V, F, C, H, W]: each view's mirror image
-        return torch.cat([x if not ax else x.flip(ax) for ax, _ in views])
+        return torch.cat([look(x, m) for m in views])
 
     def gather(x):  # [V, F, C, H, W] -> [1, F, C, H, W]: the views mapped back, averaged
-        return torch.stack([x[i] if not ax else x[i].flip(ax) for i, (ax, _) in enumerate(views)]).mean(0)[None]
+        return torch.stack([look(x[i], m) for i, m in enumerate(views)]).mean(0)[None]
 
     def fan_actions(a):  # [1, F] -> [V, F]
         return perms[:, a[0].cpu()].to(a.device)
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
                          "an engine that is handed bare frames does)")
     ap.add_argument("--strip", default=None, help="also write the truth-vs-model strip here")
     ap.add_argument("--mirrors", default="", help="comma-separated mirror views run beside the world and averaged "
-                                                   "each block (h, v, hv); default none")
+                                                   "each block (h, v, hv, d, a); default none")
     a = ap.parse_args(argv)
     try:
         mirrors = check_mirrors(m for m in a.mirrors.split(",") if m)

@@ -93,9 +93,13 @@ def all_colors() -> np.ndarray:
 
 
 # The arena is symmetric: its mirror images are worlds of the same kind (the wall is as thick on every side, tiles,
-# patches and items sit on a 4-px grid, the agent on a 2-px lattice), played with the actions mirrored too.
-# name -> (image axes flipped, counted from the end: -1 is x, -2 is y; the action that each action id becomes)
-MIRRORS = {name: (axes, tuple(action_permutation(name, ACTIONS))) for name, (axes, _) in _MIRROR_TABLE.items()}
+# patches and items sit on a 4-px grid, the agent on a 2-px lattice), played with the actions mirrored too. The
+# left-right and top-bottom mirrors ("h", "v") swap the checker's two shades (4 tiles a side); the half turn and
+# the diagonal mirrors ("hv", "d", "a") keep them, so only those give frames the simulator itself can make.
+# name -> (image axes flipped, counted from the end: -1 is x, -2 is y; whether x and y then swap; the action that
+# each action id becomes)
+MIRRORS = {name: (axes, transpose, tuple(action_permutation(name, ACTIONS)))
+           for name, (axes, transpose, _) in _MIRROR_TABLE.items()}
 
 
 def _mirror(name: str):
@@ -105,14 +109,15 @@ def _mirror(name: str):
 
 
 def mirror_frames(frames: np.ndarray, name: str) -> np.ndarray:
-    """Frames uint8 [..., H, W, 3] seen in mirror ``name`` ("h", "v" or "hv")."""
-    axes, _ = _mirror(name)
-    return np.flip(frames, tuple(a - 1 for a in axes))  # the colour axis is last here
+    """Frames uint8 [..., H, W, 3] seen in mirror ``name`` (see ``MIRRORS``); also maps mirrored frames back."""
+    axes, transpose, _ = _mirror(name)
+    out = np.flip(frames, tuple(a - 1 for a in axes)) if axes else frames  # the colour axis is last here
+    return np.swapaxes(out, -3, -2) if transpose else out
 
 
 def mirror_actions(actions, name: str) -> np.ndarray:
     """Action ids int64 [T] that play the mirrored world as ``actions`` play the original."""
-    _, perm = _mirror(name)
+    _, _, perm = _mirror(name)
     return np.asarray(perm, np.int64)[action_ids(actions, len(actions))]
 
 
