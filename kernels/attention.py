@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rope import reference_apply_rope
+from .rope import torch_apply_rope
 
 __all__ = [
     "DenseMeta", "BlockCausalMeta", "PagedMeta", "KVPool", "AttentionBackend", "get_backend",
@@ -109,7 +109,7 @@ def gather_context(meta: PagedMeta, layer: int, b: int) -> tuple[torch.Tensor, t
     vc = vp[pages].flatten(0, 1)
     if meta.cache_cos is not None and n:
         L = kc.shape[0]
-        kc = reference_apply_rope(kc[None], meta.cache_cos[b:b + 1, :L], meta.cache_sin[b:b + 1, :L])[0]
+        kc = torch_apply_rope(kc[None], meta.cache_cos[b:b + 1, :L], meta.cache_sin[b:b + 1, :L])[0]
     return kc, vc
 
 
@@ -189,7 +189,7 @@ class SDPABackend(AttentionBackend):
             vc = meta.pool.v[layer][pages].flatten(1, 2)
             if meta.cache_cos is not None and n:
                 L = kc.shape[1]
-                kc = reference_apply_rope(kc, meta.cache_cos[:, :L], meta.cache_sin[:, :L])
+                kc = torch_apply_rope(kc, meta.cache_cos[:, :L], meta.cache_sin[:, :L])
             return self.masked(q, torch.cat([kc.to(k.dtype), k], 1), torch.cat([vc.to(v.dtype), v], 1), None)
         return super().paged(q, k, v, layer, meta)
 

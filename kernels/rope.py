@@ -4,8 +4,9 @@ Head dim D is D/2 complex pairs made of adjacent elements (0,1), (2,3), ...; the
 the frame, row and column axes as (D/2 - 2*(D//6), D//6, D//6) pairs (6/5/5 for D = 32, 22/21/21 for D = 128),
 see `rope_split`. Angles are position x 10000^(-j/n) with n the pair count of that axis.
 
-This file holds the torch reference (`reference_apply_rope`), the angle builder and a Triton kernel with
-the same signature (`triton_apply_rope`; `apply_rope` dispatches to it for CUDA tensors). The kernel can
+This file holds the torch reference (`reference_apply_rope`), a faster torch version of it that multiplies complex
+pairs (`torch_apply_rope`, used off CUDA), the angle builder and a Triton kernel with the same signature
+(`triton_apply_rope`; `apply_rope` dispatches to it for CUDA tensors). The kernel can
 rotate Q and K in one launch (`apply_rope_qk`): each program loads the cos/sin of its tokens once and
 rotates every head of both. Arithmetic runs in cos/sin's dtype, as in the reference.
 """
@@ -15,7 +16,7 @@ import torch
 
 from ._triton_utils import LazyJIT, check_launchable, interpret_mode, next_pow2, tl
 
-__all__ = ["rope_split", "rope_angles", "rope_cos_sin", "reference_apply_rope", "apply_rope",
+__all__ = ["rope_split", "rope_angles", "rope_cos_sin", "reference_apply_rope", "torch_apply_rope", "apply_rope",
            "apply_rope_qk", "triton_apply_rope"]
 
 
@@ -161,11 +162,25 @@ def triton_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     return _launch_rope(x, None, cos, sin, block_t)[0]
 
 
+def torch_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``reference_apply_rope`` as one complex multiply per pair (x0 + i x1)(cos + i sin): the same arithmetic in
+    cos's dtype, without the reference's separate products and stack (several times faster on the CPU). Half
+    precision angles, which have no complex type here, go to the reference."""
+    if cos.dtype not in (torch.float32, torch.float64):
+        return reference_apply_rope(x, cos, sin)
+    B, L, H, D = x.shape
+    if cos.shape != (B, L, D // 2):
+        raise ValueError(f"cos/sin must be [B, L, D/2] = {(B, L, D // 2)}, got {tuple(cos.shape)}")
+    xc = torch.view_as_complex(x.to(cos.dtype).contiguous().view(B, L, H, D // 2, 2))
+    out = xc * torch.complex(cos, sin.to(cos.dtype))[:, :, None, :]
+    return torch.view_as_real(out).view(B, L, H, D).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Dispatch: the Triton kernel for CUDA tensors, the reference elsewhere."""
+    """Dispatch: the Triton kernel for CUDA tensors, ``torch_apply_rope`` elsewhere."""
     if x.is_cuda and cos.is_cuda:
         return triton_apply_rope(x, cos, sin)
-    return reference_apply_rope(x, cos, sin)
+    return torch_apply_rope(x, cos, sin)
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -176,4 +191,4 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if q.is_cuda and k.is_cuda and cos.is_cuda:
         check_launchable("apply_rope_qk", q, k, cos, sin)
         return _launch_rope(q, k, cos, sin, None)
-    return reference_apply_rope(q, cos, sin), reference_apply_rope(k, cos, sin)
+    return torch_apply_rope(q, cos, sin), torch_apply_rope(k, cos, sin)

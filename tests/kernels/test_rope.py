@@ -1,9 +1,9 @@
-"""Triton RoPE kernel vs reference_apply_rope."""
+"""Triton RoPE kernel and the complex-multiply torch version vs reference_apply_rope."""
 import pytest
 import torch
 
 from inferix.kernels.rope import (apply_rope, apply_rope_qk, reference_apply_rope, rope_angles, rope_cos_sin,
-                                  triton_apply_rope)
+                                  torch_apply_rope, triton_apply_rope)
 
 
 def angles(B, F, h, w, D, device, dtype=None, start=0):
@@ -55,10 +55,22 @@ def test_rotation_is_not_identity(device):
     assert torch.allclose(out.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation keeps norms
 
 
-def test_dispatch_on_cpu_is_reference():
-    cos, sin = angles(1, 1, 2, 2, 32, "cpu")
-    x = torch.randn(1, 4, 2, 32)
-    assert torch.equal(apply_rope(x, cos, sin), reference_apply_rope(x, cos, sin))
+@pytest.mark.parametrize("angle_dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_version_is_the_reference_on_cpu(angle_dtype, dtype):
+    """torch_apply_rope (what apply_rope and apply_rope_qk run off CUDA, and what the attention backends rotate cached
+    keys with) gives the reference's values, for strided inputs too; half-precision angles go to the reference."""
+    cos, sin = angles(2, 3, 2, 3, 48, "cpu", dtype=angle_dtype, start=5)
+    qkv = torch.randn(2, 18, 3, 2, 48, generator=torch.Generator().manual_seed(5)).to(dtype)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]  # strided views, as the attention's projections may give
+    ref = reference_apply_rope(q, cos, sin)
+    for out in (torch_apply_rope(q, cos, sin), apply_rope(q, cos, sin), apply_rope_qk(q, k, cos, sin)[0]):
+        assert out.dtype == dtype and out.shape == q.shape
+        assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
+    assert torch.equal(apply_rope_qk(q, k, cos, sin)[1], reference_apply_rope(k, cos, sin))
+    assert (ref - q).abs().max() > 1e-2  # the angles do rotate
+    with pytest.raises(ValueError, match=r"cos/sin must be \[B, L, D/2\]"):
+        torch_apply_rope(q[:, :4], cos, sin)
 
 
 def test_bad_shapes(device):
