@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-mib", type=int, default=512, help="memory per tab for the recording that playback "
                    "and the mp4 download use; older frames drop first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
+                   "views (h, v, hv, d, a) run beside every stream and averaged each block; steadier, slower")
 
 
 def register(subparsers) -> None:
@@ -41,12 +43,13 @@ def register(subparsers) -> None:
 
 
 def run(a) -> int:
+    from inferix.cli import parse_mirrors
     from .hub import DemoConfig, Hub
     try:
         cfg = DemoConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window,
                          sink=a.sink, max_sessions=a.max_sessions, kv_pages=a.kv_pages, max_frames=a.max_frames,
                          snapshots=a.snapshots, snapshot_every=a.snapshot_every, max_pixels=a.max_pixels,
-                         record_mib=a.record_mib, threads=a.threads)
+                         record_mib=a.record_mib, threads=a.threads, mirrors=parse_mirrors(a.mirrors))
         hub = Hub(cfg)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

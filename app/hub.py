@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from inferix import AdmissionError, Engine, VideoWriter, default_model
+from inferix.models.mirrors import check_mirrors
 
 __all__ = ["DemoConfig", "Hub", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS"]
 
@@ -53,6 +54,7 @@ class DemoConfig:
     max_pixels: int = 832 * 480  # refuse larger frames (width * height)
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
     default_prompt: str | None = None  # None: the model's own (a bundle's "default_prompt"), else GENERIC_PROMPT
+    mirrors: tuple = ()  # mirror views run beside every stream (mirror-symmetric worlds: the toy world), e.g. hv,d,a
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -66,6 +68,7 @@ class DemoConfig:
                              f"{self.snapshot_every}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        self.mirrors = check_mirrors(self.mirrors)
         for name in ("height", "width", "kv_pages"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -195,7 +198,7 @@ class Hub:
         if h * w > cfg.max_pixels:
             raise ValueError(f"resolution {w}x{h} is over the demo's limit of {cfg.max_pixels} pixels per frame")
         return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
-                      max_sessions=cfg.max_sessions, kv_pages=kv_pages)
+                      max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors)
 
     @contextmanager
     def _locked(self):

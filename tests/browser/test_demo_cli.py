@@ -20,6 +20,7 @@ def test_register_adds_demo_command_with_local_defaults():
     a = p.parse_args(["demo", "--model", "tiny", "--host", "0.0.0.0", "--port", "9000", "--max-frames", "64",
                       "--height", "32", "--width", "32"])
     assert (a.model, a.host, a.port, a.max_frames, a.height, a.width) == ("tiny", "0.0.0.0", 9000, 64, 32, 32)
+    assert a.mirrors == "" and p.parse_args(["demo", "--mirrors", "hv,d,a"]).mirrors == "hv,d,a"
 
 
 def test_engine_cli_finds_demo_through_entry_point(monkeypatch):
@@ -47,7 +48,8 @@ def test_engine_never_imports_the_app():
 
 @pytest.mark.parametrize("kw, msg", [(dict(max_sessions=0), "max_sessions"), (dict(max_frames=-1), "max_frames"),
                                      (dict(snapshot_every=0), "snapshot_every"), (dict(height=-8), "height"),
-                                     (dict(max_pixels=0), "max_pixels"), (dict(record_mib=0), "record_mib")])
+                                     (dict(max_pixels=0), "max_pixels"), (dict(record_mib=0), "record_mib"),
+                                     (dict(mirrors=("hv", "x")), r"mirrors must be distinct names .*'x'")])
 def test_config_rejects_bad_values(kw, msg):
     from inferix.app.hub import DemoConfig
     with pytest.raises(ValueError, match=msg):
@@ -67,3 +69,13 @@ def test_run_reports_bad_model_cleanly(capsys):
     a = p.parse_args(["demo", "--model", "/no/such/model.json"])
     assert a.func(a) == 2
     assert "no/such/model.json" in capsys.readouterr().err
+
+
+def test_run_reports_mirrors_the_model_cannot_take(capsys):
+    """--mirrors reaches the engine; a model that is not pixel space is refused with the reason, exit 2."""
+    from inferix.app.cli import register
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["demo", "--model", "tiny", "--mirrors", "hv", "--device", "cpu"])
+    assert a.func(a) == 2
+    assert "mirror views need a pixel-space model" in capsys.readouterr().err
