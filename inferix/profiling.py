@@ -34,6 +34,7 @@ class Profiler:
         self.t0: float | None = None
         self.t_last: float | None = None
         self.max_pages = 0
+        self.max_view_bytes = 0
         self.steps = 0
         self.step_time = 0.0
 
@@ -58,6 +59,8 @@ class Profiler:
         self.steps += 1
         self.step_time += seconds
         self.max_pages = max(self.max_pages, self.engine.kv.pages_in_use)
+        if self.engine.mirrors:
+            self.max_view_bytes = max(self.max_view_bytes, self.engine.runner.views_nbytes())
 
     def forget(self, sid: int) -> None:
         for d in (self.opened, self.first_frame, self.last_block):
@@ -87,13 +90,19 @@ class Profiler:
             "wall_s": wall,
             "pixel_fps_including_decode": (self.frames / wall) if wall > 0 else None,
             "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
-                             "model_forward": t["forward"], "engine_steps": self.step_time},
+                             "model_forward": t["forward"], "engine_steps": self.step_time,
+                             "mirror_views_forward": t["mirror_views"]},
+            "time_split_note": "model_forward includes mirror_views_forward, the mirror views' passes",
             "engine_overhead_fraction": (1 - (t["forward"] + t["decode"]) / self.step_time) if self.step_time else None,
             "forward_calls": e.runner.forward_calls,
             "kv_pages_in_use": e.kv.pages_in_use,
             "kv_pages_max_in_use": self.max_pages,
             "kv_pages_total": e.kv.alloc.num_pages,
             "kv_pool_mib": e.pool.nbytes() / 2 ** 20,
+            "mirrors": list(e.mirrors),
+            "mirror_views_kv_mib_max": self.max_view_bytes / 2 ** 20,
+            "mirror_views_kv_note": "most memory the mirror views' dense K/V caches held at once, all sessions; "
+                                    "outside the KV page pool",
             "peak_memory_mib": peak,
             "peak_memory_note": peak_what,
         }

@@ -118,7 +118,7 @@ class Runner:
         self.mirrors = list(mirrors)
         self.view_cache = view_cache
         self.view_perms = [None if perm is None else torch.tensor(perm, device=self.device) for _, perm in mirrors]
-        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0}
+        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "mirror_views": 0.0}
         self.forward_calls = 0
 
     # ---- sessions ------------------------------------------------------------------------------
@@ -295,6 +295,10 @@ class Runner:
         return WindowKVBackend(self.dit.config.num_layers, tokens, window, sink, self.sampling.block_frames,
                                rope=rope)
 
+    def views_nbytes(self) -> int:
+        """Bytes held by the mirror views' caches of every session (they live outside the page pool)."""
+        return sum(st.views.nbytes() for st in self.sessions.values() if st.views is not None)
+
     def _views(self, kind, rows, x, t, qpos, actions, pred):
         """Run each row's mirror views on its cache of mirror images: the input mirrored, the actions swapped.
         PREFILL / COMMIT / RECACHE write the mirrored frames into the views' cache; a DENOISE step returns, per
@@ -311,9 +315,15 @@ class Runner:
             if actions is not None:
                 av = torch.stack([actions[i] if perm is None else perm[actions[i]] for perm in self.view_perms])
             ctx = TextKV.cat([self.text_kv(st)] * V)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 out = self.dit(xv, t[i:i + 1].expand(V, -1), ctx, frame_pos=qpos[i:i + 1].expand(V, -1).to(self.device),
                                meta=RolloutMeta(commit=kind != DENOISE), backend=st.views, actions=av)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.timing["forward"] += dt  # the views' passes are model forward time too
+            self.timing["mirror_views"] += dt
             self.forward_calls += 1
             if kind == DENOISE:
                 back = [mirror_tensor(out[j], m) for j, (m, _) in enumerate(self.mirrors)]

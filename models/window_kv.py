@@ -43,6 +43,10 @@ class WindowKVBackend(SDPABackend):
     def frames_cached(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[1] // self.T
 
+    def nbytes(self) -> int:
+        """Bytes the cached K and V hold, every layer and batch row."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
     def _cached_keys(self, layer: int):
         kc = self.k[layer]
         if kc is None or self.rope is None:

@@ -187,3 +187,26 @@ def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
     out += list(it)
     assert rows and rows[0].context_frames[:8] == list(range(8)) and max(rows[0].context_frames) > 16
     assert sum(len(b) for b in out) == 24 and s.status == "finished"
+
+
+def test_profile_counts_the_views_time_and_memory():
+    """The profile's model-forward time includes the views' passes (listed apart too), and it reports the most
+    memory their dense caches held: layers x cached frames x tokens x dim x (K, V) x 4 bytes x views per session,
+    the cache holding at most the window less one block."""
+    from inferix.engine import Engine
+    frames, _ = sim.simulate(3, None, "forest", 8)
+    eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=2, mirrors=("hv", "d"))
+    for seed in (0, 1):
+        eng.open_session("a cube in the forest", num_frames=24, seed=seed, init_frames=frames)
+    eng.run_until_idle()
+    s = eng.profiler.summary()
+    t = s["time_split_s"]
+    assert s["mirrors"] == ["hv", "d"] and 0 < t["mirror_views_forward"] < t["model_forward"]
+    cfg = eng.dit.config
+    per_session = cfg.num_layers * (eng.window - eng.bundle.sampling.block_frames) * 64 * cfg.dim * 2 * 4 * 2
+    assert s["mirror_views_kv_mib_max"] * 2 ** 20 == 2 * per_session
+    plain = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1)
+    plain.open_session("a cube in the forest", num_frames=8, seed=0, init_frames=frames)
+    plain.run_until_idle()
+    p = plain.profiler.summary()
+    assert p["mirrors"] == [] and p["mirror_views_kv_mib_max"] == 0 and p["time_split_s"]["mirror_views_forward"] == 0
