@@ -171,7 +171,10 @@ def torch_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     B, L, H, D = x.shape
     if cos.shape != (B, L, D // 2):
         raise ValueError(f"cos/sin must be [B, L, D/2] = {(B, L, D // 2)}, got {tuple(cos.shape)}")
-    xc = torch.view_as_complex(x.to(cos.dtype).contiguous().view(B, L, H, D // 2, 2))
+    xr = x.to(cos.dtype).contiguous()
+    if xr.storage_offset() % 2:  # a complex view needs pairs that start on an even element
+        xr = xr.clone()
+    xc = torch.view_as_complex(xr.view(B, L, H, D // 2, 2))
     out = xc * torch.complex(cos, sin.to(cos.dtype))[:, :, None, :]
     return torch.view_as_real(out).view(B, L, H, D).to(x.dtype)
 

@@ -68,6 +68,8 @@ def test_complex_version_is_the_reference_on_cpu(angle_dtype, dtype):
         assert out.dtype == dtype and out.shape == q.shape
         assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
     assert torch.equal(apply_rope_qk(q, k, cos, sin)[1], reference_apply_rope(k, cos, sin))
+    odd = torch.randn(q.numel() + 1).to(dtype)[1:].view(q.shape)  # contiguous, starting on an odd element
+    assert torch.equal(torch_apply_rope(odd, cos, sin), reference_apply_rope(odd, cos, sin))
     assert (ref - q).abs().max() > 1e-2  # the angles do rotate
     with pytest.raises(ValueError, match=r"cos/sin must be \[B, L, D/2\]"):
         torch_apply_rope(q[:, :4], cos, sin)
