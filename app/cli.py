@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def run(a) -> int:
-    from inferix.cli import parse_mirrors
+    from inferix.models.mirrors import parse_mirrors
     from .hub import DemoConfig, Hub
     try:
         cfg = DemoConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window,

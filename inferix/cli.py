@@ -37,6 +37,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
     import torch
     from inferix.models.bundle import load_model
+    from inferix.models.mirrors import parse_mirrors
     from .api import default_model
     from .engine import Engine
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,12 +54,6 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
                   mirrors=parse_mirrors(a.mirrors))
-
-
-def parse_mirrors(text: str | None) -> tuple:
-    """'h,v,hv' -> ('h', 'v', 'hv'); the engine checks the names."""
-    return tuple(m.strip() for m in (text or "").split(",") if m.strip())
-
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""

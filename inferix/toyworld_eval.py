@@ -250,10 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite-seeds", default=None, metavar="A-B",
                     help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")
     a = ap.parse_args(argv)
-    from .cli import parse_mirrors
-    from inferix.models.mirrors import check_mirrors
+    from inferix.models.mirrors import parse_mirrors
     try:
-        mirrors = check_mirrors(parse_mirrors(a.mirrors))
+        mirrors = parse_mirrors(a.mirrors)
     except ValueError as e:
         ap.error(f"--mirrors: {e}")
     if mirrors and a.from_truth:

@@ -8,7 +8,7 @@ commute.
 """
 from __future__ import annotations
 
-__all__ = ["MIRRORS", "check_mirrors", "action_permutation", "mirror_tensor", "needs_square"]
+__all__ = ["MIRRORS", "check_mirrors", "parse_mirrors", "action_permutation", "mirror_tensor", "needs_square"]
 
 # name -> (image axes flipped, counted from the end: -1 is x, -2 is y; whether x and y then swap (a transpose);
 #          the pairs of action names that swap)
@@ -27,6 +27,11 @@ def check_mirrors(mirrors) -> tuple:
     if any(m not in MIRRORS for m in mirrors) or len(set(mirrors)) != len(mirrors):
         raise ValueError(f"mirrors must be distinct names from {sorted(MIRRORS)}, got {list(mirrors)}")
     return mirrors
+
+
+def parse_mirrors(text: str | None) -> tuple:
+    """A command line's 'hv,d,a' -> ('hv', 'd', 'a'), checked as ``check_mirrors`` does; '' or None -> ()."""
+    return check_mirrors(m.strip() for m in (text or "").split(",") if m.strip())
 
 
 def needs_square(mirrors) -> list:

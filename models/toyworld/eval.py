@@ -21,7 +21,7 @@ from ..schedule import SamplingConfig
 from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
-from ..mirrors import check_mirrors, mirror_tensor
+from ..mirrors import check_mirrors, mirror_tensor, parse_mirrors
 from ..window_kv import RolloutMeta, WindowKVBackend
 from . import simulator as sim
 from .data import to_latent, to_pixels
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                                                    "each block (h, v, hv, d, a); default none")
     a = ap.parse_args(argv)
     try:
-        mirrors = check_mirrors(m for m in a.mirrors.split(",") if m)
+        mirrors = parse_mirrors(a.mirrors)
     except ValueError as e:
         ap.error(f"--mirrors: {e}")
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
