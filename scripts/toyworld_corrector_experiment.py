@@ -13,8 +13,8 @@ commit. See docs/toyworld.md ("What it would take to meet the quality targets") 
     python scripts/toyworld_corrector_experiment.py eval  --with views --seeds 7-14 --out runs/corr
 
 Pairs come from seeds 1000 and up, evaluation from the seeds given (7-14 by default), so the evaluation episodes
-are held out. The rollout loop is the engine-free one (`inferix.models.toyworld.eval.rollout`) written out with a
-hook for the corrector; without it, it gives the same frames.
+are held out. Rollouts are the engine-free ones (`inferix.models.toyworld.eval.rollout`); its ``combine`` hook
+records the pairs and applies the corrector.
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from inferix.models.mirrors import mirror_tensor
-from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.data import to_latent, to_pixels
-from inferix.models.toyworld.eval import DEFAULT_WEIGHTS, load_decoder, load_toyworld
+from inferix.models.schedule import SamplingConfig
+from inferix.models.toyworld.data import to_latent
+from inferix.models.toyworld.eval import DEFAULT_WEIGHTS, load_decoder, load_toyworld, rollout
 from inferix.models.toyworld.metrics import eval_episode, rollout_metrics
-from inferix.models.window_kv import RolloutMeta, WindowKVBackend
 
 PROMPTS = ["a red cube in a snowy field", "a cube in the desert", "a cube on the grass", "a cube in the forest",
            "a cube at night"]
@@ -73,57 +71,29 @@ class Rollout:
     def __init__(self, weights=DEFAULT_WEIGHTS):
         self.dit, self.text, self.meta = load_toyworld(weights)
         self.decoder = load_decoder(weights, self.meta)
+        self.sampling = SamplingConfig.from_dict(self.meta["sampling"])
 
-    @torch.no_grad()
-    def run(self, seed: int, prompt: str, frames: int, views=(), corrector=None, collect=None) -> np.ndarray:
-        """Agent-error summary of one episode; with ``collect`` (a list), append one (own estimate, last committed
-        frame, actions, ensemble mean) tuple per block."""
-        dit, meta = self.dit, self.meta
+    def run(self, seed: int, prompt: str, frames: int, views=(), corrector=None, collect=None) -> dict:
+        """Agent-error summary of one episode, from the engine-free rollout. ``collect`` (a list): append one
+        (own estimate, last committed frame, actions, views' mean) tuple per block. ``corrector``: applied to the
+        estimate before each commit."""
         acts, true, pos = eval_episode(seed, prompt, CONTEXT + frames)
-        names = [None] + list(views)
-        V = len(names)
-        perms = torch.tensor([list(range(len(sim.ACTIONS))) if m is None else sim.MIRRORS[m][2] for m in names])
+        last = [to_latent(true[CONTEXT - 1:CONTEXT])[0]]  # the frame committed last
 
-        def look(x, m):
-            return x if m is None else mirror_tensor(x, m)
-
-        def fan(x):
-            return torch.cat([look(x, m) for m in names])
-        be = WindowKVBackend(dit.config.num_layers, 64, meta["window"], meta["sink"], 4,
-                             rope=lambda n: dit.rope_for(torch.arange(n)[None], 8, 8))
-
-        def fpos():  # cache-relative positions, as the bundle says
-            n = be.frames_cached()
-            return torch.arange(n, n + 4)[None].expand(V, -1)
-        ctx = dit.prepare_text(self.text.encode(prompt))
-        ctx = type(ctx).cat([ctx] * V)
-        g = torch.Generator().manual_seed(seed)
-        ia = torch.as_tensor(acts[:CONTEXT])
-        for b in range(0, CONTEXT, 4):
-            dit(fan(to_latent(true[b:b + 4])[None]), torch.zeros(V, 4), ctx, frame_pos=fpos(),
-                meta=RolloutMeta(True), backend=be, actions=perms[:, ia[b:b + 4]])
-        state = self.decoder.new_stream()
-        state.reference(to_latent(true[:CONTEXT]))
-        prev_last = to_latent(true[CONTEXT - 1:CONTEXT])[0]
-        A = torch.as_tensor(acts[CONTEXT:])
-        gen = []
-        for i in range(frames // 4):
-            a = A[i * 4:(i + 1) * 4]
-            noise = torch.randn((1, 4, 3, 64, 64), generator=g)
-            out = dit(fan(noise), torch.full((V, 4), 1000.0), ctx, frame_pos=fpos(), meta=RolloutMeta(False),
-                      backend=be, actions=perms[:, a])
-            ests = torch.stack([look(out[k], m) for k, m in enumerate(names)])
-            x0 = ests.mean(0)
+        def combine(est, a):  # est [V, F, C, H, W]: the world's own estimate first, then the views' mapped back
+            x0 = est.mean(0)
             if collect is not None:
-                collect.append((ests[0].half(), prev_last.half(), a.clone(), x0.half()))
+                collect.append((est[0].half(), last[0].half(), a.clone(), x0.half()))
             if corrector is not None:
-                x0 = corrector.block(x0, prev_last, a)
-            x0 = x0.clamp(-1, 1)
-            dit(fan(x0[None]), torch.zeros(V, 4), ctx, frame_pos=fpos(), meta=RolloutMeta(True), backend=be,
-                actions=perms[:, a])
-            prev_last = x0[-1]
-            gen.append(to_pixels(self.decoder.refine_stream(state, x0)))
-        return rollout_metrics(np.concatenate(gen), true[CONTEXT:], pos[CONTEXT:], true[:CONTEXT])["summary"]
+                x0 = corrector.block(x0, last[0], a)
+            last[0] = x0.clamp(-1, 1)[-1]
+            return x0
+        with torch.no_grad():
+            gen = np.concatenate(list(rollout(
+                self.dit, self.text, self.sampling, prompt, true[:CONTEXT], acts[CONTEXT:], seed=seed,
+                window=self.meta["window"], sink=self.meta["sink"], init_actions=acts[:CONTEXT],
+                decoder=self.decoder, positions="relative", mirrors=views, combine=combine)))
+        return rollout_metrics(gen, true[CONTEXT:], pos[CONTEXT:], true[:CONTEXT])["summary"]
 
 
 def seeds_of(text: str) -> list[int]:

@@ -69,7 +69,7 @@ def load_decoder(path, meta: dict):
 @torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
             window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute",
-            mirrors: tuple = ()):
+            mirrors: tuple = (), combine=None):
     """Generate len(actions) frames after init_frames (uint8 [T0, H, W, 3], T0 a multiple of the block size).
 
     ``window``/``sink``: frames a block attends to (counting the sink and the block) and first frames kept for
@@ -85,6 +85,10 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     view commits (mirrored) and what the decoder renders. The DiT is not exactly mirror-equivariant, so its views
     err differently and the mean errs less.
 
+    ``combine``: instead of that mean, ``combine(estimates, actions)`` makes each step's estimate from the views'
+    estimates mapped back (x0, [V, F, C, H, W], the world's own first) and the block's actions (ids [F]); it returns
+    [F, C, H, W]. A hook for experiments on what is committed (scripts/toyworld_corrector_experiment.py).
+
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
     mirrors = check_mirrors(mirrors)
@@ -99,8 +103,9 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     def fan(x):  # [1, F, C, H, W] -> [V, F, C, H, W]: each view's mirror image
         return torch.cat([look(x, m) for m in views])
 
-    def gather(x):  # [V, F, C, H, W] -> [1, F, C, H, W]: the views mapped back, averaged
-        return torch.stack([look(x[i], m) for i, m in enumerate(views)]).mean(0)[None]
+    def gather(x, a):  # [V, F, C, H, W] -> [1, F, C, H, W]: the views mapped back, averaged (or combined)
+        est = torch.stack([look(x[i], m) for i, m in enumerate(views)])
+        return (est.mean(0) if combine is None else combine(est, a[0]))[None]
 
     def fan_actions(a):  # [1, F] -> [V, F]
         return perms[:, a[0].cpu()].to(a.device)
@@ -153,7 +158,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         for k, t in enumerate(ts):
             out = dit(fan(x), torch.full((V, bf), t, device=dev), ctx, frame_pos=pos.expand(V, -1), meta=probe,
                       backend=be, actions=fan_actions(a))
-            x0 = gather(out if cfg.prediction == "x0" else fan(x).float() - sig[k] * out)
+            x0 = gather(out if cfg.prediction == "x0" else fan(x).float() - sig[k] * out, a)
             if k + 1 < len(ts):
                 s = sig[k + 1]
                 x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g).to(dev)
