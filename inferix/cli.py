@@ -32,6 +32,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
     p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
                    "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
+    p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
+                   help="the model's action corrector (the toy world has one): auto runs it unless mirror views run")
 
 
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
@@ -53,7 +55,8 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
         kv_pages = per * max_sessions
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
-                  mirrors=parse_mirrors(a.mirrors))
+                  mirrors=parse_mirrors(a.mirrors),
+                  corrector={"auto": None, "on": True, "off": False}[a.corrector])
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""
@@ -162,8 +165,11 @@ def cmd_train(a, rest) -> int:
         from inferix.models.toyworld.train import main as m
     elif a.what == "toyworld-decoder":
         from .toyworld_decoder import main as m
+    elif a.what == "toyworld-corrector":
+        from .toyworld_corrector import main as m
     else:
-        print(f"error: unknown training target {a.what!r} (known: toyworld, toyworld-decoder)", file=sys.stderr)
+        print(f"error: unknown training target {a.what!r} (known: toyworld, toyworld-decoder, toyworld-corrector)",
+              file=sys.stderr)
         return 2
     return m(rest) or 0
 
@@ -192,7 +198,7 @@ def build_parser():
     # these pass their arguments (including -h) on to their own parsers
     b = sub.add_parser("bench", help="benchmarks (print JSON)", add_help=False)
     b.add_argument("what", choices=["attention", "generate", "engine"])
-    t = sub.add_parser("train", help="train a model (toyworld, toyworld-decoder)", add_help=False)
+    t = sub.add_parser("train", help="train a model (toyworld, toyworld-decoder, toyworld-corrector)", add_help=False)
     t.add_argument("what")
     tw = sub.add_parser("toyworld", help="toy world tools (eval)", add_help=False)
     tw.add_argument("what", choices=["eval"])

@@ -144,7 +144,7 @@ class Engine:
     def __init__(self, bundle: ModelBundle, *, device="cpu", height: int | None = None, width: int | None = None,
                  window: int | None = -1, sink: int | None = None, attention: str | None = None,
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
-                 max_batch: int = 8, keep_latents: bool = False, mirrors=()):
+                 max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None):
         self.bundle = bundle
         self.device = torch.device(device)
         self.dit = bundle.dit
@@ -176,9 +176,17 @@ class Engine:
         keep = None if self.window is None else self.window
         self.mirrors = check_mirrors(mirrors)
         views = mirror_views(bundle, self.mirrors, self.window) if self.mirrors else ()
+        # The bundle's corrector runs unless told otherwise; by default not beside mirror views (it stands in for
+        # them: it is trained to commit what they would).
+        if corrector is None:
+            corrector = bundle.corrector is not None and not self.mirrors
+        elif corrector and bundle.corrector is None:
+            raise ValueError(f"corrector=True, but model {bundle.name!r} has no corrector")
+        self.corrector = bool(corrector)
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
-                             view_cache=(self.window, self.sink, page_tokens))
+                             view_cache=(self.window, self.sink, page_tokens),
+                             corrector=bundle.corrector if self.corrector else None)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count()
         self.lock = threading.RLock()

@@ -91,9 +91,12 @@ class Profiler:
             "pixel_fps_including_decode": (self.frames / wall) if wall > 0 else None,
             "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
                              "model_forward": t["forward"], "engine_steps": self.step_time,
-                             "mirror_views_forward": t["mirror_views"]},
-            "time_split_note": "model_forward includes mirror_views_forward, the mirror views' passes",
-            "engine_overhead_fraction": (1 - (t["forward"] + t["decode"]) / self.step_time) if self.step_time else None,
+                             "mirror_views_forward": t["mirror_views"], "corrector": t["corrector"]},
+            "time_split_note": "model_forward includes mirror_views_forward, the mirror views' passes; denoise "
+                               "includes corrector, the action corrector on each finished block",
+            "engine_overhead_fraction": (1 - (t["forward"] + t["decode"] + t["corrector"]) / self.step_time)
+            if self.step_time else None,
+            "corrector": e.corrector,
             "forward_calls": e.runner.forward_calls,
             "kv_pages_in_use": e.kv.pages_in_use,
             "kv_pages_max_in_use": self.max_pages,

@@ -93,7 +93,7 @@ class SessionTensors:
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
                  positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
-                 view_cache: tuple | None = None, keep_sink: int = 0):
+                 view_cache: tuple | None = None, keep_sink: int = 0, corrector=None):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -118,7 +118,10 @@ class Runner:
         self.mirrors = list(mirrors)
         self.view_cache = view_cache
         self.view_perms = [None if perm is None else torch.tensor(perm, device=self.device) for _, perm in mirrors]
-        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "mirror_views": 0.0}
+        # The bundle's ActionCorrector (or None): it corrects each block's last estimate before the commit.
+        self.corrector = corrector
+        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "mirror_views": 0.0,
+                       "corrector": 0.0}
         self.forward_calls = 0
 
     # ---- sessions ------------------------------------------------------------------------------
@@ -358,6 +361,11 @@ class Runner:
             else:
                 st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
             if r.last_step:
+                if self.corrector is not None:  # frame 0 follows the stream's last committed frame, if it has one
+                    tic = time.perf_counter()
+                    acts = actions[i] if actions is not None else torch.zeros(r.nframes, dtype=torch.long)
+                    st.x0 = self.corrector.block(st.x0, st.history.get(r.frame_start - 1), acts)
+                    self.timing["corrector"] += time.perf_counter() - tic
                 if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
                     st.x0 = st.x0.clamp(-1, 1)
                 for j in range(r.nframes):

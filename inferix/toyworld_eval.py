@@ -28,14 +28,14 @@ SUITE: tuple[tuple[int, str], ...] = (
 def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
              context: int = 8, model: str = "toyworld", threads: int | None = None, window: int = -1,
              sink: int | None = None, positions: str = "auto", save_frames: bool = False, engine=None,
-             mirrors: tuple = ()) -> dict:
+             mirrors: tuple = (), corrector: bool | None = None) -> dict:
     """One rollout of ``frames`` frames against the simulator; writes metrics.json, drift.png, strip.png to out.
     ``engine``: an Engine to reuse (then model, window, sink and positions are its own)."""
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.metrics import drift_curve_png, eval_episode, rollout_metrics, strip_png
     if threads:
         torch.set_num_threads(threads)
-    eng = engine if engine is not None else _engine(model, window, sink, positions, mirrors)
+    eng = engine if engine is not None else _engine(model, window, sink, positions, mirrors, corrector)
     if context % eng.block_frames:
         raise ValueError(f"--context {context} must be a multiple of the block ({eng.block_frames} frames)")
     acts, true, pos = eval_episode(seed, prompt, context + frames)
@@ -56,7 +56,7 @@ def evaluate(*, frames: int, out: Path, seed: int = 12345, prompt: str = "a red 
     m["summary"].update({
         "engine": True, "model": model, "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed,
         "context_frames": context, "window": eng.window, "sink": eng.sink, "positions": eng.positions,
-        "mirrors": list(eng.mirrors),
+        "mirrors": list(eng.mirrors), "corrector": eng.corrector,
         "threads": torch.get_num_threads(),
         "time_to_first_frame_s": t_first,
         "time_to_first_frame_note": "from the request to the first decoded block, context commit included",
@@ -88,10 +88,11 @@ def seed_range_episodes(spec: str) -> list[tuple[int, str]]:
     return [(s, THEME_PROMPTS[i % len(THEME_PROMPTS)]) for i, s in enumerate(range(lo, hi + 1))]
 
 
-def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto", mirrors: tuple = ()):
+def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto", mirrors: tuple = (),
+            corrector: bool | None = None):
     from .engine import Engine
     return Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions,
-                                  mirrors=mirrors)
+                                  mirrors=mirrors, corrector=corrector)
 
 
 def _episode_dir(seed: int, prompt: str) -> str:
@@ -101,7 +102,8 @@ def _episode_dir(seed: int, prompt: str) -> str:
 
 def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, model: str = "toyworld",
                    threads: int | None = None, window: int = -1, sink: int | None = None,
-                   positions: str = "auto", save_frames: bool = False, mirrors: tuple = ()) -> dict:
+                   positions: str = "auto", save_frames: bool = False, mirrors: tuple = (),
+                   corrector: bool | None = None) -> dict:
     """``evaluate`` on several episodes (seed, prompt) with one engine: each episode's files go to
     out/seed<S>_<theme>/, and out/suite.json holds a row per episode and how many episodes meet each target."""
     from tqdm import tqdm
@@ -113,7 +115,7 @@ def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, 
         raise ValueError(f"episodes repeat a (seed, theme): {sorted(n for n in names if names.count(n) > 1)}")
     if threads:
         torch.set_num_threads(threads)
-    eng = _engine(model, window, sink, positions, mirrors)
+    eng = _engine(model, window, sink, positions, mirrors, corrector)
     rows = []
     for (seed, prompt), name in zip(tqdm(episodes, desc="suite episodes", unit="episode"), names):
         s = evaluate(frames=frames, out=out / name, seed=seed, prompt=prompt, context=context,
@@ -130,7 +132,7 @@ def evaluate_suite(*, frames: int, out: Path, episodes=SUITE, context: int = 8, 
     agent = [r["agent_error_median_px"] for r in rows]
     summary = {
         "episodes": len(rows), "frames": frames, "model": model, "context_frames": context,
-        "mirrors": list(mirrors),
+        "mirrors": list(mirrors), "corrector": eng.corrector,
         "episodes_meeting": {k: sum(r["targets"][k] for r in rows) for k in rows[0]["targets"]},
         "episodes_meeting_all_targets": sum(all(r["targets"].values()) for r in rows),
         "agent_error_median_px_mean": float(np.mean(agent)), "agent_error_median_px_max": float(np.max(agent)),
@@ -165,7 +167,8 @@ def suite_table(res: dict) -> str:
 
 
 def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: str = "a red cube in a snowy field",
-                        context: int = 8, model: str = "toyworld", threads: int | None = None) -> dict:
+                        context: int = 8, model: str = "toyworld", threads: int | None = None,
+                        corrector: bool | None = None) -> dict:
     """One block at a time from TRUE context: block i is generated after the simulator's first context + i * bf
     frames (through the engine, trimmed to the model's window and sink as always). This separates the model's
     one-block error from the drift of a rollout on its own frames; blocks where the ball bounces are reported apart.
@@ -175,7 +178,7 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
     from .engine import Engine
     if threads:
         torch.set_num_threads(threads)
-    eng = Engine.from_pretrained(model, device="cpu", max_sessions=1)
+    eng = Engine.from_pretrained(model, device="cpu", max_sessions=1, corrector=corrector)
     bf = eng.block_frames
     if context <= 0 or context % bf:
         raise ValueError(f"--context {context} must be a positive multiple of the block ({bf} frames)")
@@ -215,7 +218,8 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
                "agent_error_px_mean_by_frame_in_block": {"bounce": by_frame(True), "no_bounce": by_frame(False)},
                "note": "per block: the worst frame's error; a frame where the object is not found is left out "
                        "(see *_found_frames)",
-               "model": model, "prompt": prompt, "seed": seed, "context_frames": context}
+               "model": model, "prompt": prompt, "seed": seed, "context_frames": context,
+               "corrector": eng.corrector}
     res = {"summary": summary, "per_block": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "from_truth.json").write_text(json.dumps(res, indent=1))
@@ -249,7 +253,10 @@ def main(argv=None) -> int:
                                                    "and averaged every block")
     ap.add_argument("--suite-seeds", default=None, metavar="A-B",
                     help="a suite of other episodes: seeds A..B, cycling through the five themes' prompts")
+    ap.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
+                    help="the model's action corrector: auto runs it if the model has one and no mirror views run")
     a = ap.parse_args(argv)
+    corrector = {"auto": None, "on": True, "off": False}[a.corrector]
     from inferix.models.mirrors import parse_mirrors
     try:
         mirrors = parse_mirrors(a.mirrors)
@@ -270,7 +277,7 @@ def main(argv=None) -> int:
             ap.error(f"--suite-seeds: {e}")
         r = evaluate_suite(frames=a.frames, out=Path(a.out), episodes=episodes, context=a.context, model=a.model,
                            threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
-                           save_frames=a.save_frames, mirrors=mirrors)
+                           save_frames=a.save_frames, mirrors=mirrors, corrector=corrector)
         print(suite_table(r))
         print(f"wrote {Path(a.out) / 'suite.json'} and a folder per episode")
         return 0
@@ -278,13 +285,13 @@ def main(argv=None) -> int:
     a.prompt = "a red cube in a snowy field" if a.prompt is None else a.prompt
     if a.from_truth:
         r = evaluate_from_truth(blocks=a.from_truth, out=Path(a.out), seed=a.seed, prompt=a.prompt,
-                                context=a.context, model=a.model, threads=a.threads)
+                                context=a.context, model=a.model, threads=a.threads, corrector=corrector)
         print(json.dumps(r["summary"], indent=1))
         print(f"wrote {Path(a.out) / 'from_truth.json'}")
         return 0
     m = evaluate(frames=a.frames, out=Path(a.out), seed=a.seed, prompt=a.prompt, context=a.context, model=a.model,
                  threads=a.threads, window=a.window, sink=a.sink, positions=a.positions,
-                 save_frames=a.save_frames, mirrors=mirrors)
+                 save_frames=a.save_frames, mirrors=mirrors, corrector=corrector)
     s = m["summary"]
     keys = ("agent_error_median_px", "agent_found_share", "palette_share_min_window", "psnr_per_32",
             "psnr_copy_last_per_32", "psnr_context_mean_per_32", "pixel_fps_including_decode",

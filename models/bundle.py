@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .corrector import corrector_from
 from .pixel_decoder import PixelDecoder, PixelRefiner
 from .tensor_files import load_prefixed_strict
 from .schedule import SamplingConfig, SAMPLING_PRESETS
@@ -41,6 +42,7 @@ class ModelBundle:
     window: int | None = None  # default window (latent frames, incl. the current block)
     sink: int = 0
     extra: dict = field(default_factory=dict)
+    corrector: object | None = None  # ActionCorrector run on each block's last estimate before its commit, or None
 
     @property
     def spatial_ratio(self) -> int:
@@ -86,6 +88,8 @@ def _device_dtype(bundle: ModelBundle, device, dtype) -> ModelBundle:
         bundle.text_encoder.to(device=device)
     if bundle.decoder is not None and hasattr(bundle.decoder, "to"):
         bundle.decoder.to(device=device)
+    if bundle.corrector is not None:
+        bundle.corrector.to(device=device)
     bundle.dit.eval()
     return bundle
 
@@ -142,11 +146,17 @@ def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
         load_prefixed_strict(text, sd, "text.", weights)
         text.eval()
     decoder = pixel_decoder_from(meta, sd, weights, cfg.in_dim)
+    corrector = None
+    if meta.get("corrector") is not None:
+        if not isinstance(decoder, PixelDecoder) or cfg.in_dim != 3 or not cfg.num_actions:
+            raise ValueError(f"{weights}: a corrector needs a pixel-space model with actions")
+        corrector = corrector_from(meta, sd, weights, cfg.num_actions)
     bundle = ModelBundle(name=meta.get("name", Path(path).stem), dit=dit,
                          sampling=SamplingConfig.from_dict(meta["sampling"], what="sampling config"),
                          decoder=decoder, text_encoder=text, height=meta.get("height", 64),
                          width=meta.get("width", 64), fps=meta.get("fps", 16), actions=meta.get("actions"),
-                         window=meta.get("window"), sink=meta.get("sink", 0), extra=meta)
+                         window=meta.get("window"), sink=meta.get("sink", 0), extra=meta,
+                         corrector=corrector)
     return _device_dtype(bundle, device, dtype)
 
 

@@ -13,7 +13,8 @@ import torch
 from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
+from inferix.models.toyworld.eval import (RolloutMeta, WindowKVBackend, load_corrector, load_decoder, load_toyworld,
+                                         rollout)
 from inferix.models.toyworld.metrics import detect_color, rollout_metrics
 from inferix.models.toyworld.text import LocalHashTextEncoder, word_ids
 from inferix.models.toyworld.train import main as train_main
@@ -290,7 +291,8 @@ def test_engine_free_rollout_gives_the_engines_frames():
     dit, text, _ = load_toyworld(WEIGHTS)
     sampling = SamplingConfig.from_dict(meta["sampling"])
     dec = load_decoder(WEIGHTS, meta)
-    kw = dict(seed=3, window=meta["window"], sink=meta["sink"], decoder=dec)
+    kw = dict(seed=3, window=meta["window"], sink=meta["sink"], decoder=dec,
+              corrector=load_corrector(WEIGHTS, meta))  # the engine runs the bundle's corrector, if it has one
     got = np.concatenate(list(rollout(dit, text, sampling, "a cube in the desert", frames[:8], acts[8:], **kw,
                                       positions="relative")))
     assert got.shape == want.shape == (n_gen, 64, 64, 3)

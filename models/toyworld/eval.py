@@ -27,7 +27,7 @@ from . import simulator as sim
 from .data import to_latent, to_pixels
 from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
 
-__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "rollout", "main"]
+__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "load_corrector", "rollout", "main"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
@@ -57,6 +57,16 @@ def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
     return dit.to(device).eval(), text.to(device).eval(), meta
 
 
+def load_corrector(path, meta: dict):
+    """The bundle's ``ActionCorrector``, or None if it has none."""
+    from safetensors.torch import load_file
+    from ..corrector import corrector_from
+    if meta.get("corrector") is None:
+        return None
+    wpath = Path(path).with_suffix(".safetensors")
+    return corrector_from(meta, load_file(str(wpath)), wpath, meta["dit"]["num_actions"])
+
+
 def load_decoder(path, meta: dict):
     """The bundle's ``PixelDecoder`` (with its refiner, if it has one)."""
     from safetensors.torch import load_file
@@ -69,7 +79,7 @@ def load_decoder(path, meta: dict):
 @torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
             window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute",
-            mirrors: tuple = (), combine=None):
+            mirrors: tuple = (), combine=None, corrector=None):
     """Generate len(actions) frames after init_frames (uint8 [T0, H, W, 3], T0 a multiple of the block size).
 
     ``window``/``sink``: frames a block attends to (counting the sink and the block) and first frames kept for
@@ -87,7 +97,10 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
     ``combine``: instead of that mean, ``combine(estimates, actions)`` makes each step's estimate from the views'
     estimates mapped back (x0, [V, F, C, H, W], the world's own first) and the block's actions (ids [F]); it returns
-    [F, C, H, W]. A hook for experiments on what is committed (scripts/toyworld_corrector_experiment.py).
+    [F, C, H, W]. The corrector's training pairs are recorded through it (models/toyworld/corrector_train.py).
+
+    ``corrector``: an ``ActionCorrector`` run on each block's final estimate before the commit, as the engine runs
+    the bundle's (frame 0 after the last committed frame, or after its own estimate when nothing came before).
 
     Yields uint8 [block_frames, H, W, 3] per block (the last block is cut to the number of actions).
     """
@@ -139,6 +152,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     probe = RolloutMeta(commit=False)
     ia = torch.zeros(T0, dtype=torch.long) if init_actions is None else torch.as_tensor(
         sim.action_ids(init_actions, T0))
+    last = to_latent(init[-1]).to(dev) if T0 else None  # the frame committed last (the corrector's "before")
     dec_state = None if decoder is None else decoder.new_stream()
     if dec_state is not None and T0:  # the start frames fill the refiner's reference, as the engine's priming does
         dec_state.reference(to_latent(init).to(dev))
@@ -162,7 +176,10 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
             if k + 1 < len(ts):
                 s = sig[k + 1]
                 x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g).to(dev)
+        if corrector is not None:
+            x0 = corrector.block(x0[0], last, a[0])[None]
         x0 = x0.clamp(-1, 1)
+        last = x0[0, -1]
         dit(fan(x0), torch.full((V, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos.expand(V, -1),
             meta=commit, backend=be, actions=fan_actions(a))
         frames = to_pixels(x0[0] if decoder is None else decoder.refine_stream(dec_state, x0[0]))  # [bf, H, W, 3]
@@ -171,10 +188,17 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
 def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: list | None, out: Path,
              threads: int, window: int | None = None, sink: int | None = None, strip: Path | None = None,
-             init_actions: bool = True, positions: str | None = None, mirrors: tuple = ()) -> dict:
+             init_actions: bool = True, positions: str | None = None, mirrors: tuple = (),
+             corrector: bool | None = None) -> dict:
+    """``corrector``: run the bundle's corrector (None: if it has one and no mirror views run, as the engine)."""
     torch.set_num_threads(threads)
     dit, text, meta = load_toyworld(weights)
     decoder = load_decoder(weights, meta)
+    corr = load_corrector(weights, meta)
+    if corrector and corr is None:
+        raise ValueError(f"corrector asked for, but bundle {weights} has none")
+    if corrector is False or (corrector is None and mirrors):
+        corr = None
     sampling = SamplingConfig.from_dict(meta["sampling"])
     if steps:
         sampling = sampling.replace(denoising_steps=[float(s) for s in steps])
@@ -188,7 +212,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     gen, t_first = [], None
     for blk in rollout(dit, text, sampling, prompt, true[:context] if context else None, acts[context:], seed=seed,
                        window=window, sink=sink, init_actions=acts[:context] if init_actions else None,
-                       decoder=decoder, positions=positions, mirrors=mirrors):
+                       decoder=decoder, positions=positions, mirrors=mirrors, corrector=corr):
         if t_first is None:
             t_first = time.perf_counter() - t0
         gen.append(blk)
@@ -198,7 +222,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     m["summary"].update({
         "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed, "context_frames": context, "init_actions": "true" if init_actions else "none",
         "sampling": sampling.to_dict(), "window": window, "sink": sink, "positions": positions, "threads": threads,
-        "mirrors": list(mirrors),
+        "mirrors": list(mirrors), "corrector": corr is not None,
         "time_to_first_block_s": t_first, "total_s": total, "pixel_fps": frames / total,
         "pixel_fps_after_first": (frames - sampling.block_frames) / max(total - t_first, 1e-9),
     })
@@ -233,17 +257,20 @@ def main(argv=None) -> int:
     ap.add_argument("--strip", default=None, help="also write the truth-vs-model strip here")
     ap.add_argument("--mirrors", default="", help="comma-separated mirror views run beside the world and averaged "
                                                    "each block (h, v, hv, d, a); default none")
+    ap.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
+                    help="the bundle's action corrector: auto runs it if the bundle has one and no mirror views run")
     a = ap.parse_args(argv)
     try:
         mirrors = parse_mirrors(a.mirrors)
     except ValueError as e:
         ap.error(f"--mirrors: {e}")
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
-                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors)
+                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors,
+                 {"auto": None, "on": True, "off": False}[a.corrector])
     s = m["summary"]
     print(json.dumps({k: s[k] for k in ("agent_error_median_px", "agent_found_share", "palette_share_min_window",
                                         "psnr_per_32", "psnr_copy_last_per_32", "psnr_context_mean_per_32",
-                                        "pixel_fps", "time_to_first_block_s", "targets", "mirrors")}, indent=1))
+                                        "pixel_fps", "time_to_first_block_s", "targets", "mirrors", "corrector")}, indent=1))
     return 0
 
 

@@ -1,0 +1,63 @@
+"""``inferix train toyworld-corrector``: add a trained action corrector to a toy-world bundle.
+
+The corrector is distilled from the bundle's own mirror-view ensemble; the parts live in
+``inferix.models.toyworld.corrector_train``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models.bundle import WEIGHTS_DIR
+from .models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, make_pairs, train_corrector
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="inferix train toyworld-corrector", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toyworld", help="the bundle to add a corrector to: 'toyworld' or a bundle .json")
+    ap.add_argument("--out", default="runs/toyworld_corrector", help="directory for the new bundle (toyworld.json)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d = CorrectorConfig()
+    for k, v in asdict(d).items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    a = ap.parse_args(argv)
+    try:
+        cfg = CorrectorConfig(**{k: getattr(a, k) for k in asdict(d)})
+    except ValueError as e:
+        ap.error(str(e))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
+    if not src.exists():
+        raise FileNotFoundError(f"bundle not found: {src}")
+    t_pairs = t_train = 0.0
+    pairs, corr = None, None
+    for r in range(cfg.rounds):  # round 1: rollouts commit the views' mean; later ones the last corrector's output
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            new = make_pairs(src, cfg, corrector=corr, round_=r)
+        pairs = new if pairs is None else {k: torch.cat([pairs[k], new[k]]) for k in pairs}
+        t1 = time.perf_counter()
+        corr, losses, identity = train_corrector(pairs, cfg)
+        t_pairs, t_train = t_pairs + t1 - t0, t_train + time.perf_counter() - t1
+    tail = min(100, len(losses))
+    info = {"source": src.name, "blocks": int(pairs["est"].shape[0]),
+            "loss_last_steps": round(float(np.mean(losses[-tail:])), 6),
+            "uncorrected_loss_last_steps": round(float(np.mean(identity[-tail:])), 6),
+            "pairs_s": round(t_pairs, 1), "train_s": round(t_train, 1)}
+    path = export_with_corrector(src, corr, Path(a.out) / "toyworld.json", info=info, cfg=cfg)
+    print(f"{info['blocks']} blocks; weighted squared distance to the views' mean over the last {tail} steps: "
+          f"corrected {info['loss_last_steps']:.5f}, uncorrected {info['uncorrected_loss_last_steps']:.5f}", flush=True)
+    print(f"exported {path} and {path.with_suffix('.safetensors')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
