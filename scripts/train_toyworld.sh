@@ -5,7 +5,7 @@
 # checkpoint folder, so an interrupted stage is continued with `inferix train toyworld --resume OUT/<stage> ...`.
 #
 #   bash scripts/train_toyworld.sh [OUT_DIR]        # default runs/toyworld_recipe
-#   then: cp OUT_DIR/10_decoder/toyworld.{json,safetensors} models/weights/
+#   then: cp OUT_DIR/11_corrector/toyworld.{json,safetensors} models/weights/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/toyworld_recipe}
@@ -61,4 +61,9 @@ train --init "$OUT/8_batch64/toyworld.json" --seed 23 --sink-blocks 2 --clip-blo
 #    step-based, SCALE does not apply).
 "$PY" -m inferix.toyworld_decoder --model "$OUT/9_rollouts/toyworld.json" --denoising-steps 1000 --steps 4500 \
       --reference-frames 8 --seed 1 --threads "$THREADS" --out "$OUT/10_decoder"
-echo "done: $OUT/10_decoder/toyworld.json (+ .safetensors)"
+# 11. The action corrector: DiT and refiner unchanged; a per-frame conv net that corrects each block's estimate
+#    before its commit, distilled from the hv,d,a mirror-view ensemble in two rounds (the second on rollouts that
+#    commit the first corrector); about 21 min on the CPU, step-based.
+"$PY" -m inferix.toyworld_corrector --model "$OUT/10_decoder/toyworld.json" --episodes 24 --rounds 2 --steps 2000 \
+      --threads "$THREADS" --out "$OUT/11_corrector"
+echo "done: $OUT/11_corrector/toyworld.json (+ .safetensors)"
