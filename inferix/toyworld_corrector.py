@@ -47,11 +47,13 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         corr, losses, identity = train_corrector(pairs, cfg)
         t_pairs, t_train = t_pairs + t1 - t0, t_train + time.perf_counter() - t1
-    tail = min(100, len(losses))
-    info = {"source": src.name, "blocks": int(pairs["est"].shape[0]),
-            "loss_last_steps": round(float(np.mean(losses[-tail:])), 6),
-            "uncorrected_loss_last_steps": round(float(np.mean(identity[-tail:])), 6),
-            "pairs_s": round(t_pairs, 1), "train_s": round(t_train, 1)}
+        tail = min(100, len(losses))
+        info = {"source": src.name, "blocks": int(pairs["est"].shape[0]), "rounds_done": r + 1,
+                "loss_last_steps": round(float(np.mean(losses[-tail:])), 6),
+                "uncorrected_loss_last_steps": round(float(np.mean(identity[-tail:])), 6),
+                "pairs_s": round(t_pairs, 1), "train_s": round(t_train, 1)}
+        if r + 1 < cfg.rounds:  # each earlier round's corrector as a bundle of its own, to compare rounds
+            export_with_corrector(src, corr, Path(a.out) / f"round{r + 1}" / "toyworld.json", info=info, cfg=cfg)
     path = export_with_corrector(src, corr, Path(a.out) / "toyworld.json", info=info, cfg=cfg)
     print(f"{info['blocks']} blocks; weighted squared distance to the views' mean over the last {tail} steps: "
           f"corrected {info['loss_last_steps']:.5f}, uncorrected {info['uncorrected_loss_last_steps']:.5f}", flush=True)

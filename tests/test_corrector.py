@@ -161,6 +161,8 @@ def test_train_toyworld_corrector_cli_adds_a_corrector_to_the_bundle(tmp_path, c
     assert meta["corrector"] == {"type": "action", "channels": 4, "layers": 2, "actions": 5}
     # two rounds of one episode of two blocks: the second round's rollouts commit the first round's corrector
     assert meta["corrector_train"]["blocks"] == 4 and meta["corrector_train"]["config"]["views"] == "hv"
+    first = json.loads((out / "round1" / "toyworld.json").read_text())  # the first round's corrector, kept apart
+    assert first["corrector_train"]["blocks"] == 2 and first["corrector_train"]["rounds_done"] == 1
     from safetensors.torch import load_file
     src, new = load_file(str(WEIGHTS.with_suffix(".safetensors"))), load_file(str(out / "toyworld.safetensors"))
     assert sorted(k for k in new if k.startswith("corrector.")) == sorted(
