@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models.bundle import WEIGHTS_DIR
+from .bundle_cli import add_config_options, config_from_options, source_bundle
 from .models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, make_pairs, train_corrector
 
 __all__ = ["main"]
@@ -24,19 +23,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="toyworld", help="the bundle to add a corrector to: 'toyworld' or a bundle .json")
     ap.add_argument("--out", default="runs/toyworld_corrector", help="directory for the new bundle (toyworld.json)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    d = CorrectorConfig()
-    for k, v in asdict(d).items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    add_config_options(ap, CorrectorConfig)
     a = ap.parse_args(argv)
-    try:
-        cfg = CorrectorConfig(**{k: getattr(a, k) for k in asdict(d)})
-    except ValueError as e:
-        ap.error(str(e))
+    cfg = config_from_options(ap, a, CorrectorConfig)
     if a.threads:
         torch.set_num_threads(a.threads)
-    src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
-    if not src.exists():
-        raise FileNotFoundError(f"bundle not found: {src}")
+    src = source_bundle(a.model)
     t_pairs = t_train = 0.0
     pairs, corr = None, None
     for r in range(cfg.rounds):  # round 1: rollouts commit the views' mean; later ones the last corrector's output

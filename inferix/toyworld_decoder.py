@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
-from .models.bundle import WEIGHTS_DIR
+from .bundle_cli import add_config_options, config_from_options, source_bundle
 from .models.schedule import SamplingConfig
 from .models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
                                             pair_references, train_refiner)
@@ -30,19 +30,12 @@ def main(argv=None) -> int:
                     help="comma-separated timesteps the new bundle samples with (pairs are made with them), "
                          "e.g. 1000 for one step; default: the bundle's own")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    d = RefinerConfig()
-    for k, v in asdict(d).items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    add_config_options(ap, RefinerConfig)
     a = ap.parse_args(argv)
-    try:
-        cfg = RefinerConfig(**{k: getattr(a, k) for k in asdict(d)})
-    except ValueError as e:
-        ap.error(str(e))
+    cfg = config_from_options(ap, a, RefinerConfig)
     if a.threads:
         torch.set_num_threads(a.threads)
-    src = WEIGHTS_DIR / "toyworld.json" if a.model == "toyworld" else Path(a.model)
-    if not src.exists():
-        raise FileNotFoundError(f"bundle not found: {src}")
+    src = source_bundle(a.model)
     sampling = json.loads(src.read_text())["sampling"]
     if a.denoising_steps:
         try:

@@ -127,6 +127,19 @@ def pixel_decoder_from(meta: dict, sd: dict, source, channels: int) -> PixelDeco
     return PixelDecoder(channels, refiner)
 
 
+def save_bundle(tensors: dict, meta: dict, out_json) -> Path:
+    """Write a bundle: ``tensors`` to <out_json>.safetensors (whole, under a temporary name, then moved into
+    place), then ``meta`` to out_json."""
+    from safetensors.torch import save_file
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "inferix-bundle"})
+    tmp.replace(out_json.with_suffix(".safetensors"))
+    out_json.write_text(json.dumps(meta, indent=2))
+    return out_json
+
+
 def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
     meta = json.loads(Path(path).read_text())
     if meta.get("format") != "inferix-bundle":

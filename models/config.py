@@ -23,3 +23,11 @@ class ConfigBase:
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
+
+
+def check_at_least(cfg, what: str, minimums: dict) -> None:
+    """ValueError naming the first field of ``cfg`` below its minimum (``minimums``: field -> least value)."""
+    for k, lo in minimums.items():
+        v = getattr(cfg, k)
+        if v < lo:
+            raise ValueError(f"{what}: {k} must be >= {lo}, got {v}")

@@ -13,7 +13,7 @@ from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.corrector_train import (CorrectorConfig, export_with_corrector, make_pairs,
                                                      train_corrector)
-from inferix.models.toyworld.data import to_latent, to_pixels
+from inferix.models.toyworld.data import to_latent
 from inferix.models.toyworld.eval import load_corrector, load_decoder, load_toyworld, rollout
 from inferix.toyworld_corrector import main as corrector_main
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check_at_least
 from ..corrector import ActionCorrector
 from ..mirrors import parse_mirrors
 from . import simulator as sim
@@ -40,15 +41,11 @@ class CorrectorConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for k in ("episodes", "frames", "start_frames", "steps", "batch", "channels", "rounds"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"corrector config: {k} must be >= 1, got {getattr(self, k)}")
-        if self.layers < 2:
-            raise ValueError(f"corrector config: layers must be >= 2, got {self.layers}")
+        check_at_least(self, "corrector config", {**dict.fromkeys(
+            ("episodes", "frames", "start_frames", "steps", "batch", "channels", "rounds"), 1), "layers": 2,
+            "disagreement_weight": 0})
         if not self.lr > 0:
             raise ValueError(f"corrector config: lr must be > 0, got {self.lr}")
-        if self.disagreement_weight < 0:
-            raise ValueError(f"corrector config: disagreement_weight must be >= 0, got {self.disagreement_weight}")
         if not parse_mirrors(self.views):
             raise ValueError("corrector config: views must name at least one mirror view (e.g. hv,d,a)")
 
@@ -147,7 +144,8 @@ def export_with_corrector(src: Path, corrector: ActionCorrector, out_json: Path,
                           cfg: CorrectorConfig | None = None) -> Path:
     """The bundle ``src`` (json + safetensors) with ``corrector`` (replacing any it had), written to ``out_json``
     (+ its .safetensors)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from ..bundle import save_bundle
     src, out_json = Path(src), Path(out_json)
     meta = json.loads(src.read_text())
     if meta.get("dit", {}).get("num_actions") != corrector.actions:
@@ -157,9 +155,4 @@ def export_with_corrector(src: Path, corrector: ActionCorrector, out_json: Path,
     sd.update({f"corrector.{k}": v.detach().contiguous() for k, v in corrector.state_dict().items()})
     meta["corrector"] = corrector.config()
     meta["corrector_train"] = {**({"config": asdict(cfg)} if cfg is not None else {}), **(info or {})}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_suffix(".safetensors.tmp")
-    save_file(sd, str(tmp), metadata={"format": "inferix-bundle"})  # written whole, then moved into place
-    tmp.replace(out_json.with_suffix(".safetensors"))
-    out_json.write_text(json.dumps(meta, indent=2))
-    return out_json
+    return save_bundle(sd, meta, out_json)

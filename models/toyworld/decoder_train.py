@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check_at_least
 from ..pixel_decoder import PixelDecoder, PixelRefiner, reference_image
 from . import simulator as sim
 
@@ -40,17 +41,11 @@ class RefinerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for k in ("episodes", "blocks", "start_frames", "rollout_frames", "steps", "batch", "channels"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"refiner config: {k} must be >= 1, got {getattr(self, k)}")
-        if self.rollout_episodes < 0:
-            raise ValueError(f"refiner config: rollout_episodes must be >= 0, got {self.rollout_episodes}")
-        if self.layers < 2:
-            raise ValueError(f"refiner config: layers must be >= 2, got {self.layers}")
+        check_at_least(self, "refiner config", {**dict.fromkeys(
+            ("episodes", "blocks", "start_frames", "rollout_frames", "steps", "batch", "channels"), 1),
+            "rollout_episodes": 0, "layers": 2, "reference_frames": 0})
         if not self.lr > 0:
             raise ValueError(f"refiner config: lr must be > 0, got {self.lr}")
-        if self.reference_frames < 0:
-            raise ValueError(f"refiner config: reference_frames must be >= 0, got {self.reference_frames}")
         if self.reference_frames > self.start_frames:
             raise ValueError(f"refiner config: reference_frames ({self.reference_frames}) must not exceed start_frames "
                              f"({self.start_frames}): references are made from the true start frames")
@@ -257,7 +252,8 @@ def export_with_refiner(src: Path, refiner: PixelRefiner, out_json: Path, *, sam
                         info: dict | None = None) -> Path:
     """The bundle ``src`` (json + safetensors) with ``refiner`` as its decoder, written to ``out_json`` (+ its
     .safetensors); ``sampling`` replaces the bundle's sampling section."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from ..bundle import save_bundle
     src, out_json = Path(src), Path(out_json)
     meta = json.loads(src.read_text())
     sd = {k: v for k, v in load_file(str(src.with_suffix(".safetensors"))).items() if not k.startswith("decoder.")}
@@ -267,9 +263,4 @@ def export_with_refiner(src: Path, refiner: PixelRefiner, out_json: Path, *, sam
         meta["sampling"] = sampling
     if info is not None:
         meta["decoder_train"] = info
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_suffix(".safetensors.tmp")
-    save_file(sd, str(tmp), metadata={"format": "inferix-bundle"})  # written whole, then moved into place
-    tmp.replace(out_json.with_suffix(".safetensors"))
-    out_json.write_text(json.dumps(meta, indent=2))
-    return out_json
+    return save_bundle(sd, meta, out_json)
