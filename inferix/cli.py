@@ -39,6 +39,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
     import torch
     from inferix.models.bundle import load_model
+    from inferix.models.corrector import CORRECTOR_MODES
     from inferix.models.mirrors import parse_mirrors
     from .api import default_model
     from .engine import Engine
@@ -56,7 +57,7 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
                   mirrors=parse_mirrors(a.mirrors),
-                  corrector={"auto": None, "on": True, "off": False}[a.corrector])
+                  corrector=CORRECTOR_MODES[a.corrector])
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""

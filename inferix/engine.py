@@ -16,6 +16,7 @@ import torch
 
 from inferix.kernels.attention import KVPool, get_backend
 from inferix.models.bundle import ModelBundle, PixelDecoder, load_model
+from inferix.models.corrector import use_corrector
 from inferix.models.mirrors import action_permutation, check_mirrors, needs_square
 
 from .pages import AdmissionError, KVManager
@@ -176,13 +177,7 @@ class Engine:
         keep = None if self.window is None else self.window
         self.mirrors = check_mirrors(mirrors)
         views = mirror_views(bundle, self.mirrors, self.window) if self.mirrors else ()
-        # The bundle's corrector runs unless told otherwise; by default not beside mirror views (it stands in for
-        # them: it is trained to commit what they would).
-        if corrector is None:
-            corrector = bundle.corrector is not None and not self.mirrors
-        elif corrector and bundle.corrector is None:
-            raise ValueError(f"corrector=True, but model {bundle.name!r} has no corrector")
-        self.corrector = bool(corrector)
+        self.corrector = use_corrector(corrector, bundle.corrector is not None, self.mirrors, repr(bundle.name))
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
                              view_cache=(self.window, self.sink, page_tokens),

@@ -363,8 +363,7 @@ class Runner:
             if r.last_step:
                 if self.corrector is not None:  # frame 0 follows the stream's last committed frame, if it has one
                     tic = time.perf_counter()
-                    acts = actions[i] if actions is not None else torch.zeros(r.nframes, dtype=torch.long)
-                    st.x0 = self.corrector.block(st.x0, st.history.get(r.frame_start - 1), acts)
+                    st.x0 = self.corrector.block(st.x0, st.history.get(r.frame_start - 1), actions[i])
                     self.timing["corrector"] += time.perf_counter() - tic
                 if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
                     st.x0 = st.x0.clamp(-1, 1)

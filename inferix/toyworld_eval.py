@@ -256,7 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
                     help="the model's action corrector: auto runs it if the model has one and no mirror views run")
     a = ap.parse_args(argv)
-    corrector = {"auto": None, "on": True, "off": False}[a.corrector]
+    from inferix.models.corrector import CORRECTOR_MODES
+    corrector = CORRECTOR_MODES[a.corrector]
     from inferix.models.mirrors import parse_mirrors
     try:
         mirrors = parse_mirrors(a.mirrors)

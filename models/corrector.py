@@ -18,7 +18,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ActionCorrector", "corrector_from"]
+__all__ = ["ActionCorrector", "corrector_from", "CORRECTOR_MODES", "use_corrector"]
+
+# --corrector on the command lines -> the ``corrector`` argument of Engine and the engine-free eval
+CORRECTOR_MODES = {"auto": None, "on": True, "off": False}
+
+
+def use_corrector(requested: bool | None, model_has_one: bool, mirrors, model: str) -> bool:
+    """Whether a stream runs the model's corrector: as ``requested``, or when None (auto) if the model has one and
+    no mirror views run (it stands in for them: it is trained to commit what they would)."""
+    if requested is None:
+        return model_has_one and not mirrors
+    if requested and not model_has_one:
+        raise ValueError(f"corrector=True, but model {model} has no corrector")
+    return bool(requested)
 
 
 class ActionCorrector(nn.Module):
@@ -44,16 +57,27 @@ class ActionCorrector(nn.Module):
     def config(self) -> dict:
         return {"type": "action", "channels": self.channels, "layers": self.layers, "actions": self.actions}
 
-    def forward(self, est: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """est, prev [N, 3, H, W]; action ids [N] -> corrected est [N, 3, H, W]."""
-        if est.dim() != 4 or est.shape[1] != 3 or prev.shape != est.shape:
+    def _checked(self, est: torch.Tensor, prev: torch.Tensor, action) -> torch.Tensor:
+        """Shapes and action ids checked (one host sync for the ids); the ids as a long tensor on est's device."""
+        if est.dim() != 4 or est.shape[1] != 3 or prev.shape[-3:] != est.shape[-3:]:
             raise ValueError(f"the corrector takes est and prev frames [N, 3, H, W] of one shape, got "
                              f"{tuple(est.shape)} and {tuple(prev.shape)}")
         action = torch.as_tensor(action, device=est.device).long().reshape(-1)
         if action.shape[0] != est.shape[0]:
-            raise ValueError(f"the corrector needs one action per frame: {est.shape[0]} frames, {action.shape[0]} actions")
+            raise ValueError(f"the corrector needs one action per frame: {est.shape[0]} frames, "
+                             f"{action.shape[0]} actions")
         if action.numel() and not (0 <= int(action.min()) and int(action.max()) < self.actions):
             raise ValueError(f"action ids must lie in 0..{self.actions - 1}, got {action.tolist()}")
+        return action
+
+    def forward(self, est: torch.Tensor, prev: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """est, prev [N, 3, H, W]; action ids [N] -> corrected est [N, 3, H, W]."""
+        if prev.shape != est.shape:
+            raise ValueError(f"the corrector takes est and prev frames [N, 3, H, W] of one shape, got "
+                             f"{tuple(est.shape)} and {tuple(prev.shape)}")
+        return self._correct(est, prev, self._checked(est, prev, action))
+
+    def _correct(self, est, prev, action):  # forward without its checks
         a = F.one_hot(action, self.actions).to(est.dtype)[:, :, None, None].expand(-1, -1, *est.shape[2:])
         h = torch.cat([est, prev, a], 1)
         for conv in self.convs:
@@ -63,17 +87,12 @@ class ActionCorrector(nn.Module):
     def block(self, est: torch.Tensor, prev: torch.Tensor | None, actions) -> torch.Tensor:
         """A block's estimate [F, 3, H, W] corrected frame by frame, each after the corrected one before it; prev
         [3, H, W]: the frame committed before the block (None: the block's own first estimate stands in)."""
-        if est.dim() != 4:
-            raise ValueError(f"a block is [F, 3, H, W], got {tuple(est.shape)}")
-        actions = torch.as_tensor(actions).long().reshape(-1)
-        if actions.shape[0] != est.shape[0]:
-            raise ValueError(f"the corrector needs one action per frame: {est.shape[0]} frames, "
-                             f"{actions.shape[0]} actions")
         last = (est[0] if prev is None else prev).to(est.dtype)
+        actions = self._checked(est, last, actions)  # once per block
         outs = []
         with torch.no_grad():
             for j in range(est.shape[0]):
-                last = self(est[j:j + 1], last[None], actions[j:j + 1])[0]
+                last = self._correct(est[j:j + 1], last[None], actions[j:j + 1])[0]
                 outs.append(last)
         return torch.stack(outs)
 

@@ -20,7 +20,6 @@ from ..config import check_at_least
 from ..corrector import ActionCorrector
 from ..mirrors import parse_mirrors
 from . import simulator as sim
-from .data import to_latent
 
 __all__ = ["CorrectorConfig", "make_pairs", "train_corrector", "export_with_corrector"]
 
@@ -84,19 +83,15 @@ def make_pairs(weights, cfg: CorrectorConfig, progress: bool = True, corrector: 
     for e in tqdm(range(cfg.episodes), desc=desc, unit="episode", disable=not progress):
         seed, prompt, acts = episode(cfg, e, round_)
         frames, _ = sim.simulate(seed, acts[:cfg.start_frames], prompt, cfg.start_frames)
-        last = [to_latent(frames[-1])]
 
-        def combine(est, a):  # est [V, F, C, H, W]: the world's own estimate first, then the views' mapped back
-            x0 = est.mean(0)
-            rows.append((est[0].half(), last[0].half(), a.clone(), x0.half()))
-            if corrector is not None:
-                x0 = corrector.block(est[0], last[0], a)
-            last[0] = x0.clamp(-1, 1)[-1]
-            return x0
+        def combine(est, a, last):  # est [V, F, C, H, W]: the world's own estimate first, then the views' mapped back
+            mean = est.mean(0)
+            rows.append((est[0].half(), last.half(), a.clone(), mean.half()))
+            return mean if corrector is None else est[0]  # with a corrector, the rollout corrects the own estimate
         for _ in rollout(dit, text, sampling, prompt, frames, acts[cfg.start_frames:], seed=seed,
                          window=meta["window"], sink=meta["sink"], init_actions=acts[:cfg.start_frames],
                          decoder=decoder, positions=meta.get("positions") or "relative", mirrors=views,
-                         combine=combine):
+                         combine=combine, corrector=corrector):
             pass
     return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(("est", "prev", "act", "mean"))}
 

@@ -21,6 +21,7 @@ from ..schedule import SamplingConfig
 from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
+from ..corrector import CORRECTOR_MODES, use_corrector
 from ..mirrors import check_mirrors, mirror_tensor, parse_mirrors
 from ..window_kv import RolloutMeta, WindowKVBackend
 from . import simulator as sim
@@ -95,9 +96,9 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
     view commits (mirrored) and what the decoder renders. The DiT is not exactly mirror-equivariant, so its views
     err differently and the mean errs less.
 
-    ``combine``: instead of that mean, ``combine(estimates, actions)`` makes each step's estimate from the views'
-    estimates mapped back (x0, [V, F, C, H, W], the world's own first) and the block's actions (ids [F]); it returns
-    [F, C, H, W]. The corrector's training pairs are recorded through it (models/toyworld/corrector_train.py).
+    ``combine``: instead of that mean, ``combine(estimates, actions, last)`` makes each step's estimate from the
+    views' estimates mapped back (x0, [V, F, C, H, W], the world's own first), the block's actions (ids [F]) and the
+    frame committed last ([C, H, W], or None); it returns [F, C, H, W]. The corrector's training pairs are recorded through it (models/toyworld/corrector_train.py).
 
     ``corrector``: an ``ActionCorrector`` run on each block's final estimate before the commit, as the engine runs
     the bundle's (frame 0 after the last committed frame, or after its own estimate when nothing came before).
@@ -118,7 +119,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
     def gather(x, a):  # [V, F, C, H, W] -> [1, F, C, H, W]: the views mapped back, averaged (or combined)
         est = torch.stack([look(x[i], m) for i, m in enumerate(views)])
-        return (est.mean(0) if combine is None else combine(est, a[0]))[None]
+        return (est.mean(0) if combine is None else combine(est, a[0], last))[None]
 
     def fan_actions(a):  # [1, F] -> [V, F]
         return perms[:, a[0].cpu()].to(a.device)
@@ -195,9 +196,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
     dit, text, meta = load_toyworld(weights)
     decoder = load_decoder(weights, meta)
     corr = load_corrector(weights, meta)
-    if corrector and corr is None:
-        raise ValueError(f"corrector asked for, but bundle {weights} has none")
-    if corrector is False or (corrector is None and mirrors):
+    if not use_corrector(corrector, corr is not None, mirrors, str(weights)):
         corr = None
     sampling = SamplingConfig.from_dict(meta["sampling"])
     if steps:
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
         ap.error(f"--mirrors: {e}")
     m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
                  a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors,
-                 {"auto": None, "on": True, "off": False}[a.corrector])
+                 CORRECTOR_MODES[a.corrector])
     s = m["summary"]
     print(json.dumps({k: s[k] for k in ("agent_error_median_px", "agent_found_share", "palette_share_min_window",
                                         "psnr_per_32", "psnr_copy_last_per_32", "psnr_context_mean_per_32",
