@@ -14,7 +14,7 @@ from inferix.models.toyworld import simulator as sim
 from inferix.models.toyworld.corrector_train import (CorrectorConfig, export_with_corrector, make_pairs,
                                                      train_corrector)
 from inferix.models.toyworld.data import to_latent
-from inferix.models.toyworld.eval import load_corrector, load_decoder, load_toyworld, rollout
+from inferix.models.toyworld.eval import load_corrector, load_decoder, load_parts, load_toyworld, rollout
 from inferix.toyworld_corrector import main as corrector_main
 
 from test_toyworld import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -186,3 +186,18 @@ def test_pairs_commit_the_views_mean_or_the_given_corrector():
     want = corr.block(q["est"][0].float(), q["prev"][0].float(), q["act"][0])[-1]
     assert (q["prev"][1].float() - want).abs().max() < 2e-2  # (est is stored in float16)
     assert (q["prev"][1].float() - p["prev"][1].float()).abs().max() > 0.1
+
+
+def test_load_parts_reads_the_bundle_once_and_equals_the_single_loaders(corrected_bundle, monkeypatch):
+    import safetensors.torch as st
+    real, calls = st.load_file, []
+    monkeypatch.setattr(st, "load_file", lambda f, *a, **k: calls.append(f) or real(f, *a, **k))
+    dit, text, meta, decoder, corr = load_parts(corrected_bundle)
+    assert calls == [str(corrected_bundle.with_suffix(".safetensors"))]
+    monkeypatch.undo()
+    dit2, text2, meta2 = load_toyworld(corrected_bundle)
+    assert meta == meta2 and decoder.refiner is not None and corr is not None
+    for a, b in ((dit, dit2), (text, text2), (corr, load_corrector(corrected_bundle, meta2)),
+                 (decoder.refiner, load_decoder(corrected_bundle, meta2).refiner)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

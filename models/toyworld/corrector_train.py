@@ -68,10 +68,9 @@ def make_pairs(weights, cfg: CorrectorConfig, progress: bool = True, corrector: 
     Each block commits the views' mean, or with ``corrector`` what it makes of the world's estimate: then the
     rollouts go where a stream with that corrector goes, and the pairs teach the next corrector there (a round of
     ``cfg.rounds``; episodes of round r are drawn from (cfg.seed, r, e))."""
-    from .eval import load_decoder, load_toyworld, rollout
+    from .eval import load_parts, rollout
     from ..schedule import SamplingConfig
-    dit, text, meta = load_toyworld(weights)
-    decoder = load_decoder(weights, meta)
+    dit, text, meta, decoder, _ = load_parts(weights)
     sampling = SamplingConfig.from_dict(meta["sampling"])
     if cfg.start_frames % sampling.block_frames:
         raise ValueError(f"start_frames {cfg.start_frames} is not a multiple of the block "

@@ -28,14 +28,15 @@ from . import simulator as sim
 from .data import to_latent, to_pixels
 from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
 
-__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "load_corrector", "rollout", "main"]
+__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "load_corrector", "load_parts", "rollout",
+           "main"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
 
 # ---- loading and the standalone rollout --------------------------------------------------------------
-def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
-    """Read a toy-world bundle (json + safetensors) without the engine: (dit, text encoder, meta dict)."""
+def _read_bundle(path) -> tuple[dict, dict, Path]:
+    """A toy-world bundle's meta (json), tensors (its safetensors, read once) and weights path, checked."""
     from safetensors.torch import load_file
     path = Path(path)
     if not path.exists():
@@ -46,7 +47,10 @@ def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
     wpath = path.with_suffix(".safetensors")
     if not wpath.exists():
         raise FileNotFoundError(f"bundle weights not found: {wpath}")
-    sd = load_file(str(wpath))
+    return meta, load_file(str(wpath)), wpath
+
+
+def _dit_and_text(path: Path, meta: dict, sd: dict, wpath: Path, device):
     cfg = WanDiTConfig.from_dict(meta["dit"], what="dit config")
     dit = CausalWanDiT(cfg)
     load_prefixed_strict(dit, sd, "dit.", wpath)
@@ -55,29 +59,45 @@ def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
         raise ValueError(f"{path}: the toy world needs a 'hash' text encoder, got {te.get('type')!r}")
     text = HashTextEncoder(te["text_dim"], te["text_len"], te.get("vocab", 4096))
     load_prefixed_strict(text, sd, "text.", wpath)
-    return dit.to(device).eval(), text.to(device).eval(), meta
+    return dit.to(device).eval(), text.to(device).eval()
 
 
-def load_corrector(path, meta: dict):
-    """The bundle's ``ActionCorrector``, or None if it has none."""
+def load_toyworld(path=DEFAULT_WEIGHTS, device="cpu"):
+    """Read a toy-world bundle (json + safetensors) without the engine: (dit, text encoder, meta dict)."""
+    meta, sd, wpath = _read_bundle(path)
+    return (*_dit_and_text(Path(path), meta, sd, wpath, device), meta)
+
+
+def load_corrector(path, meta: dict, tensors: dict | None = None):
+    """The bundle's ``ActionCorrector``, or None if it has none. ``tensors``: the bundle's tensors, if already read."""
     from safetensors.torch import load_file
     from ..corrector import corrector_from
     if meta.get("corrector") is None:
         return None
     wpath = Path(path).with_suffix(".safetensors")
-    return corrector_from(meta, load_file(str(wpath)), wpath, meta["dit"]["num_actions"])
+    return corrector_from(meta, load_file(str(wpath)) if tensors is None else tensors, wpath,
+                          meta["dit"]["num_actions"])
 
 
-def load_decoder(path, meta: dict):
-    """The bundle's ``PixelDecoder`` (with its refiner, if it has one)."""
+def load_decoder(path, meta: dict, tensors: dict | None = None):
+    """The bundle's ``PixelDecoder`` (with its refiner, if it has one). ``tensors``: the bundle's tensors, if
+    already read."""
     from safetensors.torch import load_file
     from ..bundle import pixel_decoder_from
     wpath = Path(path).with_suffix(".safetensors")
-    sd = load_file(str(wpath)) if (meta.get("decoder") or {}).get("refiner") else {}
-    return pixel_decoder_from(meta, sd, wpath, meta["dit"]["in_dim"])
+    if tensors is None:
+        tensors = load_file(str(wpath)) if (meta.get("decoder") or {}).get("refiner") else {}
+    return pixel_decoder_from(meta, tensors, wpath, meta["dit"]["in_dim"])
 
 
-@torch.no_grad()
+def load_parts(path=DEFAULT_WEIGHTS, device="cpu"):
+    """Everything the engine-free rollout runs, from one read of the bundle: (dit, text encoder, meta, decoder,
+    corrector or None)."""
+    meta, sd, wpath = _read_bundle(path)
+    dit, text = _dit_and_text(Path(path), meta, sd, wpath, device)
+    return dit, text, meta, load_decoder(path, meta, sd), load_corrector(path, meta, sd)
+
+
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
             window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute",
             mirrors: tuple = (), combine=None, corrector=None):
@@ -193,9 +213,7 @@ def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: 
              corrector: bool | None = None) -> dict:
     """``corrector``: run the bundle's corrector (None: if it has one and no mirror views run, as the engine)."""
     torch.set_num_threads(threads)
-    dit, text, meta = load_toyworld(weights)
-    decoder = load_decoder(weights, meta)
-    corr = load_corrector(weights, meta)
+    dit, text, meta, decoder, corr = load_parts(weights)
     if not use_corrector(corrector, corr is not None, mirrors, str(weights)):
         corr = None
     sampling = SamplingConfig.from_dict(meta["sampling"])
