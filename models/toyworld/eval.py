@@ -98,6 +98,7 @@ def load_parts(path=DEFAULT_WEIGHTS, device="cpu"):
     return dit, text, meta, load_decoder(path, meta, sd), load_corrector(path, meta, sd)
 
 
+@torch.no_grad()
 def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init_frames, actions, *, seed: int = 0,
             window: int = 12, sink: int = 0, init_actions=None, decoder=None, positions: str = "absolute",
             mirrors: tuple = (), combine=None, corrector=None):
@@ -118,7 +119,8 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
 
     ``combine``: instead of that mean, ``combine(estimates, actions, last)`` makes each step's estimate from the
     views' estimates mapped back (x0, [V, F, C, H, W], the world's own first), the block's actions (ids [F]) and the
-    frame committed last ([C, H, W], or None); it returns [F, C, H, W]. The corrector's training pairs are recorded through it (models/toyworld/corrector_train.py).
+    frame committed last ([C, H, W], or None); it returns [F, C, H, W]. The corrector's training pairs are
+    recorded through it (models/toyworld/corrector_train.py).
 
     ``corrector``: an ``ActionCorrector`` run on each block's final estimate before the commit, as the engine runs
     the bundle's (frame 0 after the last committed frame, or after its own estimate when nothing came before).
