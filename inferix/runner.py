@@ -360,23 +360,30 @@ class Runner:
                     st.x0 = st.x
             else:
                 st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
-            if r.last_step:
-                if self.corrector is not None:  # frame 0 follows the stream's last committed frame, if it has one
-                    tic = time.perf_counter()
-                    st.x0 = self.corrector.block(st.x0, st.history.get(r.frame_start - 1), actions[i])
-                    self.timing["corrector"] += time.perf_counter() - tic
-                if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
-                    st.x0 = st.x0.clamp(-1, 1)
-                for j in range(r.nframes):
-                    self._remember(st, r.frame_start + j, st.x0[j])
-                frames = None
-                if self.bundle.decoder is not None:
-                    tic = time.perf_counter()
-                    frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
-                    dt = time.perf_counter() - tic
-                    decode_s += dt
-                    self.timing["decode"] += dt
-                outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
+        done = [r for r in rows if r.last_step]
+        if self.corrector is not None and done:  # every finished block in one pass per frame; frame 0 follows
+            tic = time.perf_counter()  # the stream's last committed frame, if it has one
+            sts = [self.sessions[r.sid] for r in done]
+            fixed = self.corrector.blocks(torch.stack([st.x0 for st in sts]),
+                                          [st.history.get(r.frame_start - 1) for st, r in zip(sts, done)],
+                                          actions[[i for i, r in enumerate(rows) if r.last_step]])
+            for st, x0 in zip(sts, fixed):
+                st.x0 = x0
+            self.timing["corrector"] += time.perf_counter() - tic
+        for r in done:
+            st = self.sessions[r.sid]
+            if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
+                st.x0 = st.x0.clamp(-1, 1)
+            for j in range(r.nframes):
+                self._remember(st, r.frame_start + j, st.x0[j])
+            frames = None
+            if self.bundle.decoder is not None:
+                tic = time.perf_counter()
+                frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
+                dt = time.perf_counter() - tic
+                decode_s += dt
+                self.timing["decode"] += dt
+            outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
         return outs, decode_s
 
     def _remember(self, st: SessionTensors, frame: int, latent: torch.Tensor) -> None:

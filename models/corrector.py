@@ -87,14 +87,28 @@ class ActionCorrector(nn.Module):
     def block(self, est: torch.Tensor, prev: torch.Tensor | None, actions) -> torch.Tensor:
         """A block's estimate [F, 3, H, W] corrected frame by frame, each after the corrected one before it; prev
         [3, H, W]: the frame committed before the block (None: the block's own first estimate stands in)."""
-        last = (est[0] if prev is None else prev).to(est.dtype)
-        actions = self._checked(est, last, actions)  # once per block
+        return self.blocks(est[None], [prev], torch.as_tensor(actions).reshape(1, -1))[0]
+
+    def blocks(self, est: torch.Tensor, prevs: list, actions) -> torch.Tensor:
+        """``block`` for several streams at once: est [N, F, 3, H, W], prevs one frame [3, H, W] or None per
+        stream, actions ids [N, F]; frame j of every stream is corrected in one pass."""
+        if est.dim() != 5 or len(prevs) != est.shape[0]:
+            raise ValueError(f"blocks takes est [N, F, 3, H, W] and one prev per stream, got {tuple(est.shape)} "
+                             f"and {len(prevs)} prevs")
+        N, F = est.shape[:2]
+        last = torch.stack([(est[i, 0] if p is None else p).to(est.dtype) for i, p in enumerate(prevs)])
+        actions = torch.as_tensor(actions, device=est.device).long()
+        if actions.shape != (N, F):
+            raise ValueError(f"the corrector needs one action per frame: {N * F} frames ({N} streams of {F}), "
+                             f"{actions.numel()} actions shaped {tuple(actions.shape)}")
+        # checked once per call, not per frame: each check is a host sync on a GPU
+        actions = self._checked(est.flatten(0, 1), last, actions.reshape(-1)).view(N, F)
         outs = []
         with torch.no_grad():
-            for j in range(est.shape[0]):
-                last = self._correct(est[j:j + 1], last[None], actions[j:j + 1])[0]
+            for j in range(F):
+                last = self._correct(est[:, j], last, actions[:, j])
                 outs.append(last)
-        return torch.stack(outs)
+        return torch.stack(outs, 1)
 
 
 def corrector_from(meta: dict, sd: dict, source, num_actions: int) -> ActionCorrector | None:

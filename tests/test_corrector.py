@@ -48,7 +48,7 @@ def test_untrained_corrector_is_the_identity_and_rejects_bad_input():
         c(x, x, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="layers >= 2"):
         ActionCorrector(8, 1, 5)
-    with pytest.raises(ValueError, match="one action per frame: 2 frames, 3 actions"):
+    with pytest.raises(ValueError, match="one action per frame: 2 frames .1 streams of 2., 3 actions"):
         c.block(x, None, [0, 1, 2])
 
 
@@ -72,6 +72,17 @@ def test_block_corrects_frame_by_frame_after_the_frame_before():
     assert (got - est.clamp(-1, 1)).abs().max() > 1e-3  # it does change the frames
     # Without a frame before the block, the block's own first estimate stands in for it.
     assert torch.allclose(c.block(est, None, acts), c.block(est, est[0], acts))
+    # Several streams at once: each as on its own (the second without a frame before it).
+    est2 = torch.rand(3, 4, 3, 16, 16) * 2 - 1
+    acts2 = torch.tensor([[1, 1, 3, 0], [4, 4, 2, 2], [0, 3, 3, 1]])
+    prevs = [prev, None, est2[0, 0]]
+    many = c.blocks(est2, prevs, acts2)
+    for i in range(3):
+        assert torch.allclose(many[i], c.block(est2[i], prevs[i], acts2[i]), atol=1e-5)
+    with pytest.raises(ValueError, match="one prev per stream"):
+        c.blocks(est2, prevs[:2], acts2)
+    with pytest.raises(ValueError, match="one action per frame"):
+        c.blocks(est2, prevs, acts2[:, :3])
 
 
 def test_engine_and_engine_free_rollout_apply_the_bundles_corrector(corrected_bundle):
@@ -99,9 +110,9 @@ def test_engine_and_engine_free_rollout_apply_the_bundles_corrector(corrected_bu
     calls = []
 
     class Recording:
-        def block(self, est, prev, actions):
-            out = corr.block(est, prev, actions)
-            calls.append((est, prev, torch.as_tensor(actions), out))
+        def blocks(self, est, prevs, actions):
+            out = corr.blocks(est, prevs, actions)
+            calls.extend(zip(est, prevs, torch.as_tensor(actions), out))
             return out
     keep.runner.corrector = Recording()
     s = keep.open_session("a cube in the forest", num_frames=8, seed=2, init_frames=frames[:8],
@@ -111,6 +122,26 @@ def test_engine_and_engine_free_rollout_apply_the_bundles_corrector(corrected_bu
     assert torch.equal(calls[0][1], to_latent(frames[7])) and torch.equal(calls[1][1], s.latents[0][-1])
     assert [c[2].tolist() for c in calls] == [acts[8:12].tolist(), acts[12:16].tolist()]
     assert all(torch.equal(c[3], lat) for c, lat in zip(calls, s.latents))
+
+
+def test_sessions_batched_together_are_corrected_in_one_pass_as_each_alone(corrected_bundle):
+    acts = sim.random_actions(np.random.default_rng(8), 24)
+    frames, _ = sim.simulate(8, acts, "snow", 24)
+    kw = [dict(seed=s, init_frames=frames[:8], actions=[int(a) for a in acts[8 + 4 * s:24]]) for s in (0, 1)]
+    alone = []
+    for k in kw:
+        eng = Engine.from_pretrained(str(corrected_bundle), device="cpu", max_sessions=1)
+        alone.append(np.concatenate(list(eng.generate("snow", num_frames=8, **k))))
+    eng = Engine.from_pretrained(str(corrected_bundle), device="cpu", max_sessions=2)
+    sizes, real = [], eng.runner.corrector.blocks
+    eng.runner.corrector.blocks = lambda est, *a: sizes.append(est.shape[0]) or real(est, *a)
+    ss = [eng.open_session("snow", num_frames=8, **k) for k in kw]
+    eng.run_until_idle()
+    assert sizes == [2, 2]  # both sessions' blocks in each call
+    for s, want in zip(ss, alone):
+        got = np.concatenate(list(s.blocks))
+        diff = np.abs(got.astype(int) - want)
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_corrector_switch_and_bad_bundles(corrected_bundle, tmp_path):
