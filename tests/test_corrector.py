@@ -17,7 +17,7 @@ from inferix.models.toyworld.data import to_latent
 from inferix.models.toyworld.eval import load_corrector, load_decoder, load_parts, load_toyworld, rollout
 from inferix.toyworld_corrector import main as corrector_main
 
-from test_toyworld import one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
 

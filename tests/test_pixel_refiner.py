@@ -17,7 +17,7 @@ from inferix.toyworld_decoder import main as decoder_main
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
 
-from test_toyworld import micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
 
