@@ -360,13 +360,14 @@ class Runner:
                     st.x0 = st.x
             else:
                 st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
-        done = [r for r in rows if r.last_step]
+        idx = [i for i, r in enumerate(rows) if r.last_step]
+        done = [rows[i] for i in idx]
         if self.corrector is not None and done:  # every finished block in one pass per frame; frame 0 follows
             tic = time.perf_counter()  # the stream's last committed frame, if it has one
             sts = [self.sessions[r.sid] for r in done]
             fixed = self.corrector.blocks(torch.stack([st.x0 for st in sts]),
                                           [st.history.get(r.frame_start - 1) for st, r in zip(sts, done)],
-                                          actions[[i for i, r in enumerate(rows) if r.last_step]])
+                                          actions[idx])
             for st, x0 in zip(sts, fixed):
                 st.x0 = x0
             self.timing["corrector"] += time.perf_counter() - tic
