@@ -123,7 +123,7 @@ class Session:
             self.engine.step()
 
 
-def mirror_views(bundle: ModelBundle, mirrors, window) -> list:
+def mirror_views(bundle: ModelBundle, mirrors) -> list:
     """Validated mirror views for ``Engine(mirrors=...)``: a list of (name, action-id permutation or None)."""
     check_mirrors(mirrors)
     if bundle.spatial_ratio != 1 or not isinstance(bundle.decoder, PixelDecoder):
@@ -131,8 +131,6 @@ def mirror_views(bundle: ModelBundle, mirrors, window) -> list:
     s = bundle.sampling
     if s.sampler != "few_step" or bundle.dit.config.prediction != "x0" or s.guidance_scale != 1.0:
         raise ValueError("mirror views need an x0-predicting model sampled with the few-step sampler, no guidance")
-    if window is None:
-        raise ValueError("mirror views need a window (each view keeps a sink + window cache of its own)")
     if needs_square(mirrors) and bundle.height != bundle.width:
         raise ValueError(f"mirrors {needs_square(mirrors)} transpose the frame, which needs a square one; "
                          f"{bundle.name!r} makes {bundle.height}x{bundle.width}")
@@ -168,20 +166,23 @@ class Engine:
         page_tokens = self.dit.tokens_per_frame(*self.latent_hw)
         if kv_pages is None:
             kv_pages = max_sessions * (self.window or 24)
+        self.mirrors = check_mirrors(mirrors)
+        views = mirror_views(bundle, self.mirrors) if self.mirrors else ()
         self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
         dtype = next(self.dit.parameters()).dtype
-        self.pool = KVPool.allocate(cfg.num_layers, kv_pages, page_tokens, cfg.num_heads, cfg.head_dim,
-                                    dtype=dtype, device=self.device)
+        # A page is one latent frame of a session in every lane: the stream's own K/V (lane 0) and each mirror
+        # view's (lane j at pool row j * kv_pages + page). So the views' caches are pool memory, and admission,
+        # eviction, forks and freeing cover them with the page they belong to.
+        self.kv_lanes = 1 + len(views)
+        self.pool = KVPool.allocate(cfg.num_layers, kv_pages * self.kv_lanes, page_tokens, cfg.num_heads,
+                                    cfg.head_dim, dtype=dtype, device=self.device)
         self.backend = get_backend(attention)
         self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
         keep = None if self.window is None else self.window
-        self.mirrors = check_mirrors(mirrors)
-        views = mirror_views(bundle, self.mirrors, self.window) if self.mirrors else ()
         self.corrector = use_corrector(corrector, bundle.corrector is not None, self.mirrors, repr(bundle.name))
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
-                             view_cache=(self.window, self.sink, page_tokens),
-                             corrector=bundle.corrector if self.corrector else None)
+                             lane_stride=kv_pages, corrector=bundle.corrector if self.corrector else None)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count()
         self.lock = threading.RLock()

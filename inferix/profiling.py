@@ -34,7 +34,6 @@ class Profiler:
         self.t0: float | None = None
         self.t_last: float | None = None
         self.max_pages = 0
-        self.max_view_bytes = 0
         self.steps = 0
         self.step_time = 0.0
 
@@ -59,8 +58,6 @@ class Profiler:
         self.steps += 1
         self.step_time += seconds
         self.max_pages = max(self.max_pages, self.engine.kv.pages_in_use)
-        if self.engine.mirrors:
-            self.max_view_bytes = max(self.max_view_bytes, self.engine.runner.views_nbytes())
 
     def forget(self, sid: int) -> None:
         for d in (self.opened, self.first_frame, self.last_block):
@@ -91,9 +88,9 @@ class Profiler:
             "pixel_fps_including_decode": (self.frames / wall) if wall > 0 else None,
             "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
                              "model_forward": t["forward"], "engine_steps": self.step_time,
-                             "mirror_views_forward": t["mirror_views"], "corrector": t["corrector"]},
-            "time_split_note": "model_forward includes mirror_views_forward, the mirror views' passes; denoise "
-                               "includes corrector, the action corrector on each finished block",
+                             "corrector": t["corrector"]},
+            "time_split_note": "model_forward includes the mirror views' rows, which run in the stream's own "
+                               "passes; denoise includes corrector, the action corrector on each finished block",
             "engine_overhead_fraction": (1 - (t["forward"] + t["decode"] + t["corrector"]) / self.step_time)
             if self.step_time else None,
             "corrector": e.corrector,
@@ -102,10 +99,10 @@ class Profiler:
             "kv_pages_max_in_use": self.max_pages,
             "kv_pages_total": e.kv.alloc.num_pages,
             "kv_pool_mib": e.pool.nbytes() / 2 ** 20,
+            "kv_lanes": e.kv_lanes,
+            "kv_pool_note": "a page is one latent frame of a session in every lane: the stream's K/V and each "
+                            "mirror view's, so kv_pool_mib includes the views' caches",
             "mirrors": list(e.mirrors),
-            "mirror_views_kv_mib_max": self.max_view_bytes / 2 ** 20,
-            "mirror_views_kv_note": "most memory the mirror views' dense K/V caches held at once, all sessions; "
-                                    "outside the KV page pool",
             "peak_memory_mib": peak,
             "peak_memory_note": peak_what,
         }

@@ -19,7 +19,6 @@ from inferix.models.bundle import ModelBundle, PixelDecoder
 from inferix.models.mirrors import mirror_tensor
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
-from inferix.models.window_kv import RolloutMeta, WindowKVBackend
 
 from .plan import COMMIT, DENOISE, PREFILL, RECACHE, StepPlan
 
@@ -87,13 +86,12 @@ class SessionTensors:
     history: OrderedDict = field(default_factory=OrderedDict)  # abs frame -> clean latent [C, h, w]
     prefill: list = field(default_factory=list)  # latent chunks [n, C, h, w] still to commit
     text_embeds: torch.Tensor | None = None  # explicit text conditioning (bypasses the text encoder)
-    views: object = None  # mirror views' cache (a WindowKVBackend whose batch rows are the views), or None
 
 
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
                  positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
-                 view_cache: tuple | None = None, keep_sink: int = 0, corrector=None):
+                 lane_stride: int = 0, keep_sink: int = 0, corrector=None):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -113,23 +111,24 @@ class Runner:
         self.clamp_x0 = isinstance(bundle.decoder, PixelDecoder)
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
-        # Mirror views [(name, action permutation or None)]: each session also keeps a dense sink + window cache
-        # (window, sink, tokens per frame = view_cache) for its mirror images; see _views.
+        # Mirror views [(name, action permutation or None)]: view j of a row runs as one more row of the same
+        # pass, reading and writing lane j + 1 of the row's pages (pool row page + (j + 1) * lane_stride); see
+        # _with_views.
         self.mirrors = list(mirrors)
-        self.view_cache = view_cache
+        self.lane_stride = lane_stride
+        if self.mirrors and (lane_stride <= 0 or pool.num_pages < (1 + len(self.mirrors)) * lane_stride):
+            raise ValueError(f"{len(self.mirrors)} mirror views need a pool of {1 + len(self.mirrors)} lanes of "
+                             f"{lane_stride} pages; it has {pool.num_pages} rows")
         self.view_perms = [None if perm is None else torch.tensor(perm, device=self.device) for _, perm in mirrors]
         # The bundle's ActionCorrector (or None): it corrects each block's last estimate before the commit.
         self.corrector = corrector
-        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "mirror_views": 0.0,
-                       "corrector": 0.0}
+        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "corrector": 0.0}
         self.forward_calls = 0
 
     # ---- sessions ------------------------------------------------------------------------------
     def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
                     text_embeds: torch.Tensor | None = None, chunks: list | None = None) -> None:
         st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds)
-        if self.mirrors:
-            st.views = self._new_view_cache()
         if self.bundle.decoder is not None:
             st.decoder_state = self.bundle.decoder.new_stream()
         if init_latents is not None:
@@ -148,7 +147,7 @@ class Runner:
             noise=s.noise.clone(), prompt=s.prompt, negative_prompt=s.negative_prompt,
             x=None if s.x is None else s.x.clone(), x0=None if s.x0 is None else s.x0.clone(),
             decoder_state=copy.deepcopy(s.decoder_state), history=OrderedDict(s.history),
-            prefill=list(s.prefill), text_embeds=s.text_embeds, views=copy.deepcopy(s.views))
+            prefill=list(s.prefill), text_embeds=s.text_embeds)
 
     def drop(self, sid: int) -> None:
         self.sessions.pop(sid, None)
@@ -277,9 +276,10 @@ class Runner:
                 qpos = torch.tensor([r.context_frames for r in rows])
         else:
             meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
-        pred = self._forward(x, t, rows, meta, qpos, actions)
         if self.mirrors:
-            pred = self._views(g.kind, rows, x, t, qpos, actions, pred)
+            pred = self._with_views(g.kind, x, t, rows, meta, qpos, actions)
+        else:
+            pred = self._forward(x, t, rows, meta, qpos, actions)
         outs = []
         if g.kind == DENOISE:
             outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
@@ -288,50 +288,29 @@ class Runner:
             self.timing["commit"] += time.perf_counter() - tic
         return outs
 
-    def _new_view_cache(self):
-        window, sink, tokens = self.view_cache
-        rope = None
-        if self.positions == "relative":  # keys kept unrotated and read at cache positions 0..n-1, as the pages are
-            h, w = self.latent_hw
-            ph, pw = self.dit.config.patch_size[1:]
-            rope = lambda n: self.dit.rope_for(torch.arange(n, device=self.device)[None], h // ph, w // pw)  # noqa: E731
-        return WindowKVBackend(self.dit.config.num_layers, tokens, window, sink, self.sampling.block_frames,
-                               rope=rope)
-
-    def views_nbytes(self) -> int:
-        """Bytes held by the mirror views' caches of every session (they live outside the page pool)."""
-        return sum(st.views.nbytes() for st in self.sessions.values() if st.views is not None)
-
-    def _views(self, kind, rows, x, t, qpos, actions, pred):
-        """Run each row's mirror views on its cache of mirror images: the input mirrored, the actions swapped.
-        PREFILL / COMMIT / RECACHE write the mirrored frames into the views' cache; a DENOISE step returns, per
-        row, the mean of its own prediction and its views' predictions mapped back (so every view then commits
-        that same mean, mirrored). A RECACHE starts the views' cache afresh, as the pages are rewritten."""
-        V = len(self.mirrors)
-        pred = pred.clone() if kind == DENOISE else pred
-        for i, r in enumerate(rows):
-            st = self.sessions[r.sid]
-            if kind == RECACHE:
-                st.views = self._new_view_cache()
-            xv = torch.cat([mirror_tensor(x[i:i + 1], m) for m, _ in self.mirrors])
-            av = None
-            if actions is not None:
-                av = torch.stack([actions[i] if perm is None else perm[actions[i]] for perm in self.view_perms])
-            ctx = TextKV.cat([self.text_kv(st)] * V)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = self.dit(xv, t[i:i + 1].expand(V, -1), ctx, frame_pos=qpos[i:i + 1].expand(V, -1).to(self.device),
-                               meta=RolloutMeta(commit=kind != DENOISE), backend=st.views, actions=av)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            self.timing["forward"] += dt  # the views' passes are model forward time too
-            self.timing["mirror_views"] += dt
-            self.forward_calls += 1
-            if kind == DENOISE:
-                back = [mirror_tensor(out[j], m) for j, (m, _) in enumerate(self.mirrors)]
-                pred[i] = (pred[i] + sum(back)) / (V + 1)
-        return pred
+    def _with_views(self, kind, x, t, rows, meta, qpos, actions):
+        """One pass for the rows and their mirror views: view j of every row sees the row's input mirrored, the
+        actions swapped, and reads and writes lane j + 1 of the row's pages. PREFILL / COMMIT / RECACHE so write
+        the mirrored frames into the views' lanes. A DENOISE step returns, per row, the mean of its own
+        prediction and its views' predictions mapped back (so every view then commits that same mean,
+        mirrored)."""
+        B, L, S = len(rows), 1 + len(self.mirrors), self.lane_stride
+        xs = torch.cat([x] + [mirror_tensor(x, m) for m, _ in self.mirrors])
+        acts = None
+        if actions is not None:
+            acts = torch.cat([actions] + [actions if perm is None else perm[actions] for perm in self.view_perms])
+        rep = lambda v: None if v is None else torch.cat([v] * L)  # noqa: E731
+        lanes = PagedMeta(pool=meta.pool, block_tables=torch.cat([meta.block_tables + j * S for j in range(L)]),
+                          context_pages=rep(meta.context_pages),
+                          write_pages=None if meta.write_pages is None else torch.cat(
+                              [meta.write_pages + j * S for j in range(L)]),
+                          cache_cos=rep(meta.cache_cos), cache_sin=rep(meta.cache_sin),
+                          context_pages_list=list(meta.context_pages_list) * L)
+        out = self._forward(xs, rep(t), rows * L, lanes, qpos.repeat(L, 1), acts)
+        if kind != DENOISE:
+            return out[:B]
+        back = [mirror_tensor(out[(j + 1) * B:(j + 2) * B], m) for j, (m, _) in enumerate(self.mirrors)]
+        return (out[:B] + sum(back)) / L
 
     def _to_x0(self, x, pred, sigma):
         if self.dit.config.prediction == "x0":

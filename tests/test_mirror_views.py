@@ -125,8 +125,8 @@ def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_strea
                                       decoder=load_decoder(WEIGHTS, meta), positions="relative", mirrors=mirrors)))
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-    # A fork carries its own copy of the views' caches: a stream goes on as if it had never been forked, whatever
-    # its fork does, and the fork goes on as the stream would with the fork's actions.
+    # A fork shares the stream's pages, the views' lanes with them: a stream goes on as if it had never been forked,
+    # whatever its fork does, and the fork goes on as the stream would with the fork's actions.
     def run(turn, fork_turn=None):
         s = eng.open_session("a cube at night", num_frames=24, seed=1, init_frames=frames[:8])
         s.act("left")
@@ -146,34 +146,42 @@ def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_strea
     # The names are checked, and so is the model.
     with pytest.raises(ValueError, match="mirrors must be distinct"):
         Engine.from_pretrained("toyworld", device="cpu", mirrors=("x",))
-    with pytest.raises(ValueError, match="need a window"):
-        Engine.from_pretrained("toyworld", device="cpu", window=None, mirrors=("h",))
+    # Without a window the session keeps every frame in its pages, the views' lanes with them.
+    full = Engine.from_pretrained("toyworld", device="cpu", window=None, max_sessions=1, kv_pages=16, mirrors=("h",))
+    s = full.open_session("a cube in the desert", num_frames=8, seed=0, init_frames=frames[:8])
+    assert sum(len(b) for b in s) == 8 and full.kv.sessions == {} and full.pages_in_use == 0
     wide = dataclasses.replace(eng.bundle, width=96)
-    assert mirror_views(wide, ("h", "hv"), 16)[1] == ("hv", [0, 2, 1, 4, 3])
+    assert mirror_views(wide, ("h", "hv"))[1] == ("hv", [0, 2, 1, 4, 3])
     with pytest.raises(ValueError, match=r"mirrors \['d', 'a'\] transpose the frame, which needs a square one"):
-        mirror_views(wide, ("h", "d", "a"), 16)
+        mirror_views(wide, ("h", "d", "a"))
 
 
 def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
+    """A prompt switch with re-caching rewrites every lane of the window's pages: the views' K/V too, so nothing
+    of the old prompt's is left in them."""
     from inferix.engine import Engine
     from inferix.plan import RECACHE
     frames, _ = sim.simulate(2, None, "snow", 8)
     eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1, mirrors=("hv",))
-    seen = []
+    S = eng.kv.alloc.num_pages
+    seen, before = [], [eng.pool.k[-1].clone()]  # the last layer: its keys depend on the prompt
 
     def hook(plan, outs):
+        now = eng.pool.k[-1]
         for g in plan.groups:
             if g.kind == RECACHE:
-                seen.extend((len(r.context_frames), eng.runner.sessions[r.sid].views.frames_cached())
-                            for r in g.rows)
+                for r in g.rows:  # (pages written, how many of them changed in each lane)
+                    changed = [int(sum(not torch.equal(now[p + j * S], before[0][p + j * S]) for p in r.write_pages))
+                               for j in range(2)]
+                    seen.append((len(r.write_pages), changed))
+        before[0] = now.clone()
     eng.hooks.append(hook)
     s = eng.open_session("a red cube in a snowy field", num_frames=24, seed=0, init_frames=frames, recache=True)
     it = iter(s)
-    out = [next(it) for _ in range(3)]  # the window is full: the views' cache has dropped frames
+    out = [next(it) for _ in range(3)]  # the window is full: pages have been evicted and reused
     s.set_prompt("a cube at night")
     out += list(it)
-    # The views' cache holds exactly the window the pages re-committed, no leftovers of the old prompt's K/V.
-    assert seen and all(n == v and n > 0 for n, v in seen)
+    assert seen and all(n > 0 and changed == [n, n] for n, changed in seen), seen
     assert sum(len(b) for b in out) == 24 and eng.pages_in_use == 0
     # Without views too: the re-commit reads the sink frames (0..7) from the runner's history, which keeps them
     # for good even after the stream has outgrown the window (it used to drop them and fail the session).
@@ -189,24 +197,27 @@ def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
     assert sum(len(b) for b in out) == 24 and s.status == "finished"
 
 
-def test_profile_counts_the_views_time_and_memory():
-    """The profile's model-forward time includes the views' passes (listed apart too), and it reports the most
-    memory their dense caches held: layers x cached frames x tokens x dim x (K, V) x 4 bytes x views per session,
-    the cache holding at most the window less one block."""
+def test_views_live_in_the_page_pool_and_run_in_the_streams_passes():
+    """Each page holds a frame in every lane (the stream's and each view's K/V), so the pool is lanes times the
+    plain one and admission counts the views with the page they belong to: with room for one window, a second
+    session waits until the first has finished. The views' rows join the stream's passes: the same number of
+    forward calls as without views."""
     from inferix.engine import Engine
     frames, _ = sim.simulate(3, None, "forest", 8)
-    eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=2, mirrors=("hv", "d"))
-    for seed in (0, 1):
-        eng.open_session("a cube in the forest", num_frames=24, seed=seed, init_frames=frames)
-    eng.run_until_idle()
-    s = eng.profiler.summary()
-    t = s["time_split_s"]
-    assert s["mirrors"] == ["hv", "d"] and 0 < t["mirror_views_forward"] < t["model_forward"]
-    cfg = eng.dit.config
-    per_session = cfg.num_layers * (eng.window - eng.bundle.sampling.block_frames) * 64 * cfg.dim * 2 * 4 * 2
-    assert s["mirror_views_kv_mib_max"] * 2 ** 20 == 2 * per_session
-    plain = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1)
-    plain.open_session("a cube in the forest", num_frames=8, seed=0, init_frames=frames)
-    plain.run_until_idle()
-    p = plain.profiler.summary()
-    assert p["mirrors"] == [] and p["mirror_views_kv_mib_max"] == 0 and p["time_split_s"]["mirror_views_forward"] == 0
+
+    def run(mirrors):
+        eng = Engine.from_pretrained("toyworld", device="cpu", kv_pages=16, max_sessions=1, mirrors=mirrors)
+        s = [eng.open_session("a cube in the forest", num_frames=16, seed=k, init_frames=frames) for k in (0, 1)]
+        eng.run_until_idle(max_steps=1)
+        waiting = (s[0].status, s[1].status)
+        eng.run_until_idle()
+        return eng, waiting, [np.concatenate(x.poll()) for x in s]
+    eng, waiting, got = run(("hv", "d"))
+    plain, plain_waiting, plain_got = run(())
+    sv, sp = eng.profiler.summary(), plain.profiler.summary()
+    assert sv["kv_lanes"] == 3 and sp["kv_lanes"] == 1 and sv["mirrors"] == ["hv", "d"]
+    assert eng.pool.num_pages == 3 * 16 and sv["kv_pool_mib"] == 3 * sp["kv_pool_mib"]
+    assert waiting == plain_waiting == ("running", "waiting")
+    assert sv["kv_pages_max_in_use"] == sp["kv_pages_max_in_use"] == 16 and eng.pages_in_use == 0
+    assert sv["forward_calls"] == sp["forward_calls"] and "mirror_views_forward" not in sv["time_split_s"]
+    assert all(len(g) == 16 for g in got + plain_got) and not np.array_equal(got[0], plain_got[0])
