@@ -221,3 +221,29 @@ def test_views_live_in_the_page_pool_and_run_in_the_streams_passes():
     assert sv["kv_pages_max_in_use"] == sp["kv_pages_max_in_use"] == 16 and eng.pages_in_use == 0
     assert sv["forward_calls"] == sp["forward_calls"] and "mirror_views_forward" not in sv["time_split_s"]
     assert all(len(g) == 16 for g in got + plain_got) and not np.array_equal(got[0], plain_got[0])
+
+
+def test_views_of_sessions_with_different_context_lengths_read_their_own_lanes():
+    """Two sessions with 8 and 4 start frames batched together take the per-row paged path; the naive reference
+    attention and SDPA, each reading lane j of every row's pages, give the same frames, and each session gets the
+    frames it gets alone."""
+    from inferix.engine import Engine
+    frames, _ = sim.simulate(4, None, "snow", 8)
+
+    def run(attention, which=(0, 1)):
+        eng = Engine.from_pretrained("toyworld", device="cpu", attention=attention, mirrors=("hv", "d"),
+                                     max_sessions=2)
+        s = {}
+        if 0 in which:
+            s[0] = eng.open_session("a red cube in a snowy field", num_frames=8, seed=1, init_frames=frames)
+        if 1 in which:
+            s[1] = eng.open_session("a cube at night", num_frames=4, seed=2, init_frames=frames[:4])
+        eng.run_until_idle()
+        assert eng.pages_in_use == 0
+        return {k: np.concatenate(v.poll()) for k, v in s.items()}
+    sdpa, ref = run("sdpa"), run("reference")
+    alone = {**run("sdpa", (0,)), **run("sdpa", (1,))}
+    for k in (0, 1):
+        assert np.abs(sdpa[k].astype(int) - ref[k].astype(int)).max() <= 1
+        assert np.abs(sdpa[k].astype(int) - alone[k].astype(int)).max() <= 1
+    assert not np.array_equal(sdpa[0][:4], sdpa[1])
