@@ -30,10 +30,11 @@ import torch
 
 from ..config import ConfigBase
 from ..wan_dit import CausalWanDiT, WanDiTConfig
-from ...kernels.attention import BlockCausalMeta, SDPABackend, get_backend
+from ...kernels.attention import SDPABackend, get_backend
 from . import simulator as sim
 from .data import (BatchPrefetcher, corrupt_context, make_batch, rollout_blocks_at, to_latent,  # noqa: F401
                    to_pixels)
+from .rollout_context import OwnRollouts
 from .teacher_forcing import TeacherForcingBackend, TeacherForcingMeta
 from .export import bundle_tensors, default_sampling, export_bundle  # noqa: F401 (default_sampling re-exported)
 from .text import LocalHashTextEncoder
@@ -160,6 +161,7 @@ class Trainer:
         mc = cfg.model_config
         self.frame_tokens = (sim.SIZE // mc.patch_size[1]) * (sim.SIZE // mc.patch_size[2])
         self.meta = TeacherForcingMeta(self.frame_tokens, cfg.block_frames, cfg.clip_blocks, cfg.sink_blocks)
+        self.rollouts = OwnRollouts(self.dit, cfg, self.rollout_backend, self.frame_tokens)
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -169,73 +171,6 @@ class Trainer:
         if self.time_budget_s:
             p = max(p, min(1.0, self.wall / self.time_budget_s))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-    @torch.no_grad()
-    def _roll(self, sink, sink_acts, recent: list, recent_acts: list, new_acts: list, keep: int, text_ctx,
-              g: torch.Generator) -> None:
-        """Generate one block per entry of ``new_acts`` ([B, block_frames] each), as the engine makes them: one x0
-        prediction from pure noise (sigma 1) given the sink frames and the last ``keep`` blocks of ``recent`` as
-        clean context at ``context_timestep``, cache-relative positions 0.., clamped to [-1, 1] like the engine's
-        pixel-space x0. Appends each block and its actions to ``recent`` / ``recent_acts``. Live weights."""
-        c, dev, bf = self.cfg, self.device, self.cfg.block_frames
-        B = sink.shape[0]
-        meta = BlockCausalMeta(frame_tokens=self.frame_tokens, block_frames=bf)
-        for a_new in new_acts:
-            noise = torch.randn((B, bf) + tuple(sink.shape[2:]), generator=g).to(dev)
-            x_in = torch.cat([sink] + recent[-keep:] + [noise], dim=1)
-            acts = torch.cat([sink_acts] + recent_acts[-keep:] + [a_new], dim=1)
-            n_ctx = x_in.shape[1] - bf
-            pos = torch.arange(x_in.shape[1], device=dev)[None].expand(B, -1)
-            t_in = torch.cat([torch.full((B, n_ctx), c.context_timestep, device=dev),
-                              torch.full((B, bf), 1000.0, device=dev)], dim=1)
-            pred = self.dit(x_in, t_in, text_ctx, frame_pos=pos, meta=meta, backend=self.rollout_backend,
-                            actions=acts)
-            recent.append(pred[:, -bf:].clamp(-1, 1))
-            recent_acts.append(a_new)
-
-    def rollout_context(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
-                        g: torch.Generator) -> torch.Tensor:
-        """The model's own rollout, as the engine makes it with a window of clip_blocks blocks, no sink and
-        relative positions (see ``_roll``). Starts from the first clip_blocks - 1 TRUE blocks of ``x0_long``
-        [B, (clip_blocks - 1 + d + 1) * block_frames, 3, H, W] with the true actions; returns the clip_blocks - 1
-        blocks before the last one, [B, (clip_blocks - 1) * block_frames, 3, H, W] (generated ones where d allows).
-        """
-        nb, bf = self.cfg.clip_blocks, self.cfg.block_frames
-        L = x0_long.shape[1]
-        d = L // bf - nb
-        if L % bf or d < 1:
-            raise ValueError(f"rollout needs (clip_blocks + d) * block_frames frames with d >= 1, got {L}")
-        block = lambda t, i: t[:, i * bf:(i + 1) * bf]
-        recent = [block(x0_long, i) for i in range(nb - 1)]  # true start blocks
-        recent_acts = [block(actions_long, i) for i in range(nb - 1)]
-        self._roll(x0_long[:, :0], actions_long[:, :0], recent, recent_acts,
-                   [block(actions_long, j) for j in range(nb - 1, nb - 1 + d)], nb - 1, text_ctx, g)
-        return torch.cat(recent[-(nb - 1):], dim=1)
-
-    def rollout_sink_context(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
-                             g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's rollout with a sink (cache = sink blocks + the blocks generated last, relative positions).
-
-        ``x0_long`` [B, S + (d + 1) * block_frames, 3, H, W] is an episode from its first frame; its first S
-        (sink) frames are true, then d blocks are generated (``_roll``), each given the sink and the up to
-        (clip_blocks - sink_blocks - 1) blocks generated before it, with the true actions.
-        Returns (context, actions): the sink plus the last generated blocks, i.e. the clean context of the clip
-        whose last block is the episode's last (true) block, and that clip's actions.
-        """
-        c = self.cfg
-        bf, S = c.block_frames, c.sink_blocks * c.block_frames
-        keep = c.clip_blocks - c.sink_blocks - 1  # generated blocks the cache keeps besides the sink
-        L = x0_long.shape[1]
-        d = (L - S) // bf - 1
-        if (L - S) % bf or d < max(1, keep):
-            raise ValueError(f"sink rollout needs {S} + (d + 1) * {bf} frames with d >= {max(1, keep)}, got {L}")
-        sink, sink_acts = x0_long[:, :S], actions_long[:, :S]
-        gen, gen_acts = [], []
-        self._roll(sink, sink_acts, gen, gen_acts, [actions_long[:, S + j * bf:S + (j + 1) * bf] for j in range(d)],
-                   keep, text_ctx, g)
-        context = torch.cat([sink] + gen[-keep:], dim=1)
-        actions = torch.cat([sink_acts] + gen_acts[-keep:] + [actions_long[:, -bf:]], dim=1)
-        return context, actions
 
     def loss_on(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         c, dev = self.cfg, self.device
@@ -299,8 +234,8 @@ class Trainer:
         if d and c.sink_blocks:
             with torch.no_grad():
                 text_ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])
-            context, actions = self.rollout_sink_context(batch["x0"].to(self.device),
-                                                         batch["actions"].to(self.device), text_ctx, g)
+            context, actions = self.rollouts.with_sink(batch["x0"].to(self.device),
+                                                       batch["actions"].to(self.device), text_ctx, g)
             S, R = c.sink_blocks * c.block_frames, (c.clip_blocks - c.sink_blocks) * c.block_frames
             keep = torch.as_tensor(np.r_[0:S, batch["x0"].shape[1] - R:batch["x0"].shape[1]])
             batch = {"x0": batch["x0"][:, keep], "actions": actions.cpu(), "dynamic": batch["dynamic"][:, keep],
@@ -308,8 +243,8 @@ class Trainer:
         elif d:
             with torch.no_grad():
                 text_ctx = torch.cat([self.text.encode(p) for p in batch["prompts"]])
-            context = self.rollout_context(batch["x0"].to(self.device), batch["actions"].to(self.device),
-                                           text_ctx, g)
+            context = self.rollouts.plain(batch["x0"].to(self.device), batch["actions"].to(self.device),
+                                          text_ctx, g)
             F_ = c.clip_blocks * c.block_frames
             batch = {"x0": batch["x0"][:, -F_:], "actions": batch["actions"][:, -F_:],
                      "dynamic": batch["dynamic"][:, -F_:], "prompts": batch["prompts"], "context": context,
