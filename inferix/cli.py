@@ -29,7 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"],
                    help="attention backend (default: sdpa)")
-    p.add_argument("--kv-pages", type=int, default=None, help="KV page pool size (pages = latent frames)")
+    p.add_argument("--kv-pages", type=int, default=None,
+                   help="KV page pool size (pages = latent frames; with --mirrors a page holds each view's frame too)")
     p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
                    "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
     p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
