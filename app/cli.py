@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=int, default=1200, help="pixel frames per session (0: until stopped)")
     p.add_argument("--max-sessions", type=int, default=2, help="live streams the KV pool holds at once; "
                    "further tabs wait")
-    p.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (overrides --max-sessions)")
+    p.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (overrides --max-sessions; "
+                   "with --mirrors a page holds each view's frame too)")
     p.add_argument("--window", type=int, default=-1, help="latent frames attended (default: the model's, else 12; "
                    "0: no window)")
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")

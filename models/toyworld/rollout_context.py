@@ -42,7 +42,7 @@ class OwnRollouts:
             recent_acts.append(a_new)
 
     def plain(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
-                        g: torch.Generator) -> torch.Tensor:
+              g: torch.Generator) -> torch.Tensor:
         """The model's own rollout, as the engine makes it with a window of clip_blocks blocks, no sink and
         relative positions (see ``_roll``). Starts from the first clip_blocks - 1 TRUE blocks of ``x0_long``
         [B, (clip_blocks - 1 + d + 1) * block_frames, 3, H, W] with the true actions; returns the clip_blocks - 1
@@ -61,7 +61,7 @@ class OwnRollouts:
         return torch.cat(recent[-(nb - 1):], dim=1)
 
     def with_sink(self, x0_long: torch.Tensor, actions_long: torch.Tensor, text_ctx: torch.Tensor,
-                             g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's rollout with a sink (cache = sink blocks + the blocks generated last, relative positions).
 
         ``x0_long`` [B, S + (d + 1) * block_frames, 3, H, W] is an episode from its first frame; its first S
