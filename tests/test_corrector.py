@@ -1,7 +1,6 @@
 """The action corrector: the module, its place in a bundle, in the engine and the engine-free rollout, its training
 and export."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +16,7 @@ from inferix.models.toyworld.data import to_latent
 from inferix.models.toyworld.eval import load_corrector, load_decoder, load_parts, load_toyworld, rollout
 from inferix.toyworld_corrector import main as corrector_main
 
-from toyworld_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
+from toyworld_helpers import WEIGHTS, one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def _random_corrector(seed=0, channels=8, layers=3, std=0.05) -> ActionCorrector:

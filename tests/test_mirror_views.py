@@ -1,7 +1,6 @@
 """Mirror views: the toy world's mirror images, and the engine and the standalone rollout averaging them."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +13,7 @@ from inferix.models.toyworld.data import to_latent, to_pixels
 from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
 from inferix.models.toyworld.metrics import detect_color
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # as in test_toyworld.py: small tensors, and a busy machine punishes oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from toyworld_helpers import WEIGHTS, one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def test_mirror_images_are_worlds_of_the_same_kind():

@@ -1,6 +1,5 @@
 """The pixel refiner: the module, its place in a bundle and in the engine's decode, its training and export."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +16,7 @@ from inferix.toyworld_decoder import main as decoder_main
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
 
-from toyworld_helpers import micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"
+from toyworld_helpers import WEIGHTS, micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")
