@@ -216,14 +216,14 @@ class Runner:
                 self.rope_cache.popitem(last=False)
         return hit
 
-    def _forward(self, x, t, rows, meta, qpos, actions, negative=False):
+    def _forward(self, x, t, rows, meta, qpos, actions, negative=False, kv_only=False):
         texts = [self.text_kv(self.sessions[r.sid], negative) for r in rows]
         ctx = texts[0] if len(texts) == 1 else TextKV.cat(texts)
         rope = self._rope(qpos)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self.dit(x, t, ctx, frame_pos=qpos.to(self.device), meta=meta, backend=self.backend,
-                           actions=actions, rope=rope)
+                           actions=actions, rope=rope, kv_only=kv_only)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.timing["forward"] += time.perf_counter() - t0
@@ -278,8 +278,8 @@ class Runner:
             meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
         if self.mirrors:
             pred = self._with_views(g.kind, x, t, rows, meta, qpos, actions)
-        else:
-            pred = self._forward(x, t, rows, meta, qpos, actions)
+        else:  # only a denoise pass's prediction is read; the others write K/V (their last layer stops there)
+            pred = self._forward(x, t, rows, meta, qpos, actions, kv_only=g.kind != DENOISE)
         outs = []
         if g.kind == DENOISE:
             outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
@@ -306,9 +306,9 @@ class Runner:
                               [meta.write_pages + j * S for j in range(L)]),
                           cache_cos=rep(meta.cache_cos), cache_sin=rep(meta.cache_sin),
                           context_pages_list=list(meta.context_pages_list) * L)
-        out = self._forward(xs, rep(t), rows * L, lanes, qpos.repeat(L, 1), acts)
+        out = self._forward(xs, rep(t), rows * L, lanes, qpos.repeat(L, 1), acts, kv_only=kind != DENOISE)
         if kind != DENOISE:
-            return out[:B]
+            return None
         back = [mirror_tensor(out[(j + 1) * B:(j + 2) * B], m) for j, (m, _) in enumerate(self.mirrors)]
         return (out[:B] + sum(back)) / L
 

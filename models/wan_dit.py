@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import ConfigBase
 from ..kernels.attention import AttentionBackend, ReferenceBackend
-from ..kernels.rope import apply_rope_qk, rope_angles, rope_cos_sin
+from ..kernels.rope import apply_rope, apply_rope_qk, rope_angles, rope_cos_sin
 
 __all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding"]
 
@@ -109,6 +109,14 @@ class SelfAttention(nn.Module):
         out = backend.attend(q, k, v, self.layer, meta, k_raw=k_raw)  # [B, L, H, D]
         return self.o(out.reshape(B, L, -1))
 
+    def write_kv(self, x, cos, sin, backend: AttentionBackend, meta) -> None:
+        """Only the cache write of ``forward``: the same keys and values, no queries and no attention."""
+        B, L, _ = x.shape
+        shape = (B, L, self.heads, self.head_dim)
+        k_raw = self.norm_k(self.k(x)).view(shape)
+        k = apply_rope(k_raw, cos, sin)
+        backend.write_kv(k, self.v(x).view(shape), self.layer, meta, k_raw=k_raw)
+
 
 class CrossAttention(nn.Module):
     def __init__(self, cfg: WanDiTConfig):
@@ -145,8 +153,9 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
 
-    def forward(self, x, e0, ctx_kv, cos, sin, backend, meta, frames: int):
-        # x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame modulation -> broadcast over the T tokens of a frame
+    def forward(self, x, e0, ctx_kv, cos, sin, backend, meta, frames: int, kv_only: bool = False):
+        # x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame modulation -> broadcast over the T tokens of a frame.
+        # kv_only: write this layer's K/V to the cache and return None (nothing after the write is computed)
         B, L, d = x.shape
         e = (self.modulation[:, None].float() + e0.float()).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
 
@@ -157,7 +166,11 @@ class Block(nn.Module):
         def gate(y, g):
             return (y.float().view(B, frames, L // frames, d) * g).view(B, L, d)
 
-        y = self.self_attn(mod(self.norm1(x), e[0], e[1]).to(x.dtype), cos, sin, backend, meta)
+        xin = mod(self.norm1(x), e[0], e[1]).to(x.dtype)
+        if kv_only:  # a commit pass's last layer: its K/V are all that is kept
+            self.self_attn.write_kv(xin, cos, sin, backend, meta)
+            return None
+        y = self.self_attn(xin, cos, sin, backend, meta)
         x = (x.float() + gate(y, e[2])).to(x.dtype)
         x = x + self.cross_attn(self.norm3(x), ctx_kv)
         y = self.ffn(mod(self.norm2(x), e[3], e[4]).to(x.dtype))
@@ -240,13 +253,16 @@ class CausalWanDiT(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, *, frame_pos: torch.Tensor | None = None,
                 meta=None, backend: AttentionBackend | None = None, actions: torch.Tensor | None = None,
-                rope: tuple | None = None) -> torch.Tensor:
+                rope: tuple | None = None, kv_only: bool = False) -> torch.Tensor | None:
         """Predict for latents x [B, F, C, H, W] at per-frame timesteps [B, F] (or [B] / scalar).
 
         context: TextKV from ``prepare_text`` or raw text embeddings [B, Lt, text_dim].
         frame_pos: [B, F] RoPE frame positions of the frames (default 0..F-1).
         rope: precomputed (cos, sin) for these positions (see ``rope_for``), to skip recomputing them.
         meta/backend: attention metadata and backend (default: dense clip, reference backend).
+        kv_only: a commit pass, whose prediction nobody reads: every layer's K/V are written through
+        ``backend.write_kv`` exactly as a full pass writes them, the last layer stops after its write (no
+        attention, cross-attention, FFN or head) and None is returned.
         Returns the prediction [B, F, out_dim, H, W] (flow or x0, see config.prediction), float32.
         """
         cfg = self.config
@@ -273,8 +289,11 @@ class CausalWanDiT(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major then row then column
         cos, sin = rope if rope is not None else self.rope_for(frame_pos.to(x.device), h, w)
         e, e0 = self.time_embed(timestep, actions)
-        for blk, kv in zip(self.blocks, context.kv):
-            tokens = blk(tokens, e0, kv, cos, sin, backend, meta, Fr)
+        last = len(self.blocks) - 1
+        for i, (blk, kv) in enumerate(zip(self.blocks, context.kv)):
+            tokens = blk(tokens, e0, kv, cos, sin, backend, meta, Fr, kv_only=kv_only and i == last)
+        if kv_only:
+            return None
         out = self.head(tokens, e, Fr)  # [B, F*h*w, ph*pw*C_out]
         out = out.float().view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)

@@ -65,11 +65,22 @@ class WindowKVBackend(SDPABackend):
         vv = v if vc is None else torch.cat([vc, v], 1)
         out = self.masked(q, kk, vv, None)
         if meta.commit:
-            new = k if self.rope is None else k_raw
-            ks = new if self.k[layer] is None else torch.cat([self.k[layer], new], 1)
-            s, n = self.sink * self.T, self.keep * self.T
-            if ks.shape[1] > s + n:  # drop the oldest frames after the sink
-                ks = torch.cat([ks[:, :s], ks[:, ks.shape[1] - n:]], 1)
-                vv = torch.cat([vv[:, :s], vv[:, vv.shape[1] - n:]], 1)
-            self.k[layer], self.v[layer] = ks, vv
+            self._append(layer, k if self.rope is None else k_raw, vv)
         return out
+
+    def write_kv(self, k, v, layer, meta, k_raw=None):
+        if not isinstance(meta, RolloutMeta):
+            return super().write_kv(k, v, layer, meta, k_raw=k_raw)
+        if not meta.commit:
+            raise ValueError("write_kv needs RolloutMeta(commit=True)")
+        vv = v if self.v[layer] is None else torch.cat([self.v[layer], v], 1)
+        self._append(layer, k if self.rope is None else k_raw, vv)
+
+    def _append(self, layer, new_k, vv):
+        """Append a committed block's keys (vv: the values, cached and new, already joined), then trim."""
+        ks = new_k if self.k[layer] is None else torch.cat([self.k[layer], new_k], 1)
+        s, n = self.sink * self.T, self.keep * self.T
+        if ks.shape[1] > s + n:  # drop the oldest frames after the sink
+            ks = torch.cat([ks[:, :s], ks[:, ks.shape[1] - n:]], 1)
+            vv = torch.cat([vv[:, :s], vv[:, vv.shape[1] - n:]], 1)
+        self.k[layer], self.v[layer] = ks, vv

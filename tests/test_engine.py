@@ -1,4 +1,6 @@
 """Engine behaviour: incremental equals full, bounded streaming, batching, determinism, controls, errors."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,45 @@ def test_incremental_equals_full_block_causal_forward():
         x0_full = flow_to_x0(x, v[0, 3 * block:], sig[step])
         assert (x0_full - x0).abs().max() <= 1e-5, (block, step)
     assert len(passes) == 16
+
+
+@pytest.mark.parametrize("cache_rope", [False, True])
+def test_commit_pass_writes_the_same_kv_without_its_last_layer(cache_rope):
+    # kv_only (a commit pass) must leave every layer's pages exactly as a full pass leaves them, return nothing
+    # and skip what follows the last layer's write (its attention, cross-attention, FFN and the head).
+    from inferix.kernels.attention import KVPool, PagedMeta, SDPABackend
+    dit = tiny_bundle(3).dit
+    cfg, T = dit.config, dit.tokens_per_frame(32, 32)
+    ctx = torch.randn(2, 8, cfg.text_dim)
+    x = torch.randn(2, 3, cfg.in_dim, 32, 32)
+    ph, pw = cfg.patch_size[1:]
+    context = [torch.randn(2, T, cfg.num_heads, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    pools = []
+    calls = []
+    hook = dit.blocks[-1].ffn.register_forward_hook(lambda *a: calls.append(1))
+    for kv_only in (False, True):
+        pool = KVPool.allocate(cfg.num_layers, 8, T, cfg.num_heads, cfg.head_dim)
+        for t, c in zip(pool.k + pool.v, context):  # two context pages, the same in both passes
+            t[:2] = c
+        cos = sin = None
+        if cache_rope:
+            cos, sin = dit.rope_for(torch.arange(2)[None].expand(2, 2), 32 // ph, 32 // pw)
+        meta = PagedMeta(pool=pool, block_tables=torch.tensor([[0, 1], [1, 0]], dtype=torch.int32),
+                         context_pages=torch.tensor([2, 2], dtype=torch.int32),
+                         write_pages=torch.tensor([[2, 3, 4], [5, 6, 7]], dtype=torch.int32), cache_cos=cos,
+                         cache_sin=sin)
+        calls.clear()
+        with torch.no_grad():
+            out = dit(x, torch.zeros(2, 3), ctx, frame_pos=torch.tensor([[2, 3, 4]] * 2), meta=meta,
+                      backend=SDPABackend(), kv_only=kv_only)
+        assert (out is None) == kv_only and len(calls) == (0 if kv_only else 1)
+        pools.append(pool)
+    hook.remove()
+    for a, b in zip(pools[0].k + pools[0].v, pools[1].k + pools[1].v):
+        assert torch.equal(a, b)
+    assert pools[0].k[-1][2:8].abs().sum() > 0  # the last layer's pages were written
+    with pytest.raises(ValueError, match="write_pages"):
+        SDPABackend().write_kv(x, x, 0, dataclasses.replace(meta, write_pages=None))
 
 
 def test_incremental_equals_full_with_window_and_sink():

@@ -42,9 +42,9 @@ def test_export_loads_and_rollout_equals_block_causal_forward(tmp_path):
     be = WindowKVBackend(1, 64, window=6, sink=0, block_frames=2)
     x_ctx = to_latent(frames[:4])[None]
     with torch.no_grad():
-        for b in (0, 2):
+        for b in (0, 2):  # the second commit as the rollout makes it: K/V only, the last layer stops there
             dit(x_ctx[:, b:b + 2], torch.zeros(1, 2), ctx, frame_pos=torch.tensor([[b, b + 1]]),
-                meta=RolloutMeta(True), backend=be, actions=acts[:, b:b + 2])
+                meta=RolloutMeta(True), backend=be, actions=acts[:, b:b + 2], kv_only=b == 2)
         noisy = torch.randn(1, 2, 3, 64, 64)
         inc = dit(noisy, torch.full((1, 2), 800.0), ctx, frame_pos=torch.tensor([[4, 5]]), meta=RolloutMeta(False),
                   backend=be, actions=acts[:, 4:])
@@ -67,6 +67,13 @@ def test_window_backend_keeps_sink_and_recent_frames():
         k = torch.full((1, 1, 1, 2), float(f))
         be.attend(k, k, k, 0, RolloutMeta(True))
     assert be.k[0][0, :, 0, 0].tolist() == [0.0, 4.0]  # sink frame 0 + the most recent: 2 frames + a block of 2
+    only = WindowKVBackend(1, frame_tokens=1, window=4, sink=1, block_frames=2)
+    for f in range(5):  # the same commits as cache writes alone (a commit pass's last layer)
+        k = torch.full((1, 1, 1, 2), float(f))
+        only.write_kv(k, 2 * k, 0, RolloutMeta(True))
+    assert only.k[0][0, :, 0, 0].tolist() == [0.0, 4.0] and only.v[0][0, :, 0, 0].tolist() == [0.0, 8.0]
+    with pytest.raises(ValueError, match="commit"):
+        only.write_kv(k, k, 0, RolloutMeta(False))
     with pytest.raises(ValueError, match="sink"):
         WindowKVBackend(1, frame_tokens=1, window=4, sink=3, block_frames=2)
 

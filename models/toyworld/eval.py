@@ -183,7 +183,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         x = to_latent(init[b:b + bf])[None].to(dev)  # [1, bf, 3, H, W]
         pos = frame_pos(b)
         dit(fan(x), torch.full((V, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos.expand(V, -1),
-            meta=commit, backend=be, actions=fan_actions(ia[b:b + bf][None].to(dev)))
+            meta=commit, backend=be, actions=fan_actions(ia[b:b + bf][None].to(dev)), kv_only=True)
     n = len(acts)
     n_blocks = -(-n // bf)
     a_pad = torch.cat([acts, torch.zeros(n_blocks * bf - n, dtype=torch.long)])
@@ -204,7 +204,7 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
         x0 = x0.clamp(-1, 1)
         last = x0[0, -1]
         dit(fan(x0), torch.full((V, bf), sampling.context_timestep, device=dev), ctx, frame_pos=pos.expand(V, -1),
-            meta=commit, backend=be, actions=fan_actions(a))
+            meta=commit, backend=be, actions=fan_actions(a), kv_only=True)
         frames = to_pixels(x0[0] if decoder is None else decoder.refine_stream(dec_state, x0[0]))  # [bf, H, W, 3]
         yield frames[: min(bf, n - i * bf)]
 
