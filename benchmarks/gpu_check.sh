@@ -16,15 +16,15 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_
 PY
 
 status=0
-echo "== 1/4 GPU-marked kernel tests (bf16/fp16/fp32 at Wan shapes, large-pool offsets, model end to end)"
+echo "== 1/5 GPU-marked kernel tests (bf16/fp16/fp32 at Wan shapes, large-pool offsets, model end to end)"
 timeout 300 python -m pytest -q tests/kernels -m gpu -rs 2>&1 | tee "$OUT_DIR/pytest_gpu.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== 2/4 the ordinary kernel tests, run natively on the GPU (no interpreter)"
+echo "== 2/5 the ordinary kernel tests, run natively on the GPU (no interpreter)"
 timeout 300 python -m pytest -q tests/kernels -m "not gpu" -rs 2>&1 | tee "$OUT_DIR/pytest_native.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== 3/4 attention benchmark (Self-Forcing cache shape, bf16): $OUT_DIR/bench_attention.json"
+echo "== 3/5 attention benchmark (Self-Forcing cache shape, bf16): $OUT_DIR/bench_attention.json"
 timeout 420 python -m inferix.bench_attention --iters 20 --warmup 5 > "$OUT_DIR/bench_attention.json" \
     2> "$OUT_DIR/bench_attention.log" || status=1
 python - "$OUT_DIR/bench_attention.json" <<'PY' || status=1
@@ -41,10 +41,19 @@ for row in r["rows"]:
     print("  ".join(cells))
 PY
 
-echo "== 4/4 end-to-end generation, Wan2.1 1.3B shape with random weights, 480x832, 81 frames (JSON)"
+echo "== 4/5 end-to-end generation, Wan2.1 1.3B shape with random weights, 480x832, 81 frames (JSON)"
 timeout 420 python -m inferix.cli bench generate --preset wan2.1-t2v-1.3b --frames 81 \
     > "$OUT_DIR/bench_generate.json" 2> "$OUT_DIR/bench_generate.log" || status=1
 python -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r.get(k) for k in ('gpu','pixel_fps_including_decode','time_to_first_frame_s','block_latency_p50_s','peak_memory_mib')})" "$OUT_DIR/bench_generate.json" || status=1
+
+echo "== 5/5 the toy world on the GPU: the default (corrector) and three mirror views, 256 frames each (JSON)"
+for m in none hv,d,a; do
+  args=(--frames 256 --device cuda --out "$OUT_DIR/toyworld_$m.mp4" --profile "$OUT_DIR/toyworld_$m.json")
+  [ "$m" = none ] || args+=(--mirrors "$m")
+  timeout 300 python -m inferix.cli generate "${args[@]}" > "$OUT_DIR/toyworld_$m.log" 2>&1 || status=1
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: r.get(k) for k in ('pixel_fps_including_decode','time_to_first_frame_s','kv_pool_mib','corrector')})" \
+    "$OUT_DIR/toyworld_$m.json" "$m" || status=1
+done
 
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) (logs in $OUT_DIR)"
 exit $status
