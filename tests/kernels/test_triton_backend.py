@@ -80,12 +80,18 @@ def test_paged_passes_match_reference(device):
     no_ctx = model(x, t(500), text, frame_pos=fp, backend=backends["ref"], meta=meta(pools["ref"], tables, [0, 0]))
     assert (no_ctx - out["ref"]).abs().max().item() > 1e-2, "context pages had no effect"
 
-    # 3. commit pass with context: writes three more pages per row
+    # 3. commit pass with context: writes three more pages per row; a copy of the Triton pool gets the same
+    #    commit as the engine runs it (kv_only: the last layer stops after its cache write)
+    kv_only_pool = KVPool(k=[p.clone() for p in pools["tri"].k], v=[p.clone() for p in pools["tri"].v])
     out = {n: model(x, t(0), text, frame_pos=fp, backend=backends[n],
                     meta=meta(pools[n], tables, [3, 1], write=[[10, 0, 4], [6, 8, 11]])) for n in pools}
     assert_close(out["tri"], out["ref"], 1e-4, "second commit pass output")
+    assert model(x, t(0), text, frame_pos=fp, backend=TritonBackend(), kv_only=True,
+                 meta=meta(kv_only_pool, tables, [3, 1], write=[[10, 0, 4], [6, 8, 11]])) is None
     for layer in range(2):
         assert_close(pools["tri"].k[layer], pools["ref"].k[layer], 1e-5, "stored keys after second commit")
+        assert_close(kv_only_pool.k[layer], pools["ref"].k[layer], 1e-5, "keys stored by a K/V-only commit")
+        assert_close(kv_only_pool.v[layer], pools["ref"].v[layer], 1e-5, "values stored by a K/V-only commit")
 
 
 @torch.no_grad()
