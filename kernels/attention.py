@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rope import torch_apply_rope
+from .rope import rope_table, rotate_pairs, torch_apply_rope
 
 __all__ = [
     "DenseMeta", "BlockCausalMeta", "PagedMeta", "KVPool", "AttentionBackend", "get_backend",
@@ -91,7 +91,7 @@ class PagedMeta:
         """cos + i sin of the cached tokens, [B, max_pages*page_tokens, D/2] complex: built once per pass and
         shared by its layers."""
         if self._rotation is None:
-            self._rotation = torch.complex(self.cache_cos, self.cache_sin.to(self.cache_cos.dtype))
+            self._rotation = rope_table(self.cache_cos, self.cache_sin)
         return self._rotation
 
 
@@ -142,10 +142,8 @@ def _context_and_block(k, v, layer: int, meta: PagedMeta) -> tuple[torch.Tensor,
     kc = meta.pool.k[layer].index_select(0, pages)  # [B*n, T, H, D]
     if meta.cache_cos is None:
         kbuf[:, :L] = kc.view(B, L, H, D)
-    else:
-        rot = meta.rotation()[:, :L, None, :]  # [B, L, 1, D/2] complex, in the angles' precision
-        torch.mul(torch.view_as_complex(kc.view(B, L, H, D // 2, 2)), rot,
-                  out=torch.view_as_complex(kbuf[:, :L].view(B, L, H, D // 2, 2)))
+    else:  # rotated straight into the buffer, in the angles' precision
+        rotate_pairs(kc.view(B, L, H, D), meta.rotation()[:, :L], out=kbuf[:, :L])
     vp = meta.pool.v[layer]
     for b in range(B):  # each row's slice of the buffer is contiguous: gather into it directly
         torch.index_select(vp, 0, pages[b * n:(b + 1) * n], out=vbuf[b, :L].view(n, T, H, D))
@@ -231,10 +229,10 @@ class SDPABackend(AttentionBackend):
 
     def paged(self, q, k, v, layer, meta):
         lens = meta.context_pages_list
-        if len(set(lens)) == 1 and lens[0] and _assemble_in_place(k, meta):
-            return self.masked(q, *_context_and_block(k, v, layer, meta), None)
         if len(set(lens)) == 1:  # equal context lengths: one batched call on the gathered pages
             n = lens[0]
+            if n and _assemble_in_place(k, meta):
+                return self.masked(q, *_context_and_block(k, v, layer, meta), None)
             pages = meta.block_tables[:, :n].long()
             kc = meta.pool.k[layer][pages].flatten(1, 2)  # [B, n*T, Hkv, D]
             vc = meta.pool.v[layer][pages].flatten(1, 2)

@@ -174,9 +174,24 @@ def torch_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     xr = x.to(cos.dtype).contiguous()
     if xr.storage_offset() % 2:  # a complex view needs pairs that start on an even element
         xr = xr.clone()
-    xc = torch.view_as_complex(xr.view(B, L, H, D // 2, 2))
-    out = xc * torch.complex(cos, sin.to(cos.dtype))[:, :, None, :]
+    out = rotate_pairs(xr, rope_table(cos, sin))
     return torch.view_as_real(out).view(B, L, H, D).to(x.dtype)
+
+
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos + i sin, [B, L, D/2] complex in cos's precision (float32 or float64 angles)."""
+    return torch.complex(cos, sin.to(cos.dtype))
+
+
+def rotate_pairs(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, L, H, D] (pairs adjacent, contiguous in D) times ``rope_table`` [B, L, D/2]: the complex product
+    [B, L, H, D/2]. With ``out`` (a real [B, L, H, D] view, e.g. a slice of a larger buffer) it is written there
+    in out's dtype instead."""
+    B, L, H, D = x.shape
+    xc = torch.view_as_complex(x.view(B, L, H, D // 2, 2))
+    if out is None:
+        return xc * table[:, :, None, :]
+    return torch.mul(xc, table[:, :, None, :], out=torch.view_as_complex(out.view(B, L, H, D // 2, 2)))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
