@@ -1,1 +1,0 @@
-"""Floor 2: model definitions, checkpoint loaders, VAE/text encoders, flow-matching math, the toy world."""
