@@ -35,30 +35,74 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
     p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
                    help="the model's action corrector (the toy world has one): auto runs it unless mirror views run")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="refuse to start when the KV pool and decode buffers would take more (default: the memory "
+                        "the device has free)")
 
 
-def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None):
+class UsageError(ValueError):
+    """A bad command-line value, found before any work."""
+
+
+def _check_device(name: str | None):
+    """The device to run on: cuda when available unless named; an unknown or absent one is refused at once."""
     import torch
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: Inferix runs on cpu or cuda")
+    return name
+
+
+def _load_bundle(a, device, dtype):
+    """load_model with every failure of a user-named model turned into one line that names it."""
     from inferix.models.bundle import load_model
+    from inferix.models.tensor_files import CheckpointError
+    from .api import default_model
+    model = a.model or default_model()
+    try:
+        return load_model(model, device=device, dtype=dtype, vae=a.vae, text_encoder=a.text_encoder,
+                          sampling=a.sampling)
+    except (FileNotFoundError, UsageError, CheckpointError):  # these name the file already
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that is no model can fail in many ways; name it
+        raise UsageError(f"cannot load model {str(model)!r}: {type(e).__name__}: {e}") from e
+
+
+def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt: str = "", seed: int = 0):
+    import torch
     from inferix.models.corrector import CORRECTOR_MODES
     from inferix.models.mirrors import parse_mirrors
-    from .api import default_model
     from .engine import Engine
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .sizing import pool_pages
+    device = _check_device(a.device)
+    if a.window < -1:
+        raise UsageError(f"--window must be >= 0 (0: no window), got {a.window}")
+    if a.kv_pages is not None and a.kv_pages <= 0:
+        raise UsageError(f"--kv-pages must be positive, got {a.kv_pages}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         a.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    bundle = load_model(a.model or default_model(), device=device, dtype=dtype, vae=a.vae,
-                        text_encoder=a.text_encoder, sampling=a.sampling)
+    bundle = _load_bundle(a, device, dtype)
     window = bundle.window if a.window == -1 else (None if a.window == 0 else a.window)
     kv_pages = a.kv_pages
-    if kv_pages is None:  # the pages the sessions can hold at once, no more
-        bf = bundle.sampling.block_frames
-        per = window if window is not None else -(-bundle.latent_frames(frames or 1) // bf) * bf
-        kv_pages = per * max_sessions
+    if kv_pages is None:  # the pages the sessions can hold at once, no more: what each session reserves
+        start = bundle.start_frames(prompt, seed)  # given start frames take pages too
+        n_init = 0 if start is None else bundle.latent_frames(len(start))
+        kv_pages = pool_pages(bundle, window, max_sessions, frames, n_init)
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
-                  mirrors=parse_mirrors(a.mirrors),
-                  corrector=CORRECTOR_MODES[a.corrector])
+                  mirrors=parse_mirrors(a.mirrors), corrector=CORRECTOR_MODES[a.corrector],
+                  memory_limit_gib=a.memory_limit_gib)
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""
@@ -74,22 +118,32 @@ def _parse_actions(text: str | None, eng) -> list | None:
     per_block = []
     for tok in text.split(","):
         tok = tok.strip()
-        per_block.append(int(tok) if tok.isdigit() else eng.action_id(tok))
+        try:
+            per_block.append(eng.action_id(int(tok) if tok.isdigit() else tok))
+        except ValueError:
+            raise UsageError(f"--actions: unknown action {tok!r}; {eng.bundle.name!r} knows {', '.join(names)}") \
+                from None
     return per_block
 
 
 def cmd_generate(a) -> int:
     from tqdm import tqdm
     from .sinks import VideoWriter
-    if a.frames <= 0:
-        print(f"error: --frames must be positive, got {a.frames}", file=sys.stderr)
-        return 2
-    try:
-        eng = _build_engine(a, frames=a.frames)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+    from .engine import check_seed
+    from .sinks import check_output_file
+    try:  # every argument is checked before the model loads
+        if a.frames <= 0:
+            raise UsageError(f"--frames must be positive, got {a.frames}")
+        check_seed(a.seed)
+        if "://" not in a.out:
+            check_output_file(a.out, "--out")
+        if a.profile:
+            check_output_file(a.profile, "--profile")
+        eng = _build_engine(a, frames=a.frames, prompt=a.prompt, seed=a.seed)
+        acts = _parse_actions(a.actions, eng)
+    except (OSError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    acts = _parse_actions(a.actions, eng)
     actions = None
     if acts:
         per_block_px = eng.bundle.pixel_frames(eng.block_frames)
@@ -213,6 +267,14 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a generation loop (e.g. while the model loads)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     p = build_parser()
     a, rest = p.parse_known_args(argv)
     if rest and a.cmd not in ("bench", "train", "toyworld"):  # those pass their own arguments on

@@ -23,8 +23,16 @@ from .pages import AdmissionError, KVManager
 from .profiling import Profiler
 from .runner import GeneratorNoise, Runner
 from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, Scheduler, SeqState
+from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent, session_span
 
 __all__ = ["Engine", "Session", "AdmissionError"]
+
+
+def check_seed(seed) -> int:
+    """A noise seed: an int in [0, 2**64) (what a torch generator takes)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 class Session:
@@ -143,7 +151,15 @@ class Engine:
     def __init__(self, bundle: ModelBundle, *, device="cpu", height: int | None = None, width: int | None = None,
                  window: int | None = -1, sink: int | None = None, attention: str | None = None,
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
-                 max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None):
+                 max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
+                 memory_limit_gib: float | None = None):
+        for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
+                             ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if window is not None and window != -1 and (isinstance(window, bool) or
+                                                     not isinstance(window, (int, np.integer)) or window < 1):
+            raise ValueError(f"window must be a positive int, None (no window) or -1 (the model's), got {window!r}")
         self.bundle = bundle
         self.device = torch.device(device)
         self.dit = bundle.dit
@@ -168,12 +184,18 @@ class Engine:
             kv_pages = max_sessions * (self.window or 24)
         self.mirrors = check_mirrors(mirrors)
         views = mirror_views(bundle, self.mirrors) if self.mirrors else ()
-        self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
         dtype = next(self.dit.parameters()).dtype
         # A page is one latent frame of a session in every lane: the stream's own K/V (lane 0) and each mirror
         # view's (lane j at pool row j * kv_pages + page). So the views' caches are pool memory, and admission,
         # eviction, forks and freeing cover them with the page they belong to.
         self.kv_lanes = 1 + len(views)
+        need = estimate_engine_bytes(
+            num_layers=cfg.num_layers, kv_rows=kv_pages * self.kv_lanes, page_tokens=page_tokens,
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype_bytes=torch.finfo(dtype).bits // 8,
+            height=self.height, width=self.width, block_pixel_frames=bundle.pixel_frames(self.block_frames + 1))
+        check_memory(need, limit_gib=memory_limit_gib, device=self.device,
+                     what=f"an engine of {kv_pages} KV pages at {self.width}x{self.height}")
+        self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
         self.pool = KVPool.allocate(cfg.num_layers, kv_pages * self.kv_lanes, page_tokens, cfg.num_heads,
                                     cfg.head_dim, dtype=dtype, device=self.device)
         self.backend = get_backend(attention)
@@ -219,6 +241,8 @@ class Engine:
             if not names or action not in names:
                 raise ValueError(f"unknown action {action!r}; this model knows {names}")
             return names.index(action)
+        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
+            raise ValueError(f"an action is a name ({names}) or an int id, got {action!r}")
         a = int(action)
         n = self.dit.config.num_actions
         if not n:
@@ -229,10 +253,7 @@ class Engine:
 
     def pixel_to_latent(self, num_frames: int) -> int:
         """Fewest latent frames that decode to at least num_frames pixel frames (the extra ones are trimmed)."""
-        n = self.bundle.latent_frames(num_frames)
-        while self.bundle.pixel_frames(n) < num_frames:
-            n += 1
-        return n
+        return pixel_to_latent(self.bundle, num_frames)
 
     # ---- sessions -------------------------------------------------------------------------------
     def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames="auto",
@@ -243,70 +264,91 @@ class Engine:
         init_frames: uint8 [T, H, W, 3] to continue from; "auto" (default) uses the model's own start (the toy world
         starts from its simulator's view of the prompt and seed; other models from nothing); None: from nothing.
         """
+        # Everything is checked and built before any page is reserved: a bad request leaves no trace.
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if isinstance(init_frames, str):
+        if num_frames is not None and (isinstance(num_frames, (bool, np.bool_)) or
+                                       not isinstance(num_frames, (int, np.integer)) or num_frames <= 0):
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        if noise is None:
+            noise = GeneratorNoise(check_seed(seed))
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        given = not isinstance(init_frames, str)
+        if not given:
             if init_frames != "auto":
                 raise ValueError(f"init_frames must be frames, None or 'auto', got {init_frames!r}")
             init_frames = self.bundle.start_frames(prompt, seed)
-        if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames <= 0):
-            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         bf = self.block_frames
         init_latents = None
         if init_frames is not None:
-            init_latents = self._encode_init(init_frames)
+            init_latents = self._encode_init(init_frames, given)
         n_init = 0 if init_latents is None else init_latents.shape[1]
-        # an independent first frame: the stream's first latent frame is a block of its own (given or generated)
-        single_first = self.bundle.sampling.independent_first_frame
-        first = 1 if (single_first and not n_init) else 0
+        first = 1 if (self.bundle.sampling.independent_first_frame and not n_init) else 0
         total_blocks = total_latent = None
         if num_frames is not None:
-            n_lat = self.pixel_to_latent(int(num_frames))
-            total_blocks = first + -(-(n_lat - first) // bf)
-            total_latent = n_init + first + (total_blocks - first) * bf
+            span = session_span(self.bundle, int(num_frames), n_init)
+            total_blocks, total_latent = span.total_blocks, span.total_latent
         if self.window is None and total_latent is None:
             raise AdmissionError("a session without num_frames runs until cancelled and needs a window "
                                  "(Engine(window=...)) to keep its KV cache bounded")
         budget = self.kv.budget_for(total_latent)
-        sid = next(self._ids)
-        seq = SeqState(sid=sid, prompt=prompt, total_blocks=total_blocks, budget=budget, recache_on_switch=recache)
-        seq.n_init, seq.first_block_frames = n_init, first
-        if n_init:
-            lead = [1] if single_first else []
-            seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
+        self.kv.check_fits_ever(budget)  # raises AdmissionError when it can never fit
+        action_plan = {}
         if actions is not None:
+            if isinstance(actions, (str, bytes)) or not hasattr(actions, "__len__") or not len(actions):
+                raise ValueError(f"actions must be a non-empty list (one per output frame), got {actions!r}")
             acts = [self.action_id(a) for a in actions]
             # one action per pixel frame -> one per latent frame (the latent frame that first shows that pixel)
             lat = [acts[min(len(acts) - 1, self.bundle.pixel_frames(i + 1) - 1)] for i in
                    range(self.pixel_to_latent(len(acts)))]
-            seq.action_plan = {n_init + i: a for i, a in enumerate(lat)}
-        if prompt_schedule:
-            for frame, p in prompt_schedule:
-                if not isinstance(p, str):
-                    raise TypeError(f"prompt_schedule prompts must be str, got {type(p).__name__}")
-                blk = self.pixel_to_latent(int(frame) + 1) // bf if frame > 0 else 0
-                if blk == 0:
-                    seq.prompt = p
-                else:
-                    seq.prompt_plan[blk] = p
+            action_plan = {n_init + i: a for i, a in enumerate(lat)}
+        start_prompt, prompt_plan = prompt, {}
+        for frame, p in (prompt_schedule or ()):
+            if isinstance(frame, (bool, np.bool_)) or not isinstance(frame, (int, np.integer)) or frame < 0:
+                raise ValueError(f"prompt_schedule frames must be ints >= 0, got {frame!r}")
+            if not isinstance(p, str):
+                raise TypeError(f"prompt_schedule prompts must be str, got {type(p).__name__}")
+            blk = self.pixel_to_latent(int(frame) + 1) // bf if frame > 0 else 0
+            if blk == 0:
+                start_prompt = p
+            else:
+                prompt_plan[blk] = p
         with self.lock:
-            self.scheduler.add(seq)  # raises AdmissionError when it can never fit
-            self.runner.add_session(sid, seq.prompt, noise if noise is not None else GeneratorNoise(seed),
+            sid = next(self._ids)
+            seq = SeqState(sid=sid, prompt=start_prompt, total_blocks=total_blocks, budget=budget,
+                           recache_on_switch=recache, action_plan=action_plan, prompt_plan=prompt_plan)
+            seq.n_init, seq.first_block_frames = n_init, first
+            if n_init:
+                lead = [1] if self.bundle.sampling.independent_first_frame else []
+                seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
+            self.runner.add_session(sid, seq.prompt, noise,
                                     negative_prompt=negative_prompt or self.bundle.sampling.negative_prompt,
                                     init_latents=init_latents, text_embeds=text_embeds,
                                     chunks=list(seq.prefill_chunks))
+            try:
+                self.scheduler.add(seq)
+            except BaseException:
+                self.runner.drop(sid)
+                raise
             sess = Session(self, seq, num_frames)
             self.sessions[sid] = sess
             self.profiler.session_opened(sid)
         return sess
 
-    def _encode_init(self, frames) -> torch.Tensor:
+    def _encode_init(self, frames, given: bool = True) -> torch.Tensor:
         dec = self.bundle.decoder
         if dec is None:
             raise ValueError("init_frames need a decoder/encoder (VAE) in the model bundle")
         f = np.asarray(frames)
         if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != np.uint8:
             raise ValueError(f"init_frames must be uint8 [T, H, W, 3], got {f.dtype} {f.shape}")
+        if not len(f):
+            raise ValueError("init_frames holds no frames (shape [0, H, W, 3]); pass None to start from nothing")
+        if f.shape[1:3] != (self.height, self.width) and not given:
+            raise ValueError(f"{self.bundle.name!r} starts from its own {f.shape[2]}x{f.shape[1]} frames, but the "
+                             f"engine runs {self.width}x{self.height}: run it at {f.shape[2]}x{f.shape[1]}, or pass "
+                             f"init_frames of {self.width}x{self.height} (or None)")
         if f.shape[1:3] != (self.height, self.width):
             raise ValueError(f"init_frames are {f.shape[2]}x{f.shape[1]}, the engine runs {self.width}x{self.height}")
         with torch.no_grad():
@@ -327,6 +369,12 @@ class Engine:
             self.profiler.session_opened(sid)
         return child
 
+    def _fail(self, sid: int, error: BaseException) -> None:
+        s = self.sessions.get(sid)
+        if s is not None:
+            s.error = error
+        self._release(sid, FAILED)
+
     def _release(self, sid: int, status: str) -> None:
         self.scheduler.release(sid, status)
         self._forget(sid)
@@ -346,15 +394,14 @@ class Engine:
                 return False
             tic = time.perf_counter()
             try:
-                outs = self.runner.execute(plan)
+                outs, faults = self.runner.execute(plan)
+                for sid, e in faults.items():  # a session's own failure ends that session only
+                    self._fail(sid, e)
                 for hook in self.hooks:
                     hook(plan, outs)
             except BaseException as e:
-                for row in plan.rows():  # the sessions of a failed step end now and give their pages back
-                    s = self.sessions.get(row.sid)
-                    if s is not None:
-                        s.error = e
-                    self._release(row.sid, FAILED)
+                for row in plan.rows():  # the sessions of a failed batched pass end now and give their pages back
+                    self._fail(row.sid, e)
                 raise
             finished = self.scheduler.update(plan)
             for o in outs:

@@ -114,8 +114,12 @@ class KVManager:
 
     def check_fits_ever(self, budget: int) -> None:
         if budget > self.alloc.num_pages:
-            raise AdmissionError(f"a session needs {budget} KV pages (one per latent frame of its window) but the "
-                                 f"pool has only {self.alloc.num_pages}; lower the window or raise the pool size")
+            what = "its window" if self.window_frames is not None and budget == self.window_frames else \
+                "every latent frame it makes (no window)" if self.window_frames is None else "every latent frame it makes"
+            raise AdmissionError(f"a session needs {budget} KV pages (one per latent frame it keeps: {what}) but the "
+                                 f"pool has only {self.alloc.num_pages}; raise the pool size (kv_pages)"
+                                 + (" or lower the window" if self.window_frames is not None else
+                                    " or ask for fewer frames"))
 
     def allocate(self, sid: int, budget: int) -> None:
         if sid in self.sessions:

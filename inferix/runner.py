@@ -175,11 +175,14 @@ class Runner:
         return kv
 
     # ---- execution -------------------------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> list[BlockOutput]:
-        outs = []
+    def execute(self, plan: StepPlan) -> tuple[list[BlockOutput], dict]:
+        """Run a plan: the blocks it finished, and {sid: exception} for the rows that failed on their own (their
+        noise, prompt, or decode): those rows leave their pass and the others go on. A failure of a batched pass
+        itself raises."""
+        outs, faults = [], {}
         for g in plan.groups:
-            outs.extend(self._run_group(g))
-        return outs
+            outs.extend(self._run_group(g, faults))
+        return outs, faults
 
     def _meta(self, rows, nframes: int, write: bool) -> tuple[PagedMeta, torch.Tensor]:
         B = len(rows)
@@ -230,39 +233,54 @@ class Runner:
         self.forward_calls += 1
         return out
 
-    def _run_group(self, g) -> list[BlockOutput]:
-        rows, n = g.rows, g.nframes
-        C = self.dit.config.in_dim
-        h, w = self.latent_hw
-        shape = (n, C, h, w)
-        tic = time.perf_counter()
-        xs, ts = [], []
-        for r in rows:
-            st = self.sessions[r.sid]
-            if r.prompt is not None:
-                self.set_prompt(r.sid, r.prompt)
-            if g.kind == DENOISE:
-                if r.step == 0:
-                    x = st.noise.initial(r.block, r.gen_start, shape).to(self.device, torch.float32)
-                elif self.euler_sigmas is not None:
-                    x = st.x
-                else:
-                    sig = self.sigmas[r.step]
-                    x = add_noise(st.x0, st.noise.renoise(r.block, r.step, shape).to(self.device), sig)
-                st.x = x
-                t = self.timesteps[r.step]
-            elif g.kind == COMMIT:
-                x, t = st.x0, self.sampling.context_timestep
-            elif g.kind == PREFILL:
-                x, t = st.prefill.pop(0), 0.0  # given frames are clean: timestep 0, as the reference does
-                self._remember(st, r.frame_start, x)
-            elif g.kind == RECACHE:
-                x = torch.stack([st.history[f] for f in r.context_frames])
-                t = self.sampling.context_timestep
+    def _row_input(self, kind: str, r, shape) -> tuple[torch.Tensor, float]:
+        """One row's input and timestep (and its prompt's text K/V, made ready): all that is the row's own."""
+        st = self.sessions[r.sid]
+        if r.prompt is not None:
+            self.set_prompt(r.sid, r.prompt)
+        if kind == DENOISE:
+            if r.step == 0:
+                x = st.noise.initial(r.block, r.gen_start, shape)
+            elif self.euler_sigmas is not None:
+                x = st.x
             else:
-                raise ValueError(f"unknown pass kind {g.kind!r}")
+                x = add_noise(st.x0, st.noise.renoise(r.block, r.step, shape).to(self.device), self.sigmas[r.step])
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
+                raise ValueError(f"session {r.sid}: noise for block {r.block} must be a tensor of shape "
+                                 f"{list(shape)}, got {getattr(x, 'shape', type(x).__name__)}")
+            st.x = x = x.to(self.device, torch.float32)
+            t = self.timesteps[r.step]
+        elif kind == COMMIT:
+            x, t = st.x0, self.sampling.context_timestep
+        elif kind == PREFILL:
+            x, t = st.prefill.pop(0), 0.0  # given frames are clean: timestep 0, as the reference does
+            self._remember(st, r.frame_start, x)
+        elif kind == RECACHE:
+            x = torch.stack([st.history[f] for f in r.context_frames])
+            t = self.sampling.context_timestep
+        else:
+            raise ValueError(f"unknown pass kind {kind!r}")
+        self.text_kv(st)
+        if kind == DENOISE and self.sampling.guidance_scale != 1.0:
+            self.text_kv(st, negative=True)
+        return x, t
+
+    def _run_group(self, g, faults: dict) -> list[BlockOutput]:
+        n = g.nframes
+        shape = (n, self.dit.config.in_dim, *self.latent_hw)
+        tic = time.perf_counter()
+        rows, xs, ts = [], [], []
+        for r in g.rows:
+            try:
+                x, t = self._row_input(g.kind, r, shape)
+            except Exception as e:  # noqa: BLE001 - this row's own failure ends its session only
+                faults[r.sid] = e
+                continue
+            rows.append(r)
             xs.append(x)
             ts.append(t)
+        if not rows:
+            return []
         x = torch.stack(xs)  # [B, F, C, h, w]
         t = torch.tensor(ts, dtype=torch.float32, device=self.device)[:, None].expand(len(rows), n)
         actions = None
@@ -282,7 +300,7 @@ class Runner:
             pred = self._forward(x, t, rows, meta, qpos, actions, kv_only=g.kind != DENOISE)
         outs = []
         if g.kind == DENOISE:
-            outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t)
+            outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t, faults)
             self.timing["denoise"] += time.perf_counter() - tic - decode_s
         else:
             self.timing["commit"] += time.perf_counter() - tic
@@ -317,7 +335,7 @@ class Runner:
             return pred
         return flow_to_x0(x, pred, sigma)
 
-    def _after_denoise(self, rows, x, pred, meta, qpos, actions, t) -> tuple[list[BlockOutput], float]:
+    def _after_denoise(self, rows, x, pred, meta, qpos, actions, t, faults) -> tuple[list[BlockOutput], float]:
         decode_s = 0.0
         s = self.sampling
         step_sig = torch.tensor([self.sigmas[r.step] for r in rows], dtype=torch.float64,
@@ -359,10 +377,15 @@ class Runner:
             frames = None
             if self.bundle.decoder is not None:
                 tic = time.perf_counter()
-                frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
-                dt = time.perf_counter() - tic
-                decode_s += dt
-                self.timing["decode"] += dt
+                try:
+                    frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])
+                except Exception as e:  # noqa: BLE001 - one stream's decoder state is its own
+                    faults[r.sid] = e
+                    continue
+                finally:
+                    dt = time.perf_counter() - tic
+                    decode_s += dt
+                    self.timing["decode"] += dt
             outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
         return outs, decode_s
 

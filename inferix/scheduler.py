@@ -187,7 +187,9 @@ class Scheduler:
         """Advance counters after the runner executed the plan; returns sids that finished."""
         done = []
         for row in plan.rows():
-            seq = self.seqs[row.sid]
+            seq = self.seqs.get(row.sid)
+            if seq is None:  # ended during the step (failed on its own): its pages are already back
+                continue
             if row.kind == PREFILL:
                 seq.prefill_chunks.pop(0)
             elif row.kind == RECACHE:

@@ -12,7 +12,21 @@ from pathlib import Path
 import av
 import numpy as np
 
-__all__ = ["VideoWriter", "Mp4Writer"]
+__all__ = ["VideoWriter", "Mp4Writer", "check_output_file"]
+
+
+def check_output_file(target: str | os.PathLike, what: str = "output") -> Path:
+    """An output file path that can be written: not a folder, in a folder that exists. Checked before any work,
+    so a bad path fails at once instead of after a whole video was made."""
+    path = Path(target)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(target)!r} is a folder; name a file in it, e.g. {path / 'video.mp4'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{what} folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{what} folder is not writable: {parent}")
+    return path
 
 
 class VideoWriter:
@@ -29,9 +43,7 @@ class VideoWriter:
             fmt = container_format or ("flv" if self.target.startswith("rtmp") else None)
             self.container = av.open(self.target, mode="w", format=fmt)
         else:
-            self.path = Path(self.target)
-            if self.path.parent and not self.path.parent.exists():
-                raise FileNotFoundError(f"output folder does not exist: {self.path.parent}")
+            self.path = check_output_file(self.target)
             self.tmp = self.path.with_name(self.path.name + ".partial")
             fmt = container_format or {".mp4": "mp4", ".mkv": "matroska", ".webm": "webm", ".flv": "flv",
                                        ".ts": "mpegts"}.get(self.path.suffix.lower(), "mp4")
@@ -86,7 +98,11 @@ class VideoWriter:
             if self.frames == 0:
                 self._remove_tmp()
                 raise RuntimeError(f"no frames were written; {self.path} was not created")
-            os.replace(self.tmp, self.path)
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError:
+                self._remove_tmp()
+                raise
         return self.path or self.target
 
     def abort(self) -> None:

@@ -12,6 +12,9 @@ class ConfigBase:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(names)}")
+        for f in dataclasses.fields(cls):  # a value of the wrong kind is named here, not deep inside the model
+            if f.name in d and f.default is not dataclasses.MISSING and f.default is not None:
+                check_kind(d[f.name], type(f.default), f"{what or cls.__name__} {f.name}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -23,6 +26,19 @@ class ConfigBase:
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
+
+
+def check_kind(value, kind: type, what: str) -> None:
+    """ValueError naming ``what`` when value is not of the kind its default has (ints pass for floats, lists for
+    tuples; None passes: optional settings)."""
+    if value is None:
+        return
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (list, tuple),
+          list: (list, tuple)}.get(kind)
+    if ok is None:
+        return
+    if not isinstance(value, ok) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{what} must be a {kind.__name__}, got {value!r}")
 
 
 def check_at_least(cfg, what: str, minimums: dict) -> None:

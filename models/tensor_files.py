@@ -45,7 +45,8 @@ def _torch_load(path: Path):
         m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
         raise CheckpointError(f"{path}: refused: not a tensors-only torch checkpoint "
                               f"({m.group(1).strip() if m else text.splitlines()[0]})") from None
-    except (EOFError, OSError, RuntimeError) as e:
+    except (EOFError, OSError, RuntimeError, IndexError, KeyError, ValueError, TypeError) as e:
+        # a file that is no checkpoint at all (text, another format) fails inside the unpickler in many ways
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
 
 

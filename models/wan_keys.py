@@ -155,6 +155,8 @@ def _fields_from_config_json(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: a model config must be a JSON object, found a {type(cfg).__name__}")
     kind = _config_kind(cfg)
     if kind == "diffusers":
         return wan_config_from_diffusers(cfg, str(path))

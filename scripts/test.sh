@@ -25,7 +25,7 @@ if [ "$latest" = 1 ]; then
   echo "newest releases: $venv/installed.txt; differences from requirements.lock:"
   python - "$venv/installed.txt" <<'PY' || true
 import re, sys
-pin = lambda path: {m[1].lower().replace("_", "-"): m[2] for m in
+pin = lambda path: {m[1].lower().replace("_", "-"): m[2].split("+")[0] for m in
                     (re.match(r"^([A-Za-z0-9_.-]+)==([^\s;]+)", l) for l in open(path)) if m}
 lock, now = pin("requirements.lock"), pin(sys.argv[1])
 for name in sorted(set(lock) | set(now)):
