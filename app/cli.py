@@ -30,6 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot-every", type=int, default=3, help="blocks between rewind points")
     p.add_argument("--record-mib", type=int, default=512, help="memory per tab for the recording that playback "
                    "and the mp4 download use; older frames drop first")
+    p.add_argument("--record-mib-total", type=float, default=2048, help="memory for the recordings of all tabs "
+                   "together (MiB, default 2048); past it the oldest recorded frames of any tab drop first")
+    p.add_argument("--idle-timeout", type=float, default=300, help="seconds (default 300) a stream may stay paused "
+                   "or idle (finished, stopped) before it ends and its KV pages, rewind points and recording are "
+                   "freed; a tab that sends no request for this long (a closed page, an API client) is closed too; "
+                   "0: never")
+    p.add_argument("--max-queue", type=int, default=8, help="tabs that may wait for a stream while the KV pool is "
+                   "full (default 8); Start beyond that is refused with a message (0: no waiting)")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt accepted, in characters "
+                   "(default 2000), at Start and when switching it")
+    p.add_argument("--max-upload-kib", type=int, default=1024, help="largest body the upload route accepts, in KiB "
+                   "(default 1024; the page uploads nothing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
                    "views (h, v, hv, d, a) run beside every stream and averaged each block; steadier, slower")
@@ -50,7 +62,9 @@ def run(a) -> int:
         cfg = DemoConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window,
                          sink=a.sink, max_sessions=a.max_sessions, kv_pages=a.kv_pages, max_frames=a.max_frames,
                          snapshots=a.snapshots, snapshot_every=a.snapshot_every, max_pixels=a.max_pixels,
-                         record_mib=a.record_mib, threads=a.threads, mirrors=parse_mirrors(a.mirrors))
+                         record_mib=a.record_mib, threads=a.threads, mirrors=parse_mirrors(a.mirrors),
+                         record_mib_total=a.record_mib_total, idle_timeout=a.idle_timeout, max_queue=a.max_queue,
+                         max_prompt_chars=a.max_prompt_chars, max_upload_kib=a.max_upload_kib)
         hub = Hub(cfg)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

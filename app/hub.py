@@ -8,10 +8,19 @@ stream waits for pages, and when one waits, rewind points are given up, oldest f
 
 Lock order: ``engine.lock`` before ``Tab.lock``; the playback side takes only ``Tab.lock`` (short, never across a
 step), so a frame can be shown while the engine runs the next block.
+
+Limits (DemoConfig): a stream paused or idle for ``idle_timeout`` seconds ends and frees its KV pages, rewind
+points and recording; a tab that sends no request for that long (a closed page, an API client) is closed. At most
+``max_queue`` tabs wait for a stream; prompts are capped at ``max_prompt_chars``; the recordings of all tabs together
+stay under ``record_mib_total`` (oldest frames drop first). A failed step ends the sessions it ran; its error is
+shown in their tabs only.
 """
 from __future__ import annotations
 
+import bisect
 import logging
+import math
+import re
 import shutil
 import tempfile
 import threading
@@ -26,7 +35,7 @@ import numpy as np
 from inferix import AdmissionError, Engine, VideoWriter, default_model
 from inferix.models.mirrors import check_mirrors
 
-__all__ = ["DemoConfig", "Hub", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS"]
+__all__ = ["DemoConfig", "Hub", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX", "parse_seed"]
 
 log = logging.getLogger("inferix.app")
 
@@ -35,6 +44,33 @@ ENDED = ("finished", "cancelled", "failed")
 # Buttons and keys shown for models without actions too (then they are recorded but reach no model input).
 DEFAULT_ACTIONS = ["none", "up", "down", "left", "right"]
 GENERIC_PROMPT = "a red car drives through a snowy city at night"
+SEED_MAX = 2 ** 63 - 1
+STEP_FAILED = "the engine failed a step and retries (details in the server log)"
+
+
+def _short(v, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def parse_seed(value) -> int:
+    """The Seed box as an int in [0, SEED_MAX]; a ValueError naming the value otherwise."""
+    err = ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {_short(value)}")
+    if isinstance(value, (bool, np.bool_)):
+        raise err
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or value != math.floor(value):
+            raise err
+        n = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\+?\d{1,19}\s*", value):
+        n = int(value)
+    else:
+        raise err
+    if not 0 <= n <= SEED_MAX:
+        raise err
+    return n
 
 
 @dataclass
@@ -55,6 +91,11 @@ class DemoConfig:
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
     default_prompt: str | None = None  # None: the model's own (a bundle's "default_prompt"), else GENERIC_PROMPT
     mirrors: tuple = ()  # mirror views run beside every stream (mirror-symmetric worlds: the toy world), e.g. hv,d,a
+    idle_timeout: float = 300.0  # s a stream may stay paused/idle, and a tab go without requests; 0: never
+    max_queue: int = 8  # tabs that may wait for a stream; a Start beyond that is refused
+    max_prompt_chars: int = 2000
+    record_mib_total: float = 2048  # memory for the recordings of all tabs together; oldest frames drop first
+    max_upload_kib: int = 1024  # request bodies the upload route accepts (the page itself uploads nothing)
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -68,6 +109,16 @@ class DemoConfig:
                              f"{self.snapshot_every}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if not (self.idle_timeout >= 0 and math.isfinite(self.idle_timeout)):
+            raise ValueError(f"idle_timeout must be >= 0 seconds (0: never), got {self.idle_timeout}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        if not (self.record_mib_total > 0 and math.isfinite(self.record_mib_total)):
+            raise ValueError(f"record_mib_total must be positive, got {self.record_mib_total}")
+        if self.max_upload_kib < 1:
+            raise ValueError(f"max_upload_kib must be >= 1, got {self.max_upload_kib}")
         self.mirrors = check_mirrors(self.mirrors)
         for name in ("height", "width", "kv_pages"):
             v = getattr(self, name)
@@ -101,6 +152,7 @@ class Tab:
         self.lock = threading.Lock()
         self.session = None
         self.frames: list[np.ndarray] = []  # recorded frames [H, W, 3]; frame i of the session is frames[i - base]
+        self.frame_times: list[float] = []  # when each recorded frame arrived (the total cap drops the oldest)
         self.base = 0  # frames dropped from the front (the recording is capped by DemoConfig.record_mib)
         self.epoch = 0  # bumped whenever the recording restarts or rewinds: playback jumps to epoch_start
         self.epoch_start = 0
@@ -113,6 +165,8 @@ class Tab:
         self.stream_token = 0
         self.closed = False
         self.video_path: Path | None = None
+        self.last_seen = time.monotonic()  # the last request from this tab (a handler call or the player)
+        self.idle_since: float | None = None  # when its stream stopped running (paused, finished, stopped)
 
     @property
     def total_frames(self) -> int:
@@ -136,6 +190,18 @@ class Tab:
     def recorded(self) -> list[np.ndarray]:
         with self.lock:
             return list(self.frames)
+
+    # the recording; callers hold self.lock
+    def _record(self, frames, t: float) -> None:
+        self.frames.extend(frames)
+        self.frame_times.extend([t] * len(frames))
+
+    def _drop_front(self, n: int) -> None:
+        del self.frames[:n], self.frame_times[:n]
+        self.base += n
+
+    def _restart_recording(self, base: int) -> None:
+        self.frames, self.frame_times, self.base = [], [], base
 
 
 class Hub:
@@ -161,10 +227,13 @@ class Hub:
         self.default_prompt = cfg.default_prompt or eng.bundle.extra.get("default_prompt") or GENERIC_PROMPT
         self.block_pixels = max(1, eng.bundle.pixel_frames(eng.block_frames + 1) - eng.bundle.pixel_frames(1))
         self.kv_pages_total = eng.stats()["kv_pages_total"]
-        self.record_cap = max(4 * self.block_pixels, cfg.record_mib * 2 ** 20 // (eng.height * eng.width * 3))
+        frame_bytes = eng.height * eng.width * 3
+        self.record_cap = max(4 * self.block_pixels, cfg.record_mib * 2 ** 20 // frame_bytes)
+        self.record_total_cap = max(4 * self.block_pixels, int(cfg.record_mib_total * 2 ** 20) // frame_bytes)
         self.tabs: dict[str, Tab] = {}
         self.delivered: deque = deque(maxlen=65)  # (time, frames) for every block of every tab
-        self.step_error = ""
+        self.step_error = ""  # the last step's failure that no session owns; cleared by the next good step
+        self._next_reap = 0.0
         self._video_dir: Path | None = None  # made at the first download
         self._stop = threading.Event()
         self._want = 0  # callers queued for the engine lock: the stepping thread lets them in between steps
@@ -190,10 +259,11 @@ class Hub:
         if window is None and cfg.max_frames == 0:
             raise ValueError("sessions without a frame limit (max_frames 0) need a window")
         kv_pages = cfg.kv_pages
-        if kv_pages is None:
-            bf = bundle.sampling.block_frames
-            per = window if window is not None else -(-bundle.latent_frames(cfg.max_frames) // bf) * bf
-            kv_pages = per * cfg.max_sessions
+        if kv_pages is None:  # what max_sessions streams reserve, by the engine's own sizing rule
+            from inferix.sizing import pool_pages
+            start = bundle.start_frames(cfg.default_prompt or bundle.extra.get("default_prompt") or GENERIC_PROMPT, 0)
+            n_init = 0 if start is None else bundle.latent_frames(len(start))
+            kv_pages = pool_pages(bundle, window, cfg.max_sessions, cfg.max_frames or None, n_init)
         h, w = cfg.height or bundle.height, cfg.width or bundle.width
         if h * w > cfg.max_pixels:
             raise ValueError(f"resolution {w}x{h} is over the demo's limit of {cfg.max_pixels} pixels per frame")
@@ -217,7 +287,7 @@ class Hub:
     def _drive(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
-            worked = False
+            worked = failed = False
             try:
                 with eng.lock:
                     try:
@@ -225,14 +295,28 @@ class Hub:
                     finally:  # a failed step ends its sessions: collect what they delivered and their error
                         self._collect()
             except Exception as e:  # noqa: BLE001 - the demo keeps serving the other tabs
-                self.step_error = f"{type(e).__name__}: {e}"
-                log.exception("engine step failed")
-                worked = False
+                failed = True
+                self._step_failed(e)
+            else:
+                self.step_error = ""
+            self._maybe_reap()
             deadline = time.monotonic() + 0.5
             while self._want and time.monotonic() < deadline:  # let UI calls take the lock between steps
                 time.sleep(0.001)
-            if not worked:
+            if failed:
+                self._stop.wait(0.1)  # a failure that repeats is not retried in a tight loop
+            elif not worked:
                 self._stop.wait(0.02)
+
+    def _step_failed(self, e: BaseException) -> None:
+        """A step raised. Sessions the engine marked with the error own it: their tabs show it (``_collect``),
+        no other tab does. A failure nobody owns is kept in ``step_error`` until a step succeeds."""
+        owners = [t.key for t in list(self.tabs.values()) if t.session is not None and t.session.error is e]
+        if owners:
+            log.exception("engine step failed; ended the stream of %d tab(s)", len(owners))
+        else:
+            self.step_error = f"{type(e).__name__}: {e}"
+            log.exception("engine step failed")
 
     def _collect(self) -> None:
         """Runs under the engine lock after each step: move delivered frames into tabs, take rewind points."""
@@ -250,22 +334,33 @@ class Hub:
             n = sum(len(b) for b in blocks)
             with tab.lock:
                 for b in blocks:
-                    tab.frames.extend(b)
+                    tab._record(b, now)
                 if len(tab.frames) > self.record_cap:
-                    drop = len(tab.frames) - self.record_cap
-                    del tab.frames[:drop]
-                    tab.base += drop
+                    tab._drop_front(len(tab.frames) - self.record_cap)
             tab.blocks += len(blocks)
             tab.block_times.append((now, n))
             self.delivered.append((now, n))
             if (cfg.snapshots and s.status == RUNNING and tab.blocks % cfg.snapshot_every == 0
                     and not self._anyone_waiting()):
                 self._snapshot(tab)
+        self._cap_recordings()
         if self._anyone_waiting():
             self._reclaim()
 
-    def _anyone_waiting(self) -> bool:
-        return any(t.session is not None and t.session.status == WAITING for t in self.tabs.values())
+    def _cap_recordings(self) -> None:
+        """Keep the recordings of all tabs within ``record_total_cap`` frames: the oldest frames drop first."""
+        tabs = list(self.tabs.values())
+        excess = sum(len(t.frames) for t in tabs) - self.record_total_cap
+        while excess > 0:
+            tab = min((t for t in tabs if t.frames), key=lambda t: t.frame_times[0])
+            with tab.lock:
+                n = min(excess, bisect.bisect_right(tab.frame_times, tab.frame_times[0]))  # that block's frames
+                tab._drop_front(n)
+            excess -= n
+
+    def _anyone_waiting(self, extra=None) -> bool:
+        return (extra is not None and extra.status == WAITING) or \
+            any(t.session is not None and t.session.status == WAITING for t in self.tabs.values())
 
     def _snapshot(self, tab: Tab) -> None:
         s = tab.session
@@ -287,14 +382,64 @@ class Hub:
         tab.snapshots.append(Snapshot(child, frames=s.frames_out, block=tab.blocks, prompt=s.prompt,
                                       action=tab.action))
 
-    def _reclaim(self) -> None:
+    def _reclaim(self, extra=None) -> None:
         """A stream waits for KV pages: give up rewind points, oldest first, until nobody waits."""
         snaps = sorted(((sn.taken, sn, t) for t in self.tabs.values() for sn in t.snapshots), key=lambda x: x[0])
         for _, sn, t in snaps:
-            if not self._anyone_waiting():
+            if not self._anyone_waiting(extra):
                 return
             sn.session.cancel()  # frees its pages; the scheduler admits waiting sessions at once
             t.snapshots.remove(sn)
+
+    def _maybe_reap(self) -> None:
+        limit = self.config.idle_timeout
+        now = time.monotonic()
+        if not limit or now < self._next_reap:
+            return
+        self._next_reap = now + min(1.0, limit / 4)
+        with self.engine.lock:
+            self._reap(now)
+
+    def _reap(self, now: float) -> None:
+        """End what nobody uses (runs under the engine lock): a tab without requests for ``idle_timeout`` seconds
+        is closed; a stream paused or idle that long ends, freeing its pages, rewind points and recording."""
+        limit = self.config.idle_timeout
+        for key, tab in list(self.tabs.items()):
+            if now - tab.last_seen > limit:
+                log.info("closing a tab that sent no request for %.0f s", now - tab.last_seen)
+                self.tabs.pop(key, None)
+                self._end_tab(tab)
+                continue
+            s = tab.session
+            if s is not None and s.status in (RUNNING, WAITING):
+                tab.idle_since = None
+                continue
+            if tab.idle_since is None:
+                tab.idle_since = now
+                continue
+            paused = s is not None and s.status == PAUSED
+            if now - tab.idle_since <= limit or not (paused or tab.snapshots or tab.frames):
+                continue
+            self._end_session(tab)
+            self._drop_recording(tab)
+            tab.message = (f"the stream was {'paused' if paused else 'idle'} for over {limit:g} s and has ended, "
+                           f"freeing its KV pages, rewind points and recording: press Start for a new one")
+
+    def _drop_recording(self, tab: Tab) -> None:
+        with tab.lock:
+            tab._restart_recording(tab.total_frames)
+            tab.epoch += 1
+            tab.epoch_start = tab.base
+        self._drop_video(tab)
+
+    def _drop_video(self, tab: Tab) -> None:
+        path, tab.video_path = tab.video_path, None
+        if path is None:
+            return
+        if self._video_dir is not None and path.parent.parent == self._video_dir:
+            shutil.rmtree(path.parent, ignore_errors=True)  # the download's own folder
+        else:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop the stepping thread and end every session."""
@@ -312,10 +457,12 @@ class Hub:
 
     # ---- tabs ------------------------------------------------------------------------------------------
     def tab(self, key: str) -> Tab:
+        """The tab for ``key`` (made on first use); a call counts as a request from that tab."""
         t = self.tabs.get(key)
         if t is None:
             with self._locked():
                 t = self.tabs.setdefault(key, Tab(key))
+        t.last_seen = time.monotonic()
         return t
 
     @staticmethod
@@ -329,40 +476,58 @@ class Hub:
     def _end_tab(self, tab: Tab) -> None:
         tab.closed = True
         self._end_session(tab)
-        if tab.video_path is not None:
-            tab.video_path.unlink(missing_ok=True)
+        with tab.lock:
+            tab._restart_recording(tab.total_frames)
+        self._drop_video(tab)
+
+    def _clean_prompt(self, prompt) -> str:
+        """The prompt stripped; ValueError when it is not text or longer than ``max_prompt_chars``."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+        prompt = (prompt or "").strip()
+        limit = self.config.max_prompt_chars
+        if len(prompt) > limit:
+            raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {limit}")
+        return prompt
 
     def start(self, key: str, prompt: str, seed: int = 0) -> Tab:
-        """(Re)start the tab's stream; the session waits for pages when the pool is full."""
-        prompt = (prompt or "").strip() or self.default_prompt
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError):
-            raise ValueError(f"seed must be an integer, got {seed!r}") from None
+        """(Re)start the tab's stream; the session waits for pages when the pool is full, unless ``max_queue``
+        tabs wait already (then AdmissionError). A bad seed or prompt raises ValueError and changes nothing."""
+        prompt = self._clean_prompt(prompt) or self.default_prompt
+        seed = parse_seed(seed)
         with self._locked():
             tab = self.tab(key)
             self._end_session(tab)
             tab.message = ""
+            waiting = sum(1 for t in self.tabs.values()
+                          if t is not tab and t.session is not None and t.session.status == WAITING)
             sess = self.engine.open_session(prompt, num_frames=self.config.max_frames or None, seed=seed)
+            if sess.status == WAITING:
+                self._reclaim(extra=sess)  # rewind points give way to a new stream at once
+                if sess.status == WAITING and waiting >= self.config.max_queue:
+                    sess.cancel()
+                    raise AdmissionError(f"all streams are busy and {waiting} tab(s) wait already, the most allowed "
+                                         f"to wait is {self.config.max_queue}: try again later")
             if self.model_actions and tab.action != "none":
                 sess.act(tab.action)
             with tab.lock:
                 tab.session = sess
-                tab.frames, tab.base = [], 0
+                tab._restart_recording(0)
                 tab.epoch += 1
                 tab.epoch_start = 0
             tab.blocks = 0
             tab.block_times.clear()
+            tab.idle_since = None
             tab.prompt = prompt
             return tab
 
     def set_prompt(self, key: str, prompt: str) -> bool:
         """Switch the running stream's prompt at its next block; False when there is nothing to switch."""
-        prompt = (prompt or "").strip()
-        tab = self.tab(key)
+        prompt = self._clean_prompt(prompt)
         if not prompt:
             return False
         with self._locked():
+            tab = self.tab(key)
             s = tab.session
             if s is None or s.status in ENDED:
                 return False
@@ -374,19 +539,20 @@ class Hub:
         """Hold an action from the next block on (recorded only, for models without actions)."""
         if action not in self.actions:
             raise ValueError(f"unknown action {action!r}; known: {self.actions}")
-        tab = self.tab(key)
         with self._locked():
+            tab = self.tab(key)
             tab.action = action
             s = tab.session
             if self.model_actions and s is not None and s.status not in ENDED:
                 s.act(action)
 
     def toggle_pause(self, key: str) -> str:
-        tab = self.tab(key)
         with self._locked():
+            tab = self.tab(key)
             s = tab.session
             if s is None:
                 return "idle"
+            tab.idle_since = None  # a pause counts from now
             if s.status == RUNNING:
                 s.pause()
             elif s.status == PAUSED:
@@ -396,14 +562,14 @@ class Hub:
 
     def stop(self, key: str) -> None:
         """End the stream and free its pages (rewind points too); the recording stays for download."""
-        tab = self.tab(key)
         with self._locked():
+            tab = self.tab(key)
             self._end_session(tab)
 
     def rewind(self, key: str, snapshot_id: str | None = None) -> Snapshot:
         """Continue from a rewind point (default: the newest) as the tab's stream; the current one ends."""
-        tab = self.tab(key)
         with self._locked():
+            tab = self.tab(key)
             if not tab.snapshots:
                 raise ValueError("no rewind point yet: they are taken every "
                                  f"{self.config.snapshot_every} blocks while a stream runs and KV pages are free")
@@ -423,13 +589,14 @@ class Hub:
             with tab.lock:
                 tab.session = chosen.session
                 if chosen.frames >= tab.base:
-                    del tab.frames[chosen.frames - tab.base:]
+                    del tab.frames[chosen.frames - tab.base:], tab.frame_times[chosen.frames - tab.base:]
                 else:  # the recording no longer reaches back to this point: it restarts there
-                    tab.frames, tab.base = [], chosen.frames
+                    tab._restart_recording(chosen.frames)
                 tab.epoch += 1
                 tab.epoch_start = chosen.frames
             tab.blocks = chosen.block
             tab.block_times.clear()
+            tab.idle_since = None
             tab.prompt = chosen.prompt
             tab.action = chosen.action
             tab.message = ""
@@ -443,15 +610,17 @@ class Hub:
                 self._end_tab(tab)
 
     def write_video(self, key: str) -> Path | None:
-        """The tab's recording as an mp4 (None before the first frame)."""
+        """The tab's recording as an mp4 (None before the first frame), replacing its earlier one.
+
+        The file is named by the time only, in a random folder of its own: the name says nothing of the tab."""
         tab = self.tab(key)
         frames = tab.recorded()
         if not frames:
             return None
-        safe = "".join(c for c in key if c.isalnum())[:32] or "tab"
         if self._video_dir is None:
             self._video_dir = Path(tempfile.mkdtemp(prefix="inferix-demo-"))
-        path = self._video_dir / f"inferix-{safe}.mp4"
+        self._drop_video(tab)
+        path = Path(tempfile.mkdtemp(dir=self._video_dir)) / f"inferix-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
         with VideoWriter(path, fps=self.fps) as w:
             w.write(np.stack(frames))
         tab.video_path = path
@@ -472,6 +641,7 @@ class Hub:
         Given a Tab it never creates one, so a player that outlives its closed tab leaves nothing behind."""
         if not isinstance(tab, Tab):
             tab = self.tab(tab)
+        tab.last_seen = time.monotonic()
         s = tab.session
         status = "idle" if s is None else s.status
         waiting = sum(1 for t in list(self.tabs.values()) if t.session is not None and t.session.status == WAITING)
@@ -495,6 +665,6 @@ class Hub:
             "prompt": tab.prompt,
             "session_id": None if s is None else s.id,
             "snapshots": [(sn.label, sn.id) for sn in list(tab.snapshots)],
-            "message": tab.message or self.step_error,
+            "message": tab.message or (STEP_FAILED if self.step_error and status in (RUNNING, WAITING) else ""),
         }
 

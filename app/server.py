@@ -5,21 +5,45 @@
 Frames are pushed to a ``gr.Image`` by a generator that plays each tab's recording at the model's frame rate
 as blocks arrive (skipping ahead when it falls more than two blocks behind). Keys reach the engine through a
 small script that clicks the action buttons. The engine itself lives in ``Hub`` (app/hub.py).
+
+The page is the only client: every event handler is private (not listed in the API info) and the direct-call
+routes (``/gradio_api/call/...``, ``/gradio_api/run/...``, ``/gradio_api/api/...``) are refused, so nothing but the
+page's own queue calls reaches a tab. The upload route takes at most ``DemoConfig.max_upload_kib`` (the page
+uploads nothing).
 """
 from __future__ import annotations
 
 import asyncio
 import html
 import os
+import re
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.responses import PlainTextResponse  # noqa: E402
 
 from .hub import ENDED, PAUSED, WAITING, AdmissionError, DemoConfig, Hub  # noqa: E402
 
 __all__ = ["build_demo", "launch", "DemoConfig", "Hub"]
+
+# routes that run an event handler by name, outside the page's queue
+DIRECT_CALLS = re.compile(r"(^|/)gradio_api/(call|run|api)(/|$)")
+
+
+class NoDirectCalls:
+    """ASGI middleware: answer 404 to the direct-call routes, so a handler runs only through the page's queue."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and DIRECT_CALLS.search(scope.get("path", "")):
+            await PlainTextResponse("not found: this demo has no API", status_code=404)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 ARROWS = {"none": "■ none", "up": "↑ up", "down": "↓ down", "left": "← left", "right": "→ right"}
 
@@ -136,8 +160,8 @@ def build_demo(hub: Hub) -> gr.Blocks:
             key = key_of(request)
             try:
                 hub.start(key, text, seed_v if seed_v is not None else 0)
-            except (AdmissionError, ValueError) as e:
-                raise gr.Error(str(e))
+            except (AdmissionError, ValueError, TypeError) as e:
+                raise gr.Error(str(e), print_exception=False)
             return gr.update(value="Pause"), stats_html(hub.stats(key)), gr.update(choices=[], value=None)
 
         async def on_stream(request: gr.Request):
@@ -191,7 +215,10 @@ def build_demo(hub: Hub) -> gr.Blocks:
 
         def on_prompt(text, request: gr.Request):
             key = key_of(request)
-            hub.set_prompt(key, text)
+            try:
+                hub.set_prompt(key, text)
+            except ValueError as e:
+                raise gr.Error(str(e), print_exception=False)
             return stats_html(hub.stats(key))
 
         def make_act(name):
@@ -221,9 +248,9 @@ def build_demo(hub: Hub) -> gr.Blocks:
             if request is not None and request.session_hash:
                 hub.close_tab(request.session_hash)
 
-        quiet = dict(show_progress="hidden")
+        quiet = dict(show_progress="hidden", api_visibility="private")
         play = dict(fn=on_stream, inputs=None, outputs=[stream, stats, snaps, pause], concurrency_limit=None,
-                    show_progress="hidden")
+                    **quiet)
         start.click(on_start, [prompt, seed], [pause, stats, snaps], trigger_mode="multiple", **quiet) \
             .success(**play)
         rewind.click(on_rewind, [snaps], [prompt, pause, stats, snaps], trigger_mode="multiple", **quiet) \
@@ -241,7 +268,9 @@ def build_demo(hub: Hub) -> gr.Blocks:
 def launch(hub: Hub, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, quiet: bool = False):
     """Serve the demo; with block=False it returns the running gr.Blocks (call .close() and hub.close())."""
     demo = build_demo(hub)
-    demo.queue(default_concurrency_limit=4)
+    demo.queue(default_concurrency_limit=4, api_open=False)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, show_error=True,
-                head=KEYS_JS, css=CSS, footer_links=[], ssr_mode=False, max_threads=64)
+                head=KEYS_JS, css=CSS, footer_links=[], ssr_mode=False, max_threads=64,
+                max_file_size=hub.config.max_upload_kib * 1024,
+                app_kwargs={"middleware": [Middleware(NoDirectCalls)]})
     return demo

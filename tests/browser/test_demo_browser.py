@@ -190,7 +190,10 @@ def test_single_tab_stream_keys_rewind_stop_download(context, demo, artifacts):
     page.click("#save")
     link = page.locator("#video-file a[href]").first
     link.wait_for(timeout=15000)
-    resp = page.request.get(link.get_attribute("href"), timeout=15000)
+    href = link.get_attribute("href")
+    # the download names no session: its name cannot be used to reach this tab
+    assert tab.key not in href and tab.key not in page.inner_text("#video-file"), href
+    resp = page.request.get(href, timeout=15000)
     assert resp.ok
     mp4 = artifacts / "demo_download.mp4"
     mp4.write_bytes(resp.body())
@@ -284,3 +287,23 @@ def test_full_pool_waits_and_closing_a_tab_frees_it(context, demo):
     wait_until(lambda: stat(third, "status") == "running", 15, "the waiting tab to start")
     wait_until(lambda: frames_shown(third) > 0, 15, "frames in the formerly waiting tab")
     assert stat(pages[1], "status") == "running"
+
+
+def test_bad_seed_and_long_prompt_are_refused_in_that_tab(context, demo):
+    hub = demo.hub
+    page, other = open_page(context, demo), open_page(context, demo)
+    errors = page.locator(".toast-body")
+    page.fill("#seed input", "1e20")
+    page.click("#start")
+    wait_until(lambda: errors.filter(has_text="seed must be a whole number from 0 to").count(), 10,
+               "the seed message")
+    assert "100000000000000000000" in errors.first.inner_text()
+    limit = hub.config.max_prompt_chars
+    page.fill("#seed input", "3")
+    page.fill("#prompt textarea, #prompt input", "x" * (limit + 1))
+    page.click("#start")
+    wait_until(lambda: errors.filter(has_text=f"the limit is {limit}").count(), 10, "the prompt length message")
+    time.sleep(0.3)
+    assert not hub.engine.sessions and not any(t.session for t in hub.tabs.values())  # nothing opened
+    assert other.locator(".toast-body").count() == 0  # the other tab is not told
+    assert "idle" in page.inner_text("#stats")

@@ -23,6 +23,37 @@ def test_register_adds_demo_command_with_local_defaults():
     assert a.mirrors == "" and p.parse_args(["demo", "--mirrors", "hv,d,a"]).mirrors == "hv,d,a"
 
 
+def test_limit_flags_have_sane_defaults_and_reach_the_config(monkeypatch):
+    from inferix.app import cli
+    from inferix.app.hub import DemoConfig
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["demo"])
+    assert (a.idle_timeout, a.max_queue, a.max_prompt_chars, a.record_mib_total, a.max_upload_kib) == \
+        (300, 8, 2000, 2048, 1024)
+    d = DemoConfig()
+    assert (d.idle_timeout, d.max_queue, d.max_prompt_chars, d.record_mib_total, d.max_upload_kib) == \
+        (300, 8, 2000, 2048, 1024)
+    helps = argparse.ArgumentParser()
+    cli.add_arguments(helps)
+    text = " ".join(helps.format_help().split())
+    for flag in ("--idle-timeout", "--max-queue", "--max-prompt-chars", "--record-mib-total", "--max-upload-kib"):
+        assert flag in text, flag
+    assert "(default 300)" in text and "(default 8)" in text and "(default 2000)" in text
+    seen = {}
+
+    def fake_hub(cfg):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+    monkeypatch.setattr("inferix.app.hub.Hub", fake_hub)
+    a = p.parse_args(["demo", "--idle-timeout", "30", "--max-queue", "0", "--max-prompt-chars", "100",
+                      "--record-mib-total", "64.5", "--max-upload-kib", "16"])
+    assert a.func(a) == 2
+    c = seen["cfg"]
+    assert (c.idle_timeout, c.max_queue, c.max_prompt_chars, c.record_mib_total, c.max_upload_kib) == \
+        (30, 0, 100, 64.5, 16)
+
+
 def test_engine_cli_finds_demo_through_entry_point(monkeypatch):
     import inferix.cli as cli
     ep = EntryPoint(name="demo", value="inferix.app.cli:register", group="inferix.commands")
@@ -49,6 +80,10 @@ def test_engine_never_imports_the_app():
 @pytest.mark.parametrize("kw, msg", [(dict(max_sessions=0), "max_sessions"), (dict(max_frames=-1), "max_frames"),
                                      (dict(snapshot_every=0), "snapshot_every"), (dict(height=-8), "height"),
                                      (dict(max_pixels=0), "max_pixels"), (dict(record_mib=0), "record_mib"),
+                                     (dict(idle_timeout=-1), "idle_timeout"), (dict(max_queue=-1), "max_queue"),
+                                     (dict(max_prompt_chars=0), "max_prompt_chars"),
+                                     (dict(record_mib_total=0), "record_mib_total"),
+                                     (dict(max_upload_kib=0), "max_upload_kib"),
                                      (dict(mirrors=("hv", "x")), r"mirrors must be distinct names .*'x'")])
 def test_config_rejects_bad_values(kw, msg):
     from inferix.app.hub import DemoConfig
