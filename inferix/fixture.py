@@ -26,8 +26,35 @@ _MODEL_KEYS = {"patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim",
                "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps"}
 
 
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _load_tensors(path: Path, required: tuple[str, ...]) -> dict:
+    """Tensors of a fixture's safetensors file; a missing, truncated or incomplete file is named in one line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a fixture folder holds config.json, weights, "
+                                f"inputs.safetensors and expected.safetensors)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # SafetensorError (truncated, bad header) is not an OSError or ValueError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({path.stat().st_size} bytes; {msg})") from e
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: no tensor {', '.join(missing)} (has {len(tensors)} tensors)")
+    return tensors
+
+
 def load_fixture_model(folder: Path):
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = _read_config(folder)
     mk = cfg["model_kwargs"]
     if mk.get("model_type", "t2v") != "t2v":
         raise ValueError(f"{folder}: only t2v models can be replayed, got model_type {mk['model_type']!r}")
@@ -36,6 +63,8 @@ def load_fixture_model(folder: Path):
     weights = folder / "weights.pt"
     if not weights.exists():
         weights = folder / "weights.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder}: no weights.pt or weights.safetensors")
     dit = load_dit(weights, config=dit_cfg)
     return cfg, dit
 
@@ -46,8 +75,8 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
         raise FileNotFoundError(f"{folder} has no config.json; is it a reference rollout folder?")
     cfg, dit = load_fixture_model(folder)
     loop = cfg["loop"]
-    inputs = load_file(str(folder / "inputs.safetensors"))
-    expected = load_file(str(folder / "expected.safetensors"))
+    inputs = _load_tensors(folder / "inputs.safetensors", ("prompt_embeds", "initial_noise"))
+    expected = _load_tensors(folder / "expected.safetensors", ("latents",))
     bf = int(loop["num_frame_per_block"])
     sampling = SamplingConfig(denoising_steps=loop["denoising_step_list"], warp=bool(loop["warp_denoising_step"]),
                               shift=float(loop["timestep_shift"]),
@@ -67,7 +96,8 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
                          text_encoder=None, height=H * 8, width=W * 8)
     engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
                     sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True)
-    x0_err, kv_pages = {}, {}
+    x0_err = {}
+    table: dict[int, int] = {}  # frame -> page, as the session's block table holds them after its last commit
 
     def hook(plan, outs):
         for row in plan.rows():
@@ -77,8 +107,9 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
                 if name in expected:
                     x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
             elif row.kind == COMMIT:
-                for j, p in enumerate(row.write_pages):
-                    kv_pages[row.frame_start + j] = p
+                sp = engine.kv.sessions[row.sid]  # sink first, then the window, oldest first
+                table.clear()
+                table.update(zip(sp.frames(), sp.pages()))
 
     engine.hooks.append(hook)
     sess = engine.open_session("", num_frames=F, noise=RecordedNoise(noise0[0], renoise),
@@ -86,18 +117,23 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     for _ in sess:
         pass
     latents = torch.cat(sess.latents, dim=0)[None].cpu()  # [1, F, C, H, W]
+    if latents.shape != expected["latents"].shape:
+        raise ValueError(f"{folder / 'expected.safetensors'}: latents has shape {list(expected['latents'].shape)}, "
+                         f"the replay produced {list(latents.shape)}")
     result = {"fixture": str(folder), "attention_backend": engine.backend.name,
               "latents_max_abs_err": float((latents - expected["latents"]).abs().max()),
               "x0_max_abs_err": max(x0_err.values()) if x0_err else None, "x0_errors": x0_err,
               "pages_in_use_after": engine.pages_in_use}
     if "kv_layer0_k" in expected:
         # which frame each slot chunk of the reference cache holds: given by the fixture when its cache rolled,
-        # otherwise slot = absolute token index (frames in order)
-        slots = cfg.get("kv_layer0_k_layout", {}).get("slot_frames") or sorted(kv_pages)
-        missing = [f for f in slots if f not in kv_pages]
+        # otherwise the frames the session's block table holds at the end (sink first, then the window, oldest
+        # first); pages of evicted frames may have been reused, so they are never compared
+        slots = cfg.get("kv_layer0_k_layout", {}).get("slot_frames") or list(table)
+        missing = [f for f in slots if f not in table]
         if missing:
-            raise KeyError(f"the engine committed no page for reference cache frames {missing}")
-        k = torch.cat([engine.pool.k[0][kv_pages[f]] for f in slots], dim=0)[None].float().cpu()
+            raise ValueError(f"the engine's block table holds no page for reference cache frames {missing} at the "
+                             f"end (it holds frames {list(table)})")
+        k = torch.cat([engine.pool.k[0][table[f]] for f in slots], dim=0)[None].float().cpu()
         exp_k = expected["kv_layer0_k"]
         result["kv_layer0_k_max_abs_err"] = float((k[:, :exp_k.shape[1]] - exp_k).abs().max())
     tol = float(cfg.get("checks", {}).get("recommended_atol", 1e-4)) if tol is None else tol

@@ -22,6 +22,11 @@ Two families, and every result names the one it used:
 
   Checkpoints load with ``torch.load(weights_only=True)`` or safetensors; nothing is downloaded.
 
+A scorer scores a whole chunk (``scorer(frames)``) or the same chunk fed frame by frame to
+``scorer.accumulator()`` (see ``lvbench.streaming``), which holds a few frames (a batch of 16 for the CLIP
+and DINO models) instead of the chunk and gives the same score (weight-free motion and dynamic: up to the
+last bit of a float32).
+
 Per-chunk scores follow the protocol (VBench's dimensions applied to one chunk): clarity is the mean MUSIQ
 score of the chunk's frames (long side <= 512); motion drops every other frame, re-creates it with AMT-S
 and scores (255 - mean abs error) / 255; aesthetic is the mean head output / 10 on L2-normalised CLIP
@@ -38,6 +43,8 @@ from typing import Callable
 import numpy as np
 
 from inferix.drift import METRIC_NAMES, WEIGHT_FREE_METRICS
+
+from .streaming import WEIGHT_FREE_STREAMS, Batched, BufferedChunk, PerFrameMean
 
 BACKEND_CHOICES = ("auto", "weightfree", "reference")
 
@@ -61,14 +68,20 @@ class ChunkScorer:
     backend: str
     min_frames: int
     fn: Callable[[np.ndarray], float]
+    # a fresh per-chunk accumulator fed one frame at a time (see lvbench.streaming); None: the chunk is held whole
+    stream: Callable[[], object] | None = None
+    held_frames: int = 0  # frames an accumulator holds at most (for memory estimates); 0 = the whole chunk
 
     def __call__(self, frames: np.ndarray) -> float:
         return float(self.fn(frames))
 
+    def accumulator(self):
+        return self.stream() if self.stream is not None else BufferedChunk(self.fn)
+
 
 def weight_free_scorer(metric: str) -> ChunkScorer:
     m = WEIGHT_FREE_METRICS[metric]
-    return ChunkScorer(metric, m.backend, m.min_frames, m.fn)
+    return ChunkScorer(metric, m.backend, m.min_frames, m.fn, WEIGHT_FREE_STREAMS[metric], held_frames=2)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -149,7 +162,8 @@ class ClipEmbedder:
 
 def background_scorer(clip_model, device: str = "cpu", name: str = "reference:clip-vit-b32") -> ChunkScorer:
     emb = ClipEmbedder(clip_model, device)
-    return ChunkScorer("background", name, 2, lambda fr: feature_consistency(emb(fr)))
+    return ChunkScorer("background", name, 2, lambda fr: feature_consistency(emb(fr)),
+                       lambda: Batched(emb, feature_consistency, emb.batch), held_frames=emb.batch)
 
 
 def aesthetic_scorer(clip_model, head, device: str = "cpu",
@@ -163,11 +177,12 @@ def aesthetic_scorer(clip_model, head, device: str = "cpu",
     if head.in_features != d:
         raise ValueError(f"aesthetic head takes {head.in_features} features but the CLIP model projects to {d}")
 
-    def score(frames):
+    def rate(embeds):
         with torch.no_grad():
-            return float((head(F.normalize(emb(frames), dim=-1)) / 10.0).mean())
+            return float((head(F.normalize(embeds, dim=-1)) / 10.0).mean())
 
-    return ChunkScorer("aesthetic", name, 1, score)
+    return ChunkScorer("aesthetic", name, 1, lambda fr: rate(emb(fr)), lambda: Batched(emb, rate, emb.batch),
+                       held_frames=emb.batch)
 
 
 def subject_scorer(vit_model, device: str = "cpu", name: str = "reference:dino-vitb16",
@@ -184,7 +199,8 @@ def subject_scorer(vit_model, device: str = "cpu", name: str = "reference:dino-v
             return _batched(lambda b: vit_model(pixel_values=b.to(device), interpolate_pos_encoding=True)
                             .last_hidden_state[:, 0].float().cpu(), x, batch)
 
-    return ChunkScorer("subject", name, 2, lambda fr: feature_consistency(feats(fr)))
+    return ChunkScorer("subject", name, 2, lambda fr: feature_consistency(feats(fr)),
+                       lambda: Batched(feats, feature_consistency, batch), held_frames=batch)
 
 
 def clarity_scorer(musiq_model, device: str = "cpu", name: str = "reference:musiq-spaq",
@@ -194,19 +210,20 @@ def clarity_scorer(musiq_model, device: str = "cpu", name: str = "reference:musi
 
     musiq_model = musiq_model.to(device).eval()
 
-    def score(frames):
-        vals = []
+    def one(img) -> float:
+        h, w = img.shape[-2:]
         with torch.no_grad():
-            for img in _to_tensor(frames):
-                h, w = img.shape[-2:]
-                if max(h, w) > max_side:  # the protocol scores at a long side of at most 512
-                    s = max_side / max(h, w)
-                    img = F.interpolate(img[None], (round(h * s), round(w * s)), mode="bilinear",
-                                        antialias=True, align_corners=False)[0]
-                vals.append(float(musiq_model(img[None].to(device))[0]))
-        return float(np.mean(vals))
+            if max(h, w) > max_side:  # the protocol scores at a long side of at most 512
+                s = max_side / max(h, w)
+                img = F.interpolate(img[None], (round(h * s), round(w * s)), mode="bilinear",
+                                    antialias=True, align_corners=False)[0]
+            return float(musiq_model(img[None].to(device))[0])
 
-    return ChunkScorer("clarity", name, 1, score)
+    def score(frames):
+        return float(np.mean([one(img) for img in _to_tensor(frames)]))
+
+    return ChunkScorer("clarity", name, 1, score,
+                       lambda: PerFrameMean(lambda fr: one(_to_tensor(fr[None])[0]), dtype=np.float64), held_frames=1)
 
 
 def motion_scorer(amt_model, device: str = "cpu", name: str = "reference:amt-s") -> ChunkScorer:
@@ -217,20 +234,45 @@ def motion_scorer(amt_model, device: str = "cpu", name: str = "reference:amt-s")
     amt_model = amt_model.to(device).eval()
     embt = torch.tensor(0.5).view(1, 1, 1, 1)
 
-    def score(frames):
-        if len(frames) < 3:
-            raise ValueError(f"motion smoothness needs >= 3 frames per chunk, got {len(frames)}")
-        kept = _to_tensor(frames[0::2])
-        x, pads = pad16(kept)
-        errs = []
+    def error(a, b, pads, dropped: np.ndarray):
+        """Mean abs error of the frame AMT-S puts between padded kept frames a, b against the dropped one."""
         with torch.no_grad():
-            for i in range(len(x) - 1):
-                pred = unpad(amt_model(x[i:i + 1].to(device), x[i + 1:i + 2].to(device), embt.to(device)), pads)
-                pred = (pred[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-                errs.append(np.abs(pred.astype(np.int16) - frames[2 * i + 1].astype(np.int16)).mean())
+            pred = unpad(amt_model(a.to(device), b.to(device), embt.to(device)), pads)
+        pred = (pred[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        return np.abs(pred.astype(np.int16) - dropped.astype(np.int16)).mean()
+
+    def smoothness(errs: list, n: int) -> float:
+        if n < 3:
+            raise ValueError(f"motion smoothness needs >= 3 frames per chunk, got {n}")
         return float((255.0 - np.mean(errs)) / 255.0)
 
-    return ChunkScorer("motion", name, 3, score)
+    def score(frames):
+        if len(frames) < 3:
+            return smoothness([], len(frames))  # raises
+        x, pads = pad16(_to_tensor(frames[0::2]))
+        return smoothness([error(x[i:i + 1], x[i + 1:i + 2], pads, frames[2 * i + 1]) for i in range(len(x) - 1)],
+                          len(frames))
+
+    class Stream:
+        """Kept (even) frames are padded as they come; each one closes the pair around the odd frame before it."""
+
+        def __init__(self):
+            self.n, self.kept, self.dropped, self.errs = 0, None, None, []
+
+        def add(self, frame):
+            if self.n % 2:
+                self.dropped = frame
+            else:
+                x, pads = pad16(_to_tensor(frame[None]))
+                if self.kept is not None:
+                    self.errs.append(error(self.kept, x, pads, self.dropped))
+                self.kept = x
+            self.n += 1
+
+        def score(self):
+            return smoothness(self.errs, self.n)
+
+    return ChunkScorer("motion", name, 3, score, Stream, held_frames=3)
 
 
 # ------------------------------------------------------------------------------------------------ loading

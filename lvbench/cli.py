@@ -1,11 +1,13 @@
 """``lvbench``: evaluate videos with VDE, or generate LV-Bench prompts with the engine and evaluate them.
 
   lvbench eval VIDEO_OR_DIR... --out DIR [--metrics clarity,motion,...] [--chunks 10] [--backend auto]
-               [--weights DIR] [--workers 4] [--executor thread|process]
+               [--weights DIR] [--workers 4] [--executor thread|process] [--max-memory-gib 4]
   lvbench run --model PATH_OR_PRESET [--prompts FILE.jsonl] --frames N --out DIR [eval options]
 
 Both write DIR/results.json, DIR/results.csv, DIR/report.html and DIR/plots/. Exit status: 0 when every
 video was evaluated, 1 when some failed (their reasons are in the results), 2 on bad arguments.
+Videos are decoded and scored frame by frame; one whose estimated memory exceeds --max-memory-gib (a whole
+video is held only for a --ground-truth hook) fails before it is decoded.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from inferix.drift import DEFAULT_NUM_CHUNKS, METRIC_NAMES
 
 from .backends import BACKEND_CHOICES
 from .report import write_results
-from .runner import SAMPLE_PROMPTS, EvalConfig, evaluate_videos, run_benchmark, summarize
+from .runner import DEFAULT_MAX_MEMORY_GIB, SAMPLE_PROMPTS, EvalConfig, evaluate_videos, run_benchmark, summarize
 from .video import find_videos
 
 
@@ -38,6 +40,30 @@ def _positive(s: str) -> int:
     return v
 
 
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _out_dir_problem(out: str) -> str | None:
+    """Why ``out`` cannot be the output folder (None when it can): checked before any video is decoded."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} exists and is not a folder"
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {out}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: {parent} is not writable"
+    return None
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--metrics", type=_metrics, default=list(METRIC_NAMES),
@@ -52,6 +78,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=("thread", "process"), default="thread")
     p.add_argument("--max-side", type=int, default=512,
                    help="decode frames at this long side at most (0 = native; the protocol's clarity uses 512)")
+    p.add_argument("--max-memory-gib", type=_positive_float, default=DEFAULT_MAX_MEMORY_GIB,
+                   help="refuse a video whose estimated memory to score exceeds this, per worker "
+                        f"(default {DEFAULT_MAX_MEMORY_GIB:g}); videos are decoded frame by frame")
     p.add_argument("--ground-truth", default=None, metavar="MODULE:FUNCTION",
                    help="hook returning simulator PSNR / position drift (see lvbench.groundtruth)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -75,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> EvalConfig:
     return EvalConfig(metrics=args.metrics, num_chunks=args.chunks, weighting=args.weighting,
-                      backend=args.backend, weights_dir=args.weights, device=args.device, max_side=args.max_side)
+                      backend=args.backend, weights_dir=args.weights, device=args.device, max_side=args.max_side,
+                      max_memory_gib=args.max_memory_gib)
 
 
 def _print_summary(records, summary, metrics, out_dir, file=None) -> None:
@@ -96,6 +126,10 @@ def _print_summary(records, summary, metrics, out_dir, file=None) -> None:
 def main(argv=None, engine=None) -> int:
     """Entry point. ``engine`` replaces the engine ``run`` would load (used by tests)."""
     args = build_parser().parse_args(argv)
+    problem = _out_dir_problem(args.out)
+    if problem:
+        print(f"lvbench: error: {problem}", file=sys.stderr)
+        return 2
     try:
         cfg = _config(args)
         if args.command == "eval":
@@ -123,7 +157,8 @@ def main(argv=None, engine=None) -> int:
     summary = summarize(records, cfg.metrics)
     config = {"command": args.command, "metrics": cfg.metrics, "num_chunks": cfg.num_chunks,
               "weighting": cfg.weighting, "backend": cfg.backend, "weights": cfg.weights_dir,
-              "device": cfg.device, "max_side": cfg.max_side, "workers": args.workers, **extra}
+              "device": cfg.device, "max_side": cfg.max_side, "max_memory_gib": cfg.max_memory_gib,
+              "workers": args.workers, **extra}
     write_results(args.out, records, config, summary)
     _print_summary(records, summary, cfg.metrics, args.out)
     return 0 if all(r["status"] == "ok" for r in records) else 1

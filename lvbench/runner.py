@@ -17,10 +17,23 @@ from inferix.drift import DEFAULT_NUM_CHUNKS, METRIC_NAMES
 
 from .backends import build_scorers
 from .groundtruth import GroundTruthHook
-from .video import Mp4Writer, VideoReadError, read_video
-from .vde import TooShortError, score_video
+from .video import Mp4Writer, VideoInfo, VideoReadError, iter_frames, probe_video, read_video
+from .vde import FrameCountError, TooShortError, score_stream, score_video
 
 SAMPLE_PROMPTS = os.path.join(os.path.dirname(__file__), "prompts", "sample.jsonl")
+
+DEFAULT_MAX_MEMORY_GIB = 4.0
+# Memory model, in decoded frames (uint8 RGB at the evaluated size), measured with tracemalloc on the weight-free
+# metrics: the decoder's own frames, a streamed frame's float working set, and a whole chunk's working set
+# (float copies of every frame) for a scorer without a per-frame accumulator.
+DECODER_FRAMES = 16
+STREAM_WORK_FRAMES = 20
+CHUNK_WORK_PER_FRAME = 9
+HELD_WORK_PER_FRAME = 5  # a held frame plus its float32 tensor (reference backends)
+
+
+class MemoryLimitError(ValueError):
+    """Scoring a video would need more memory than the configured limit (checked before decoding)."""
 
 
 @dataclass
@@ -32,10 +45,13 @@ class EvalConfig:
     weights_dir: str | None = None
     device: str = "cpu"
     max_side: int = 512
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB
 
     def __post_init__(self):
         if self.num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {self.num_chunks}")
+        if not self.max_memory_gib > 0:
+            raise ValueError(f"max_memory_gib must be > 0, got {self.max_memory_gib}")
         if self.weighting not in ("linear", "log"):
             raise ValueError(f"weighting must be 'linear' or 'log', got {self.weighting!r}")
         bad = [m for m in self.metrics if m not in METRIC_NAMES]
@@ -47,6 +63,56 @@ def evaluate_frames(frames: np.ndarray, scorers, cfg: EvalConfig) -> dict:
     return score_video(frames, scorers, cfg.num_chunks, cfg.weighting)
 
 
+def estimate_memory(info: VideoInfo, scorers, num_chunks: int, whole_video: bool = False) -> tuple[int, str]:
+    """Bytes scoring ``info``'s video is expected to hold at its peak, and what dominates them.
+
+    Streamed scoring holds a few frames per metric whatever the length; a scorer without a per-frame
+    accumulator holds its chunk; ``whole_video`` (a ground-truth hook) holds every frame.
+    """
+    fb = info.frame_bytes
+    chunk = info.num_frames // num_chunks
+    work, what = STREAM_WORK_FRAMES, "to score it frame by frame"
+    for s in scorers.values():
+        held = getattr(s, "held_frames", 0)
+        w = CHUNK_WORK_PER_FRAME * chunk if held <= 0 else HELD_WORK_PER_FRAME * held
+        if w > work:
+            work = w
+            what = (f"to hold a chunk of {chunk} frames for {s.backend}" if held <= 0
+                    else f"to hold {held} frames at a time for {s.backend}")
+    if whole_video:
+        return fb * (DECODER_FRAMES + info.num_frames + work), "to hold the whole video for the ground-truth hook"
+    return fb * (DECODER_FRAMES + work), what
+
+
+def check_memory(info: VideoInfo, scorers, cfg: EvalConfig, whole_video: bool = False) -> int:
+    """Raise MemoryLimitError, naming the numbers, when the estimate exceeds ``cfg.max_memory_gib``."""
+    need, what = estimate_memory(info, scorers, cfg.num_chunks, whole_video)
+    limit = int(cfg.max_memory_gib * 2**30)
+    if need > limit:
+        h, w = info.size
+        raise MemoryLimitError(
+            f"{info.path}: {info.num_frames} frames of {w}x{h} (--max-side {cfg.max_side}) need an estimated "
+            f"{need / 2**30:.2f} GiB ({need} bytes) {what}, over the limit of {cfg.max_memory_gib:g} GiB; "
+            f"raise it with --max-memory-gib or lower --max-side")
+    return need
+
+
+def score_file(path: str, scorers, cfg: EvalConfig, info: VideoInfo | None = None) -> tuple[dict, int]:
+    """``score_stream`` of a video file decoded frame by frame. Returns (metrics, frames decoded).
+
+    The chunk bounds come from the container's frame count; when decoding yields a count that moves them
+    (a truncated file, frames the decoder drops), the file is decoded once more with the real count.
+    """
+    info = info or probe_video(path, cfg.max_side)
+    n = info.num_frames
+    for _ in range(2):
+        try:
+            return score_stream(iter_frames(path, cfg.max_side), n, scorers, cfg.num_chunks, cfg.weighting)
+        except FrameCountError as e:
+            n = e.actual
+    raise VideoReadError(f"{path}: decoding gave different frame counts on two passes")
+
+
 def evaluate_video(path: str, scorers, cfg: EvalConfig, ground_truth: GroundTruthHook | None = None,
                    frames: np.ndarray | None = None) -> dict:
     """One result record; never raises for a bad video: status 'failed' with the reason instead."""
@@ -55,15 +121,22 @@ def evaluate_video(path: str, scorers, cfg: EvalConfig, ground_truth: GroundTrut
     t0 = time.perf_counter()
     try:
         if frames is None:
-            video = read_video(path, cfg.max_side)
-            frames, rec["fps"] = video.frames, video.fps
-        rec["num_frames"] = int(len(frames))
-        rec["chunk_frames"] = int(len(frames) // cfg.num_chunks)
-        rec["metrics"] = evaluate_frames(frames, scorers, cfg)
+            info = probe_video(path, cfg.max_side)
+            rec["fps"] = info.fps
+            check_memory(info, scorers, cfg, whole_video=ground_truth is not None)
+            if ground_truth is None:
+                rec["metrics"], n = score_file(path, scorers, cfg, info)
+            else:  # the hook takes the whole video; the metrics still stream (the same scores as without it)
+                frames = read_video(path, cfg.max_side).frames
+                rec["metrics"], n = score_stream(iter(frames), len(frames), scorers, cfg.num_chunks, cfg.weighting)
+        else:
+            n = len(frames)
+            rec["metrics"] = evaluate_frames(frames, scorers, cfg)
+        rec["num_frames"], rec["chunk_frames"] = int(n), int(n // cfg.num_chunks)
         if ground_truth is not None:
             rec["ground_truth"] = ground_truth(frames, {"path": path})
         rec["status"] = "ok"
-    except (VideoReadError, TooShortError) as e:
+    except (VideoReadError, TooShortError, MemoryLimitError) as e:
         rec["reason"] = str(e)
     except Exception as e:  # a metric failing on one video must not stop the others
         rec["reason"] = f"{type(e).__name__}: {e}"

@@ -66,6 +66,21 @@ def test_reference_scorers_load_from_weights_dir(weights_dir):
     assert 0.0 <= s["motion"](v) <= 1.0
 
 
+def test_reference_scorers_stream_frame_by_frame(weights_dir):
+    """Fed one frame at a time (CLIP/DINO in batches of 16 cut as in the whole chunk), the scores are identical."""
+    from inferix.lvbench.vde import score_stream, score_video
+    from lvbench_synth import scene_cut
+
+    s = build_scorers(["clarity", "motion", "aesthetic", "subject", "background"], "reference", weights_dir)
+    v = scene_cut(t=41, cut_at=23)[:, :40, :56]
+    batched = {m: s[m] for m in ("aesthetic", "subject", "background")}
+    got, n = score_stream(iter(v), len(v), batched, 2)  # 2 chunks of 20 frames, 1 left over
+    assert n == 41 and got == score_video(v, batched, 2)
+    per_frame = {m: s[m] for m in ("clarity", "motion")}  # MUSIQ is slow on a CPU: short chunks
+    got, n = score_stream(iter(v[:11]), 11, per_frame, 2)
+    assert n == 11 and got == score_video(v[:11], per_frame, 2)
+
+
 def test_aesthetic_is_head_on_normalised_clip_embedding(weights_dir):
     from transformers import CLIPVisionModelWithProjection
 

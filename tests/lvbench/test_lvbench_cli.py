@@ -94,6 +94,29 @@ def test_eval_options_and_errors(videos, tmp_path, capsys):
     assert "dino-vitb16" in capsys.readouterr().err
 
 
+def test_out_must_be_a_folder_checked_before_any_work(videos, tmp_path, capsys, monkeypatch):
+    import inferix.lvbench.cli as cli
+
+    def no_work(*a, **k):
+        pytest.fail("videos were evaluated before --out was checked")
+
+    monkeypatch.setattr(cli, "evaluate_videos", no_work)
+    monkeypatch.setattr(cli, "run_benchmark", no_work)
+    f = tmp_path / "results"
+    f.write_text("keep me")
+    cases = [(["eval", str(videos / "a_steady.mp4"), "--out", str(f)], f"--out {f} exists and is not a folder"),
+             (["eval", str(videos), "--out", str(f / "sub")], f"--out {f / 'sub'}: {f} is a file, not a folder"),
+             (["run", "--model", "tiny", "--frames", "8", "--out", str(f)], f"--out {f} exists and is not a folder")]
+    for argv, want in cases:
+        assert main(argv + ["--no-progress"], engine=FakeEngine()) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"lvbench: error: {want}\n" and not captured.out
+    assert f.read_text() == "keep me"
+    with pytest.raises(SystemExit):
+        main(["eval", str(videos), "--out", str(tmp_path / "o"), "--max-memory-gib", "0"])
+    assert "--max-memory-gib: must be > 0" in capsys.readouterr().err
+
+
 def test_process_pool_matches_threads(videos):
     paths = [str(videos / "a_steady.mp4"), str(videos / "e_corrupt.mp4"), str(videos / "b_blurring.mp4")]
     cfg = EvalConfig(metrics=["clarity", "motion"])
