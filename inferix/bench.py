@@ -22,16 +22,20 @@ def bench_generate(a) -> dict:
     from .engine import Engine
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = a.preset or ("wan2.1-t2v-1.3b" if device == "cuda" else "tiny")
-    # The model's own window and sink unless --window is given; the pool holds one session's whole need: its
-    # window, or every latent frame of the video when there is no window (4 pixel frames per latent frame + 1
-    # first frame, rounded up to whole blocks of up to 4 latent frames, plus one block).
-    whole = -(-(a.frames // 4 + 1) // 4) * 4 + 4
-    eng = Engine.from_pretrained(preset, device=device, attention=a.attention, height=a.height, width=a.width,
-                                 window=-1 if a.window is None else a.window, max_sessions=1,
-                                 kv_pages=a.window or whole)
-    if eng.window is not None and eng.kv.alloc.num_pages < eng.window:  # the model's own window: size for it
-        eng = Engine(eng.bundle, device=device, attention=a.attention, height=a.height, width=a.width, window=-1,
-                     max_sessions=1, kv_pages=eng.window)  # same weights, no second load
+    from inferix.models.bundle import load_model
+    from .sizing import pool_pages
+    # The model's own window and sink unless --window is given (0: none); the pool holds what the session
+    # reserves (its window, or every latent frame of the video), by the engine's own sizing rule.
+    bundle = load_model(preset, device=device,
+                        dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    window = bundle.window if a.window is None else (a.window or None)
+    start = bundle.start_frames(a.prompt, 0)
+    n_init = 0 if start is None else bundle.latent_frames(len(start))
+    eng = Engine(bundle, device=device, attention=a.attention, height=a.height, width=a.width,
+                 window=window, max_sessions=1,
+                 kv_pages=max(pool_pages(bundle, window, 1, a.frames, n_init),
+                              pool_pages(bundle, window, 1, bundle.pixel_frames(2 * bundle.sampling.block_frames))),
+                 overlap_decode=a.overlap_decode, compile=a.compile)
     # warm-up, not counted: a two-block session (allocator, and the kernels of a block without and with cached
     # context, which Triton compiles separately)
     for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(2 * eng.block_frames)):
@@ -49,7 +53,9 @@ def bench_generate(a) -> dict:
     s.update({"benchmark": "generate", "preset": preset, "frames": n, "steps_per_block": eng.bundle.sampling.num_steps,
               "block_latent_frames": eng.block_frames, "end_to_end_wall_s": wall,
               "pixel_fps_end_to_end": n / wall,
-              "note": "pixel frames/s include DiT denoise + commit passes and VAE decode"
+              "note": "pixel frames/s include DiT denoise + commit passes and VAE decode (overlapped with the "
+                      "passes when overlap_decode is on); the warm-up session, which pays torch.compile's graphs, "
+                      "is not counted"
                       + ("" if preset == "toyworld" else "; weights are random")})
     if device == "cuda":
         s["gpu"] = torch.cuda.get_device_name()
@@ -142,6 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=1000, help="engine: blocks in the long session")
     p.add_argument("--batch-blocks", type=int, default=20, help="engine: blocks per session in the batching test")
     p.add_argument("--toy-blocks", type=int, default=100, help="engine: blocks of the toy-world overhead run")
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate: decode on a worker thread beside the next passes (default: on)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="generate: torch.compile mode for the DiT's fixed-shape parts (default: eager)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: 1 for the engine benchmark, whose tiny passes only lose "
                         "from threading, and 2 for generate)")

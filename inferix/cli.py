@@ -35,6 +35,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
     p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
                    help="the model's action corrector (the toy world has one): auto runs it unless mirror views run")
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode each block on a worker thread (a side CUDA stream on GPUs) while the next block's "
+                        "passes run; frames still come in order (default: on)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the DiT's fixed-shape parts (everything but the paged attention); the first "
+                        "blocks of each batch size pay the compile time")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: capture steady-state passes (full window) as CUDA graphs and replay them")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="refuse to start when the KV pool and decode buffers would take more (default: the memory "
                         "the device has free)")
@@ -102,7 +111,8 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
                   mirrors=parse_mirrors(a.mirrors), corrector=CORRECTOR_MODES[a.corrector],
-                  memory_limit_gib=a.memory_limit_gib)
+                  memory_limit_gib=a.memory_limit_gib, overlap_decode=a.overlap_decode, compile=a.compile,
+                  cuda_graphs=a.cuda_graphs)
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""

@@ -9,6 +9,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from typing import Iterator
 
 import numpy as np
@@ -25,7 +26,9 @@ from .runner import GeneratorNoise, Runner
 from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, Scheduler, SeqState
 from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent, session_span
 
-__all__ = ["Engine", "Session", "AdmissionError"]
+__all__ = ["Engine", "Session", "AdmissionError", "COMPILE_MODES"]
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_seed(seed) -> int:
@@ -44,6 +47,7 @@ class Session:
         self._s = seq  # the scheduler's counters; kept after the session ends (its final status)
         self.num_frames = num_frames  # pixel frames to deliver (None: until cancelled)
         self.frames_out = 0
+        self.pending = 0  # blocks made whose frames are still being decoded (overlapped decode)
         self.blocks: deque = deque()
         self.error: BaseException | None = None
         self.latents: list = []  # clean latent blocks, kept when the engine is asked to (keep_latents)
@@ -59,7 +63,7 @@ class Session:
 
     @property
     def done(self) -> bool:
-        return self.status in (FINISHED, CANCELLED, FAILED) and not self.blocks
+        return self.status in (FINISHED, CANCELLED, FAILED) and not self.blocks and not self.pending
 
     @property
     def waiting_position(self) -> int | None:
@@ -152,7 +156,8 @@ class Engine:
                  window: int | None = -1, sink: int | None = None, attention: str | None = None,
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
-                 memory_limit_gib: float | None = None):
+                 memory_limit_gib: float | None = None, overlap_decode: bool = False, compile: str | None = None,
+                 cuda_graphs: bool = False):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
@@ -204,10 +209,20 @@ class Engine:
         self.corrector = use_corrector(corrector, bundle.corrector is not None, self.mirrors, repr(bundle.name))
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
-                             lane_stride=kv_pages, corrector=bundle.corrector if self.corrector else None)
+                             lane_stride=kv_pages, corrector=bundle.corrector if self.corrector else None,
+                             overlap_decode=overlap_decode)
+        self._pending: deque = deque()  # (session handle, BlockOutput) whose frames are still being decoded
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count()
         self.lock = threading.RLock()
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if compile is not None:  # the bundle's DiT itself: engines sharing a bundle share its compiled graphs
+            self.dit.compile_blocks(compile)
+        self.compile = compile
+        if cuda_graphs:
+            from .graphs import PassGraphs
+            self.runner.graphs = PassGraphs(self.dit, self.device)  # refuses a device that is not CUDA
         self.profiler = Profiler(self)
         self.hooks: list = []  # callables(plan, outputs) run after each executed plan, before counters advance
 
@@ -356,6 +371,7 @@ class Engine:
 
     def _fork(self, sess: Session) -> Session:
         with self.lock:
+            self._drain(wait_for=sess)  # its decoder state is copied: every decode it handed over must be done
             sid = next(self._ids)
             src = self.scheduler.seqs.get(sess.id)
             if src is None:
@@ -382,8 +398,9 @@ class Engine:
     def _forget(self, sid: int) -> None:
         """Drop every trace of an ended session (its handle keeps its frames and final status)."""
         self.runner.drop(sid)
-        self.sessions.pop(sid, None)
-        self.profiler.forget(sid)
+        sess = self.sessions.pop(sid, None)
+        if sess is None or not sess.pending:  # else when its last frames are delivered
+            self.profiler.forget(sid)
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -391,6 +408,9 @@ class Engine:
         with self.lock:
             plan = self.scheduler.schedule()
             if plan.empty:
+                if self._pending:  # nothing to compute: wait for the oldest decode
+                    self._drain(wait_for=self._pending[0][0])
+                    return True
                 return False
             tic = time.perf_counter()
             try:
@@ -405,14 +425,43 @@ class Engine:
                 raise
             finished = self.scheduler.update(plan)
             for o in outs:
-                self._deliver(o)
+                sess = self.sessions.get(o.sid)
+                if isinstance(o.frames, Future):
+                    if sess is not None:
+                        sess.pending += 1
+                        self._pending.append((sess, o))
+                else:
+                    self._deliver(sess, o)
             for sid in finished:
                 self._forget(sid)
+            # frames decoded meanwhile go out now; a stream's first frames are waited for (time to first frame)
+            first = next((s for s, _ in self._pending if s.frames_out == 0 and not s.blocks), None)
+            self._drain(wait_for=first)
             self.profiler.step_done(plan, outs, time.perf_counter() - tic)
             return True
 
-    def _deliver(self, out) -> None:
-        sess = self.sessions.get(out.sid)
+    def _drain(self, wait_for: Session | None = None) -> None:
+        """Deliver overlapped decodes that are done, in order; with wait_for, first wait until that session has
+        nothing left in decode."""
+        while self._pending:
+            sess, out = self._pending[0]
+            if not out.frames.done() and not (wait_for is not None and wait_for.pending):
+                return
+            self._pending.popleft()
+            sess.pending -= 1
+            try:
+                out.frames = out.frames.result()
+            except Exception as e:  # noqa: BLE001 - that stream's decoder failed: it ends alone
+                if sess.error is None:
+                    sess.error = e
+                if sess.id in self.scheduler.seqs:
+                    self._fail(sess.id, e)
+                continue
+            self._deliver(sess, out)
+            if not sess.pending and sess.id not in self.sessions:
+                self.profiler.forget(sess.id)
+
+    def _deliver(self, sess: Session | None, out) -> None:
         if sess is None:
             return
         if self.keep_latents:

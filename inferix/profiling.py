@@ -9,7 +9,13 @@ from collections import deque
 
 import torch
 
-__all__ = ["Profiler"]
+__all__ = ["Profiler", "compiled_graphs"]
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _percentile(xs, q):
@@ -36,6 +42,7 @@ class Profiler:
         self.max_pages = 0
         self.steps = 0
         self.step_time = 0.0
+        self.graphs0 = compiled_graphs()
 
     def session_opened(self, sid: int) -> None:
         now = time.perf_counter()
@@ -68,6 +75,8 @@ class Profiler:
         ttff = list(self.ttff)
         wall = (self.t_last - self.t0) if (self.t0 is not None and self.t_last is not None) else 0.0
         t = e.runner.timing
+        worker = e.runner.decode_worker
+        graphs = compiled_graphs() - self.graphs0
         if e.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(e.device) / 2 ** 20
             peak_what = "peak CUDA memory allocated (MiB)"
@@ -87,10 +96,20 @@ class Profiler:
             "wall_s": wall,
             "pixel_fps_including_decode": (self.frames / wall) if wall > 0 else None,
             "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
+                             "decode_overlapped": worker.seconds if worker is not None else 0.0,
                              "model_forward": t["forward"], "engine_steps": self.step_time,
                              "corrector": t["corrector"]},
             "time_split_note": "model_forward includes the mirror views' rows, which run in the stream's own "
-                               "passes; denoise includes corrector, the action corrector on each finished block",
+                               "passes; denoise includes corrector, the action corrector on each finished block; "
+                               "decode_overlapped is decode on the worker thread beside the engine steps "
+                               "(--overlap-decode), not part of engine_steps",
+            "overlap_decode": worker is not None,
+            "compile": e.compile,
+            "cuda_graphs": None if e.runner.graphs is None else {"captured": e.runner.graphs.captures,
+                                                                  "replays": e.runner.graphs.replays},
+            "compiled_graphs": graphs,
+            "compiled_graphs_note": "graphs torch.compile built while this profile ran: the warm-up's, then one "
+                                    "per new batch or block size; none in a steady stream",
             "engine_overhead_fraction": (1 - (t["forward"] + t["decode"] + t["corrector"]) / self.step_time)
             if self.step_time else None,
             "corrector": e.corrector,

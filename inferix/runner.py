@@ -71,7 +71,7 @@ class RecordedNoise:
 class BlockOutput:
     sid: int
     block: int
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] (None without a decoder)
+    frames: object  # uint8 [T, H, W, 3] (None without a decoder; a Future of them when decode overlaps)
     latents: torch.Tensor  # [F, C, h, w] clean latents of the block
 
 
@@ -88,10 +88,45 @@ class SessionTensors:
     text_embeds: torch.Tensor | None = None  # explicit text conditioning (bypasses the text encoder)
 
 
+class DecodeWorker:
+    """Decodes finished blocks on one worker thread, in the order they were handed over, while the caller runs
+    the next passes (on CUDA on a side stream that waits for the block's latents). ``submit`` returns a Future
+    of the frames; one thread keeps each stream's decoder state updates in order."""
+
+    def __init__(self, device: torch.device):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferix-decode")
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.seconds = 0.0  # decode time on the worker
+
+    def submit(self, decode, state, latents: torch.Tensor):
+        ready = None
+        if self.stream is not None:  # the latents are made on the current stream: the side stream waits for them
+            ready = torch.cuda.Event()
+            ready.record()
+            latents.record_stream(self.stream)
+        return self.pool.submit(self._run, decode, state, latents, ready)
+
+    def _run(self, decode, state, latents, ready):
+        tic = time.perf_counter()
+        try:
+            if self.stream is None:
+                return decode(state, latents)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                return decode(state, latents)
+        finally:
+            self.seconds += time.perf_counter() - tic
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
                  positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
-                 lane_stride: int = 0, keep_sink: int = 0, corrector=None):
+                 lane_stride: int = 0, keep_sink: int = 0, corrector=None, overlap_decode: bool = False):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -124,6 +159,9 @@ class Runner:
         self.corrector = corrector
         self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "corrector": 0.0}
         self.forward_calls = 0
+        # decode overlapped with the next passes: BlockOutput.frames is then a Future of the frames
+        self.decode_worker = DecodeWorker(self.device) if overlap_decode and bundle.decoder is not None else None
+        self.graphs = None  # PassGraphs: steady-state passes captured as CUDA graphs (Engine(cuda_graphs=True))
 
     # ---- sessions ------------------------------------------------------------------------------
     def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
@@ -225,8 +263,17 @@ class Runner:
         rope = self._rope(qpos)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.dit(x, t, ctx, frame_pos=qpos.to(self.device), meta=meta, backend=self.backend,
-                           actions=actions, rope=rope, kv_only=kv_only)
+            if self.graphs is not None:
+                def call(x, t, ctx, qpos, meta, actions, rope):
+                    return self.dit(x, t, ctx, frame_pos=qpos, meta=meta, backend=self.backend, actions=actions,
+                                    rope=rope, kv_only=kv_only)
+                full = None if self.keep_frames is None else self.keep_frames - x.shape[1]
+                steady = full is not None and min(meta.context_pages_list) >= full
+                out = self.graphs(call, x, t, ctx, qpos.to(self.device), meta, actions, rope, kv_only=kv_only,
+                                  negative=negative, steady=steady)
+            else:
+                out = self.dit(x, t, ctx, frame_pos=qpos.to(self.device), meta=meta, backend=self.backend,
+                               actions=actions, rope=rope, kv_only=kv_only)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.timing["forward"] += time.perf_counter() - t0
@@ -375,7 +422,9 @@ class Runner:
             for j in range(r.nframes):
                 self._remember(st, r.frame_start + j, st.x0[j])
             frames = None
-            if self.bundle.decoder is not None:
+            if self.decode_worker is not None:
+                frames = self.decode_worker.submit(self.bundle.decoder.decode_block, st.decoder_state, st.x0[None])
+            elif self.bundle.decoder is not None:
                 tic = time.perf_counter()
                 try:
                     frames = self.bundle.decoder.decode_block(st.decoder_state, st.x0[None])

@@ -99,23 +99,33 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(d, cfg.eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, backend: AttentionBackend, meta):
+    def project(self, x, cos, sin):
+        """q, k (rotated), v and the keys before RoPE, each [B, L, H, D]."""
         B, L, _ = x.shape
         shape = (B, L, self.heads, self.head_dim)
         q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D]; RMSNorm over the full dim, then split
         k_raw = self.norm_k(self.k(x)).view(shape)
         v = self.v(x).view(shape)
         q, k = apply_rope_qk(q, k_raw, cos, sin)  # one fused launch on CUDA, the reference elsewhere
+        return q, k, v, k_raw
+
+    def project_kv(self, x, cos, sin):
+        """Only the keys (rotated), values and keys before RoPE: what a cache write needs."""
+        B, L, _ = x.shape
+        shape = (B, L, self.heads, self.head_dim)
+        k_raw = self.norm_k(self.k(x)).view(shape)
+        return apply_rope(k_raw, cos, sin), self.v(x).view(shape), k_raw
+
+    def forward(self, x, cos, sin, backend: AttentionBackend, meta):
+        B, L, _ = x.shape
+        q, k, v, k_raw = self.project(x, cos, sin)
         out = backend.attend(q, k, v, self.layer, meta, k_raw=k_raw)  # [B, L, H, D]
         return self.o(out.reshape(B, L, -1))
 
     def write_kv(self, x, cos, sin, backend: AttentionBackend, meta) -> None:
         """Only the cache write of ``forward``: the same keys and values, no queries and no attention."""
-        B, L, _ = x.shape
-        shape = (B, L, self.heads, self.head_dim)
-        k_raw = self.norm_k(self.k(x)).view(shape)
-        k = apply_rope(k_raw, cos, sin)
-        backend.write_kv(k, self.v(x).view(shape), self.layer, meta, k_raw=k_raw)
+        k, v, k_raw = self.project_kv(x, cos, sin)
+        backend.write_kv(k, v, self.layer, meta, k_raw=k_raw)
 
 
 class CrossAttention(nn.Module):
@@ -152,29 +162,51 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        # the two fixed-shape halves around the paged attention; compile_blocks() swaps in compiled ones
+        self.before_attention, self.before_cache_write, self.after_attention = self.qkv, self.kv, self.finish
+
+    def _mod(self, t, shift, scale, frames):  # LayerNorm(x) * (1 + scale) + shift, per frame
+        B, L, d = t.shape
+        t = t.float().view(B, frames, L // frames, d)
+        return (t * (1 + scale) + shift).view(B, L, d)
+
+    def _gate(self, y, g, frames):
+        B, L, d = y.shape
+        return (y.float().view(B, frames, L // frames, d) * g).view(B, L, d)
+
+    def _attn_input(self, x, e0, frames):
+        e = (self.modulation[:, None].float() + e0.float()).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
+        return self._mod(self.norm1(x), e[0], e[1], frames).to(x.dtype)
+
+    def qkv(self, x, e0, cos, sin, frames: int):
+        """Everything before the self-attention: q, k, v, keys before RoPE ([B, L, H, D] each)."""
+        return self.self_attn.project(self._attn_input(x, e0, frames), cos, sin)
+
+    def kv(self, x, e0, cos, sin, frames: int):
+        """Everything before a cache write: k, v, keys before RoPE."""
+        return self.self_attn.project_kv(self._attn_input(x, e0, frames), cos, sin)
+
+    def finish(self, x, attn, e0, ctx_kv, frames: int):
+        """Everything after the self-attention (attn [B, L, H, D]): output projection, gate, cross-attention, FFN."""
+        B, L, d = x.shape
+        e = (self.modulation[:, None].float() + e0.float()).chunk(6, dim=2)
+        y = self.self_attn.o(attn.reshape(B, L, -1))
+        x = (x.float() + self._gate(y, e[2], frames)).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), ctx_kv)
+        y = self.ffn(self._mod(self.norm2(x), e[3], e[4], frames).to(x.dtype))
+        return (x.float() + self._gate(y, e[5], frames)).to(x.dtype)
 
     def forward(self, x, e0, ctx_kv, cos, sin, backend, meta, frames: int, kv_only: bool = False):
         # x [B, F*T, dim]; e0 [B, F, 6, dim] per-frame modulation -> broadcast over the T tokens of a frame.
         # kv_only: write this layer's K/V to the cache and return None (nothing after the write is computed)
-        B, L, d = x.shape
-        e = (self.modulation[:, None].float() + e0.float()).chunk(6, dim=2)  # 6 x [B, F, 1, dim]
-
-        def mod(t, shift, scale):  # LayerNorm(x) * (1 + scale) + shift, per frame
-            t = t.float().view(B, frames, L // frames, d)
-            return (t * (1 + scale) + shift).view(B, L, d)
-
-        def gate(y, g):
-            return (y.float().view(B, frames, L // frames, d) * g).view(B, L, d)
-
-        xin = mod(self.norm1(x), e[0], e[1]).to(x.dtype)
+        attn = self.self_attn
         if kv_only:  # a commit pass's last layer: its K/V are all that is kept
-            self.self_attn.write_kv(xin, cos, sin, backend, meta)
+            k, v, k_raw = self.before_cache_write(x, e0, cos, sin, frames)
+            backend.write_kv(k, v, attn.layer, meta, k_raw=k_raw)
             return None
-        y = self.self_attn(xin, cos, sin, backend, meta)
-        x = (x.float() + gate(y, e[2])).to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), ctx_kv)
-        y = self.ffn(mod(self.norm2(x), e[3], e[4]).to(x.dtype))
-        return (x.float() + gate(y, e[5])).to(x.dtype)
+        q, k, v, k_raw = self.before_attention(x, e0, cos, sin, frames)
+        out = backend.attend(q, k, v, attn.layer, meta, k_raw=k_raw)  # [B, L, H, D]
+        return self.after_attention(x, out, e0, ctx_kv, frames)
 
 
 class Head(nn.Module):
@@ -244,7 +276,8 @@ class CausalWanDiT(nn.Module):
                 actions = torch.zeros(B, Fr, dtype=torch.long, device=e.device)
             if actions.shape != (B, Fr):
                 raise ValueError(f"actions must be [B, F] = {(B, Fr)}, got {tuple(actions.shape)}")
-            if int(actions.min()) < 0 or int(actions.max()) >= self.config.num_actions:
+            capturing = actions.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a graph
+            if not capturing and (int(actions.min()) < 0 or int(actions.max()) >= self.config.num_actions):
                 raise ValueError(f"action ids must be in [0, {self.config.num_actions}), got {actions.tolist()}")
             e = e + self.action_embedding(actions.to(e.device))
         e0 = self.time_projection(e).view(B, Fr, 6, -1)
@@ -297,6 +330,20 @@ class CausalWanDiT(nn.Module):
         out = self.head(tokens, e, Fr)  # [B, F*h*w, ph*pw*C_out]
         out = out.float().view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
+
+    def compile_blocks(self, mode: str | None = "default") -> None:
+        """torch.compile the fixed-shape halves of every block (everything but the paged attention, whose context
+        grows and rolls), without dynamic shapes: a pass of the same batch and block size reuses its graphs, and
+        the blocks share them. mode: a torch.compile mode ("default", "reduce-overhead", "max-autotune",
+        "max-autotune-no-cudagraphs"), or None to go back to eager."""
+        for blk in self.blocks:
+            if mode is None:
+                blk.before_attention, blk.before_cache_write, blk.after_attention = blk.qkv, blk.kv, blk.finish
+                continue
+            opts = dict(mode=None if mode == "default" else mode, dynamic=False)
+            blk.before_attention = torch.compile(blk.qkv, **opts)
+            blk.before_cache_write = torch.compile(blk.kv, **opts)
+            blk.after_attention = torch.compile(blk.finish, **opts)
 
     def rope_for(self, frame_pos: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, F*h*w, head_dim/2] for frame positions [B, F] on an h x w patch grid."""
