@@ -22,20 +22,40 @@ and odd halves, q.k = q_even.k_even + q_odd.k_odd, so the pair rotation needs no
 
 Also here: ``block_attention`` (no pool: dense or block-causal attention over q/k/v, used for whole-clip
 passes) and ``TritonBackend``, the attention backend that the engine gets from ``get_backend("triton")``.
+
+Tile autotuning (off by default): every launch uses one fixed tile config per head dim and dtype
+(``_default_config``). With ``INFERIX_TRITON_AUTOTUNE=1`` in the environment (or ``autotune=True`` on a
+launcher; explicit tile arguments win over the environment) the launch goes through ``triton.autotune``
+over ``AUTOTUNE_CONFIGS``: query tile BLOCK_M, key tile BLOCK_N, num_warps and num_stages. The tuning key
+is ``AUTOTUNE_KEY``: head dim, page tokens, query length, a context-length bucket (the keys a row can see --
+block-table width x page tokens + its own keys -- rounded up to a power of two, known without a host sync),
+the kernel's mode switches, and the tensor dtypes. The first launch of each key compiles and times every
+candidate (seconds of GPU time: warm up before timing or capturing CUDA graphs); later launches in the
+process reuse the winner (``TRITON_CACHE_AUTOTUNING=1`` keeps winners on disk across processes). On a GPU:
+
+    pytest tests/kernels/test_paged_autotune.py    # every config natively vs the reference, bf16 Wan shape
+    INFERIX_TRITON_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 python -m inferix.bench_attention --no-flex
+
+the second prints the winning config per key (before the JSON) and the TFLOP/s with the winners; compare
+with a run without the variable. Without a GPU the same test file checks every config in the interpreter and
+compiles the candidates for sm_90 (shared memory, tensor cores, register spills).
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 
-from ._triton_utils import LazyJIT, check_launchable, interpret_mode, next_pow2, tl
+from ._triton_utils import HAS_TRITON, LazyJIT, check_launchable, interpret_mode, next_pow2, tl, triton
 from .attention import AttentionBackend, BlockCausalMeta, PagedMeta, SDPABackend
 from .rope import reference_apply_rope
 from .store_kv import store_kv
 
 __all__ = ["paged_block_attention", "reference_paged_block_attention", "block_attention",
-           "reference_block_attention", "TritonBackend", "attention_flops"]
+           "reference_block_attention", "TritonBackend", "attention_flops", "AUTOTUNE_CONFIGS", "AUTOTUNE_KEY",
+           "autotune_enabled", "autotune_candidates"]
 
 
 def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int) -> int:
@@ -51,6 +71,7 @@ def _paged_attention_kernel(
     Q, K, V, KP, VP, BT, CTX, COS, SIN, O,
     qk_scale,  # softmax scale * log2(e)
     L_q, L_k, T, H, GROUP, D, blk_tokens,
+    ctx_bucket,  # unused by the code: part of the autotuning key (context length, rounded up to a power of 2)
     s_qb, s_qt, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
@@ -179,6 +200,83 @@ _paged_attention = LazyJIT(_paged_attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Autotuning (opt-in)
+# ---------------------------------------------------------------------------------------------------------
+
+# (block_m, block_n, num_warps, num_stages): today's fixed GPU configs first, then neighbours that matter
+# for FlashAttention-style forwards on sm_80/sm_90 (smaller key tiles, pipeline depths, 64-query tiles). Kept
+# short: the first launch of each key compiles and times every entry that survives ``autotune_candidates``.
+# Compiled for sm_90 at head dim 128 (bf16) none of them spills registers; 128-query tiles with 4 warps do
+# there (hundreds of bytes), so they are tried for head dims <= 64 only.
+AUTOTUNE_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (64, 32, 4, 2),
+    (128, 32, 8, 3),
+    (128, 64, 8, 4),
+    (128, 64, 8, 2),
+    (64, 64, 4, 3),
+    (128, 32, 8, 2),
+    (64, 32, 4, 4),
+)
+AUTOTUNE_KEY = ("D", "T", "L_q", "ctx_bucket", "HAS_CTX", "ROTATE", "BLOCK_CAUSAL")  # + tensor dtypes (Triton)
+AUTOTUNE_ENV = "INFERIX_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """True when ``INFERIX_TRITON_AUTOTUNE=1`` (read at every launch; unset or 0: the fixed configs)."""
+    val = os.environ.get(AUTOTUNE_ENV, "0").strip()
+    if val not in ("", "0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {val!r}")
+    return val == "1"
+
+
+def autotune_candidates(q_len: int, head_dim: int, configs=AUTOTUNE_CONFIGS) -> list:
+    """The configs worth timing for a query length and head dim: no query tile larger than the queries need
+    (beyond the smallest one), no 128-query tile with 4 warps above head dim 64. Never empty."""
+    need = max(16, next_pow2(q_len))
+    smallest = min(c[0] for c in configs)
+    keep = [c for c in configs if c[0] <= max(need, smallest)
+            and not (next_pow2(head_dim) > 64 and c[0] >= 128 and c[2] < 8)]
+    return keep or [min(configs, key=lambda c: (c[0], c[1]))]
+
+
+def _prune_configs(configs, named_args, **_kwargs):
+    """``early_config_prune`` hook: ``autotune_candidates`` on triton.Config objects."""
+    as_tuple = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+    return [as_tuple[t] for t in autotune_candidates(named_args["L_q"], named_args["D"], tuple(as_tuple))]
+
+
+def _wall_clock_bench(fn, quantiles=None):
+    """One timed call (ms), as [median, p20, p80]: the interpreter has no GPU benchmarker; its timings only
+    let the autotuning path run end to end on CPU (they say nothing about GPU tiles)."""
+    t = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+class _LazyAutotune(LazyJIT):
+    """``LazyJIT`` whose kernel is wrapped in ``triton.autotune`` over ``AUTOTUNE_CONFIGS``."""
+
+    def __getitem__(self, grid):
+        if not HAS_TRITON:
+            raise RuntimeError(f"{self.fn.__name__} needs the 'triton' package, which is not installed")
+        if self._kernel is None or self._interpret != interpret_mode():
+            self._interpret = interpret_mode()
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                       for bm, bn, w, st in AUTOTUNE_CONFIGS]
+            self._kernel = triton.autotune(configs=configs, key=list(AUTOTUNE_KEY),
+                                           prune_configs_by={"early_config_prune": _prune_configs},
+                                           do_bench=_wall_clock_bench if self._interpret else None)(
+                triton.jit(self.fn))
+        return self._kernel[grid]
+
+
+_paged_attention_autotuned = _LazyAutotune(_paged_attention_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------
 
@@ -218,9 +316,10 @@ def _check_qkv(q, k, v, what):
 
 
 def _launch_args(q, k, v, k_pool, v_pool, block_tables, context_pages, cos, sin, *, scale, block_tokens,
-                 block_m, block_n, num_warps, num_stages, interpret=None):
+                 block_m, block_n, num_warps, num_stages, interpret=None, autotune=False):
     """Output tensor, grid, positional and keyword arguments of one kernel launch (also used to compile
-    the kernel ahead of time for a GPU target in the tests, with interpret=False)."""
+    the kernel ahead of time for a GPU target in the tests, with interpret=False). With autotune the
+    tile constexprs and launch options are left to the autotuner and the grid is a function of them."""
     interpret = interpret_mode() if interpret is None else interpret
     B, L, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -251,9 +350,11 @@ def _launch_args(q, k, v, k_pool, v_pool, block_tables, context_pages, cos, sin,
         cos = sin = q  # never read
         cos_strides = (0, 0, 0)
     grid = ((L + block_m - 1) // block_m, B * H)
+    # keys a row can see, known without a host sync: the table's width in pages, then the block's own keys
+    ctx_bucket = max(16, next_pow2((bt.shape[1] * T if has_ctx else 0) + Lk))
     args = [q, k, v, kp, vp, bt, ctx, cos, sin, out,
             float(scale) * 1.4426950408889634,
-            L, Lk, T, H, H // Hkv, D, block_tokens or 1,
+            L, Lk, T, H, H // Hkv, D, block_tokens or 1, ctx_bucket,
             *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *vp.stride(),
             bt.stride(0), bt.stride(1),
             *cos_strides, *out.stride()]
@@ -261,13 +362,27 @@ def _launch_args(q, k, v, k_pool, v_pool, block_tables, context_pages, cos, sin,
                   DOT_PREC="ieee" if upcast else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, next_pow2(D)), BLOCK_DH=max(16, next_pow2(D // 2)),
                   num_warps=num_warps, num_stages=num_stages)
+    if autotune:
+        for name in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"):
+            del kwargs[name]
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     return out, grid, args, kwargs
 
 
-def _launch(*args, **kwargs):
-    out, grid, a, kw = _launch_args(*args, **kwargs)
+def _use_autotune(autotune, what, **tiles) -> bool:
+    """Resolve the autotune switch: explicit tiles win over the environment; both explicit is an error."""
+    named = [k for k, v in tiles.items() if v is not None]
+    if autotune and named:
+        raise ValueError(f"{what}: autotune=True picks the tiles itself; drop {', '.join(named)}")
+    if autotune is None:
+        return not named and autotune_enabled()
+    return bool(autotune)
+
+
+def _launch(*args, autotune=False, **kwargs):
+    out, grid, a, kw = _launch_args(*args, autotune=autotune, **kwargs)
     if out.numel():
-        _paged_attention[grid](*a, **kw)
+        (_paged_attention_autotuned if autotune else _paged_attention)[grid](*a, **kw)
     return out
 
 
@@ -320,7 +435,8 @@ def paged_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_p
                           cache_cos: torch.Tensor | None = None, cache_sin: torch.Tensor | None = None,
                           scale: float | None = None, *, validate: bool | None = None,
                           block_m: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                          num_warps: int | None = None, num_stages: int | None = None,
+                          autotune: bool | None = None) -> torch.Tensor:
     """Attention of each row's block over [its committed pages | its own K/V].
 
     q [B, L, H, D]; k/v [B, L, Hkv, D] (the block's fresh keys, RoPE applied) with H a multiple of Hkv;
@@ -330,6 +446,8 @@ def paged_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_p
     keys; the kernel rotates context keys by the angles of their logical position (token index in the
     row's context). Returns [B, L, H, D] in q's dtype.
     ``validate`` checks page ids against the pool (a host sync); default: only for CPU tensors.
+    Tiles: block_m/block_n/num_warps/num_stages, else the fixed defaults, or ``triton.autotune`` when
+    ``autotune`` is True (None: when INFERIX_TRITON_AUTOTUNE=1 and no tile is given).
     """
     what = "paged_block_attention"
     _check_qkv(q, k, v, what)
@@ -341,17 +459,21 @@ def paged_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_p
     tensors = [q, k, v, k_pool, v_pool, block_tables, context_pages]
     if cache_cos is not None:
         tensors += [cache_cos, cache_sin]
+    tune = _use_autotune(autotune, what, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                         num_stages=num_stages)
     check_launchable(what, *tensors)
     return _launch(q, k, v, k_pool, v_pool, block_tables, context_pages, cache_cos, cache_sin, scale=scale,
                    block_tokens=None, block_m=block_m, block_n=block_n, num_warps=num_warps,
-                   num_stages=num_stages)
+                   num_stages=num_stages, autotune=tune)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tokens: int | None = None,
                     scale: float | None = None, *, block_m: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    autotune: bool | None = None) -> torch.Tensor:
     """Attention without a pool: dense (block_tokens None) or block-causal (query token i sees keys j
-    with j // block_tokens <= i // block_tokens; needs Lq == Lk). q [B, Lq, H, D], k/v [B, Lk, Hkv, D]."""
+    with j // block_tokens <= i // block_tokens; needs Lq == Lk). q [B, Lq, H, D], k/v [B, Lk, Hkv, D].
+    Tiles and ``autotune`` as in ``paged_block_attention``."""
     what = "block_attention"
     _check_qkv(q, k, v, what)
     if block_tokens is not None:
@@ -359,9 +481,11 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_tok
             raise ValueError(f"{what}: block_tokens must be positive, got {block_tokens}")
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"{what}: block-causal attention needs Lq == Lk, got {q.shape[1]} and {k.shape[1]}")
+    tune = _use_autotune(autotune, what, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                         num_stages=num_stages)
     check_launchable(what, q, k, v)
     return _launch(q, k, v, None, None, None, None, None, None, scale=scale, block_tokens=block_tokens,
-                   block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                   block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, autotune=tune)
 
 
 # ---------------------------------------------------------------------------------------------------------
