@@ -19,6 +19,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "checkpoint path; default: the embedded toy world")
     p.add_argument("--vae", default=None, help="Wan VAE (diffusers dir or Wan2.1_VAE.pth) for a bare DiT checkpoint")
     p.add_argument("--text-encoder", default=None, help="local UMT5 encoder directory for a bare DiT checkpoint")
+    p.add_argument("--decoder", default=None, choices=["taehv"],
+                   help="replace a Wan-latent model's VAE decoder: taehv (tiny streaming decoder, needs "
+                        "--decoder-weights taew2_1.pth or lighttaew2_1.pth)")
+    p.add_argument("--decoder-weights", default=None, help="weights file of --decoder (.pth or .safetensors)")
     p.add_argument("--sampling", default=None, choices=["self_forcing", "causvid"], help="sampler preset override")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -42,6 +46,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile the DiT's fixed-shape parts (everything but the paged attention); the first "
                         "blocks of each batch size pay the compile time")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 (e4m3, per-row) weights for the DiT's block Linears: torchao on SM89+ GPUs "
+                        "(pip install 'inferix[fp8]'), an exact but slower emulation on other devices")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: capture steady-state passes (full window) as CUDA graphs and replay them")
     p.add_argument("--memory-limit-gib", type=float, default=None,
@@ -79,8 +86,8 @@ def _load_bundle(a, device, dtype):
     model = a.model or default_model()
     try:
         return load_model(model, device=device, dtype=dtype, vae=a.vae, text_encoder=a.text_encoder,
-                          sampling=a.sampling)
-    except (FileNotFoundError, UsageError, CheckpointError):  # these name the file already
+                          sampling=a.sampling, decoder=a.decoder, decoder_weights=a.decoder_weights)
+    except (FileNotFoundError, UsageError, CheckpointError, ValueError):  # these name the problem already
         raise
     except (MemoryError, KeyboardInterrupt):
         raise
@@ -112,7 +119,7 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
                   mirrors=parse_mirrors(a.mirrors), corrector=CORRECTOR_MODES[a.corrector],
                   memory_limit_gib=a.memory_limit_gib, overlap_decode=a.overlap_decode, compile=a.compile,
-                  cuda_graphs=a.cuda_graphs)
+                  cuda_graphs=a.cuda_graphs, fp8=a.fp8)
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""

@@ -157,7 +157,7 @@ class Engine:
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
                  memory_limit_gib: float | None = None, overlap_decode: bool = False, compile: str | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, fp8: bool = False):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
@@ -217,6 +217,10 @@ class Engine:
         self.lock = threading.RLock()
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if fp8:  # the bundle's DiT itself, in place: torchao on SM89+ GPUs, an exact emulation elsewhere
+            from inferix.models.quant import quantize_dit_fp8
+            quantize_dit_fp8(self.dit)
+        self.fp8 = fp8
         if compile is not None:  # the bundle's DiT itself: engines sharing a bundle share its compiled graphs
             self.dit.compile_blocks(compile)
         self.compile = compile
@@ -228,7 +232,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
-                        sampling=None, **kw) -> "Engine":
+                        sampling=None, decoder=None, decoder_weights=None, **kw) -> "Engine":
         """Load a preset ("toyworld", "tiny", "wan2.1-t2v-1.3b", ...) or a checkpoint path and build an engine."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,7 +242,7 @@ class Engine:
             dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                      "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
         bundle = load_model(path_or_preset, device=device, dtype=dtype, vae=vae, text_encoder=text_encoder,
-                            sampling=sampling)
+                            sampling=sampling, decoder=decoder, decoder_weights=decoder_weights)
         return cls(bundle, device=device, **kw)
 
     # ---- properties -----------------------------------------------------------------------------

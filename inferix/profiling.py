@@ -105,6 +105,7 @@ class Profiler:
                                "(--overlap-decode), not part of engine_steps",
             "overlap_decode": worker is not None,
             "compile": e.compile,
+            "fp8": e.fp8,
             "cuda_graphs": None if e.runner.graphs is None else {"captured": e.runner.graphs.captures,
                                                                   "replays": e.runner.graphs.replays},
             "compiled_graphs": graphs,

@@ -174,8 +174,20 @@ def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
 
 
 def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.float32, vae=None,
-               text_encoder=None, sampling: str | SamplingConfig | None = None, seed: int = 0) -> ModelBundle:
-    """Load a bundle by preset name or path (see module docstring)."""
+               text_encoder=None, sampling: str | SamplingConfig | None = None, seed: int = 0,
+               decoder: str | None = None, decoder_weights: str | os.PathLike | None = None) -> ModelBundle:
+    """Load a bundle by preset name or path (see module docstring).
+
+    ``decoder="taehv"`` swaps a Wan2.1-latent model's VAE decoder for TAEHV (``models/taehv.py``) read from
+    ``decoder_weights`` (``taew2_1`` or ``lighttaew2_1``, .pth or .safetensors)."""
+    if decoder is not None and decoder != "taehv":
+        raise ValueError(f"unknown decoder {decoder!r}; known: 'taehv' (or None for the model's own)")
+    if decoder is not None and decoder_weights is None:
+        raise ValueError("decoder='taehv' needs decoder_weights=PATH (taew2_1.pth, lighttaew2_1.safetensors, ...)")
+    if decoder is None and decoder_weights is not None:
+        raise ValueError(f"decoder_weights={str(decoder_weights)!r} given without decoder='taehv'")
+    if decoder_weights is not None and not Path(decoder_weights).exists():
+        raise FileNotFoundError(f"decoder weights not found: {decoder_weights}")
     name = str(name_or_path)
     if name == "toyworld":
         p = WEIGHTS_DIR / "toyworld.json"
@@ -224,6 +236,17 @@ def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.flo
     if vae is not None:
         from .vae import WanVAE
         bundle.decoder = WanVAE.load(vae).to(device=device)
+    if decoder == "taehv":
+        from .taehv import TAEHVDecoder
+        from .vae import WanVAE
+        old = bundle.decoder  # a Wan2.1 VAE, or none on a bare 16-channel DiT checkpoint
+        wan21 = old is None or (isinstance(old, WanVAE) and old.latent_channels == 16)
+        if bundle.dit.config.in_dim != 16 or not wan21:
+            what = f"a {type(old).__name__}" if old is not None else "no decoder"
+            raise ValueError(f"decoder='taehv' decodes Wan2.1 latents (16 channels) in place of a Wan VAE; "
+                             f"{bundle.name!r} has {what} and {bundle.dit.config.in_dim} latent channels")
+        stats = {} if old is None else dict(latents_mean=old.latents_mean, latents_std=old.latents_std)
+        bundle.decoder = TAEHVDecoder.load(decoder_weights, device=device, **stats)
     if text_encoder is not None:
         from .text_encoder import UMT5TextEncoder
         bundle.text_encoder = UMT5TextEncoder.from_dir(text_encoder, text_len=bundle.dit.config.text_len)
