@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=1000, help="engine: blocks in the long session")
     p.add_argument("--batch-blocks", type=int, default=20, help="engine: blocks per session in the batching test")
     p.add_argument("--toy-blocks", type=int, default=100, help="engine: blocks of the toy-world overhead run")
-    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate: decode on a worker thread beside the next passes (default: on)")
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="generate: decode on a worker thread beside the next passes (default: on with CUDA)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="generate: torch.compile mode for the DiT's fixed-shape parts (default: eager)")
     p.add_argument("--threads", type=int, default=None,

@@ -39,9 +39,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
     p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
                    help="the model's action corrector (the toy world has one): auto runs it unless mirror views run")
-    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode each block on a worker thread (a side CUDA stream on GPUs) while the next block's "
-                        "passes run; frames still come in order (default: on)")
+                        "passes run; frames still come in order (default: on with CUDA; off on the CPU, where the "
+                        "DiT's and the decoder's threads already share the cores)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile the DiT's fixed-shape parts (everything but the paged attention); the first "

@@ -156,7 +156,7 @@ class Engine:
                  window: int | None = -1, sink: int | None = None, attention: str | None = None,
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
-                 memory_limit_gib: float | None = None, overlap_decode: bool = False, compile: str | None = None,
+                 memory_limit_gib: float | None = None, overlap_decode: bool | None = None, compile: str | None = None,
                  cuda_graphs: bool = False, fp8: bool = False):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
@@ -210,7 +210,7 @@ class Engine:
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
                              lane_stride=kv_pages, corrector=bundle.corrector if self.corrector else None,
-                             overlap_decode=overlap_decode)
+                             overlap_decode=self.device.type == "cuda" if overlap_decode is None else overlap_decode)
         self._pending: deque = deque()  # (session handle, BlockOutput) whose frames are still being decoded
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count()
