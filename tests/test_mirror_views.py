@@ -100,6 +100,7 @@ def test_rollout_with_mirror_views_averages_each_block():
         next(rollout(dit, text, sampling, "night", frames[:8], acts[8:], mirrors=("h", "h"), **kw))
 
 
+@pytest.mark.slow
 def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_stream():
     from inferix.engine import Engine, mirror_views
     meta = json.loads(WEIGHTS.read_text())

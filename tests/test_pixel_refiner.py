@@ -255,6 +255,7 @@ def test_engine_and_engine_free_rollout_refine_with_the_start_frames_reference(m
     assert np.abs(free.astype(int) - refined).max() <= 2
 
 
+@pytest.mark.slow
 def test_reference_training_uses_the_reference():
     """Pairs whose estimate is a grey frame: only the reference shows the scene, so a refiner that reads it must
     end far below one that cannot."""

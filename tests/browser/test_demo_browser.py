@@ -16,6 +16,7 @@ from browser_utils import wait_until
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,  # a real Chromium per test
     # gradio's queue calls pandas options that pandas 3 deprecates; nothing of the demo's
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated.*"),

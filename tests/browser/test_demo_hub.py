@@ -87,6 +87,7 @@ def test_default_prompt_is_the_models_own_unless_configured(hub, single_thread):
             h.close()
 
 
+@pytest.mark.slow
 def test_mirror_views_in_the_demo(single_thread):
     """A hub built with mirror views streams with them. A rewind point (a fork) holds the stream's pages, with the
     views' lanes in them, so rewinding to it replays the very same frames; stopping frees every page."""

@@ -66,6 +66,7 @@ def test_reference_scorers_load_from_weights_dir(weights_dir):
     assert 0.0 <= s["motion"](v) <= 1.0
 
 
+@pytest.mark.slow
 def test_reference_scorers_stream_frame_by_frame(weights_dir):
     """Fed one frame at a time (CLIP/DINO in batches of 16 cut as in the whole chunk), the scores are identical."""
     from inferix.lvbench.vde import score_stream, score_video
