@@ -6,13 +6,13 @@ expected.safetensors (latents, optional x0_b{b}_s{s} and kv_layer0_k).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from inferix.models.bundle import ModelBundle
+from inferix.models.config import read_json_object
 from inferix.models.schedule import SamplingConfig
 from inferix.models.wan_dit import WanDiTConfig
 
@@ -27,14 +27,7 @@ _MODEL_KEYS = {"patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim",
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(folder / "config.json", "fixture config")
 
 
 def _load_tensors(path: Path, required: tuple[str, ...]) -> dict:

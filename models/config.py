@@ -28,6 +28,17 @@ class ConfigBase:
         return dataclasses.replace(self, **kw)
 
 
+def read_json_object(path, what: str = "config", error: type = ValueError) -> dict:
+    """A JSON file that must hold an object: invalid JSON or another kind of value is one line naming the file."""
+    try:
+        obj = json.loads(open(path).read())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: a {what} must be a JSON object, found a {type(obj).__name__}")
+    return obj
+
+
 def check_kind(value, kind: type, what: str) -> None:
     """ValueError naming ``what`` when value is not of the kind its default has (ints pass for floats, lists for
     tuples; None passes: optional settings)."""

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .tensor_files import CheckpointError, read_tensor_file
+from .vae import CausalFrameCounts, video_to_encode
 
 __all__ = ["TAEHVDecoder", "TAEHVStream", "VARIANTS", "wan21_latent_stats"]
 
@@ -139,7 +140,7 @@ class TAEHVStream:
 # ---------------------------------------------------------------------------------------------------
 # the decoder
 # ---------------------------------------------------------------------------------------------------
-class TAEHVDecoder(nn.Module):
+class TAEHVDecoder(CausalFrameCounts, nn.Module):
     """TAEHV for Wan2.1 latents behind the engine's decoder interface (``new_stream`` / ``decode_block`` /
     ``encode``, ``pixel_frames`` / ``latent_frames``, ``spatial_ratio`` / ``temporal_ratio``).
 
@@ -227,18 +228,6 @@ class TAEHVDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder[1].weight.device
-
-    def pixel_frames(self, n_latent: int) -> int:
-        """Pixel frames decoded from n latent frames: the first gives 1, every later one 4."""
-        if n_latent < 0:
-            raise ValueError(f"latent frame count must be >= 0, got {n_latent}")
-        return 0 if n_latent == 0 else 1 + self.temporal_ratio * (n_latent - 1)
-
-    def latent_frames(self, n_pixel: int) -> int:
-        """Latent frames that encode n pixel frames (n = 1 + 4k; other counts round down to that)."""
-        if n_pixel < 1:
-            raise ValueError(f"pixel frame count must be >= 1, got {n_pixel}")
-        return 1 + (n_pixel - 1) // self.temporal_ratio
 
     # ---- running the layers ----------------------------------------------------------------------
     def _calls(self, fn, *xs: torch.Tensor) -> torch.Tensor:
@@ -334,18 +323,8 @@ class TAEHVDecoder(nn.Module):
         if self.encoder is None:
             raise ValueError("this TAEHV checkpoint has no encoder (no 'encoder.' tensors): it cannot encode "
                              "init frames; load a file with the encoder or start from no frames")
-        x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
-        if x.dim() != 4 or x.shape[-1] != 3:
-            raise ValueError(f"frames must be [T, H, W, 3], got {tuple(x.shape)}")
-        if x.dtype != torch.uint8:
-            raise TypeError(f"frames must be uint8, got {x.dtype}")
-        T, H, W, _ = x.shape
-        r = self.temporal_ratio
-        if (T - 1) % r:
-            raise ValueError(f"frame count {T} is not 1 + {r}k; trim to {1 + (T - 1) // r * r} frames")
-        s = self.spatial_ratio
-        if H % s or W % s:
-            raise ValueError(f"frame size {H}x{W} must be a multiple of {s}")
+        x = video_to_encode(frames, self.temporal_ratio, self.spatial_ratio)
+        T, r = x.shape[0], self.temporal_ratio
         v = (x.to(self.device).float() / 255.0).permute(0, 3, 1, 2)  # [T, 3, H, W] in [0, 1]
         v = torch.cat([v, v[-1:].expand(-T % r, -1, -1, -1)])  # pad the end to a multiple of 4
         z = self._run(self.encoder, v.to(self.dtype), {}).float()  # [F, C, h, w]

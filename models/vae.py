@@ -112,7 +112,44 @@ def _build_config(config: dict | None) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the wrapper
 # ---------------------------------------------------------------------------------------------------
-class WanVAE(nn.Module):
+def video_to_encode(frames, temporal_ratio: int, spatial_ratio: int) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] checked for a video encoder (T = 1 + temporal_ratio*k, H and W multiples of
+    spatial_ratio), as a tensor."""
+    x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        raise TypeError(f"frames must be uint8, got {x.dtype}")
+    T, H, W, _ = x.shape
+    r, s = temporal_ratio, spatial_ratio
+    if T == 0:
+        raise ValueError("no frames to encode (T = 0)")
+    if (T - 1) % r:
+        raise ValueError(f"frame count {T} is not 1 + {r}k; trim to {1 + (T - 1) // r * r} frames")
+    if H % s or W % s:
+        raise ValueError(f"frame size {H}x{W} must be a multiple of {s}")
+    return x
+
+
+class CausalFrameCounts:
+    """Frame arithmetic of a causal video VAE (Wan's, TAEHV): the first latent frame is one pixel frame, every
+    later one ``temporal_ratio``."""
+    temporal_ratio = 4
+
+    def pixel_frames(self, n_latent: int) -> int:
+        """Pixel frames decoded from n latent frames: the first gives 1, every later one temporal_ratio."""
+        if n_latent < 0:
+            raise ValueError(f"latent frame count must be >= 0, got {n_latent}")
+        return 0 if n_latent == 0 else 1 + self.temporal_ratio * (n_latent - 1)
+
+    def latent_frames(self, n_pixel: int) -> int:
+        """Latent frames that encode n pixel frames (n = 1 + 4k; other counts round down to that)."""
+        if n_pixel < 1:
+            raise ValueError(f"pixel frame count must be >= 1, got {n_pixel}")
+        return 1 + (n_pixel - 1) // self.temporal_ratio
+
+
+class WanVAE(CausalFrameCounts, nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
@@ -212,18 +249,6 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def pixel_frames(self, n_latent: int) -> int:
-        """Pixel frames decoded from n latent frames: the first gives 1, every later one temporal_ratio."""
-        if n_latent < 0:
-            raise ValueError(f"latent frame count must be >= 0, got {n_latent}")
-        return 0 if n_latent == 0 else 1 + self.temporal_ratio * (n_latent - 1)
-
-    def latent_frames(self, n_pixel: int) -> int:
-        """Latent frames that encode n pixel frames (n = 1 + 4k; other counts round down to that)."""
-        if n_pixel < 1:
-            raise ValueError(f"pixel frame count must be >= 1, got {n_pixel}")
-        return 1 + (n_pixel - 1) // self.temporal_ratio
-
     # ---- normalisation ---------------------------------------------------------------------------
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents [B, C, F, h, w] -> engine latents [B, F, C, h, w], (z - mean) / std per channel."""
@@ -296,18 +321,7 @@ class WanVAE(nn.Module):
 
         Uses the posterior mean, as the Wan pipelines do when they encode conditioning frames.
         """
-        x = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
-        if x.dim() != 4 or x.shape[-1] != 3:
-            raise ValueError(f"frames must be [T, H, W, 3], got {tuple(x.shape)}")
-        if x.dtype != torch.uint8:
-            raise TypeError(f"frames must be uint8, got {x.dtype}")
-        T, H, W, _ = x.shape
-        r = self.temporal_ratio
-        if (T - 1) % r:
-            raise ValueError(f"frame count {T} is not 1 + {r}k; trim to {1 + (T - 1) // r * r} frames")
-        s = self.spatial_ratio
-        if H % s or W % s:
-            raise ValueError(f"frame size {H}x{W} must be a multiple of {s}")
+        x = video_to_encode(frames, self.temporal_ratio, self.spatial_ratio)
         video = (x.to(self.device).float() / 127.5 - 1.0).permute(3, 0, 1, 2)[None]  # [1, 3, T, H, W]
         z = self.model.encode(video.to(self.dtype)).latent_dist.mode()  # [1, C, F, h, w]
         return self.normalize(z)

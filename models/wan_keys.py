@@ -5,11 +5,11 @@ checkpoints -> our names) and config translation (diffusers / original Wan confi
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
+from .config import read_json_object
 from .tensor_files import CheckpointError
 from .wan_dit import PRESETS, WanDiTConfig
 
@@ -151,12 +151,7 @@ def _config_kind(cfg: dict) -> str:
 
 
 def _fields_from_config_json(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: a model config must be a JSON object, found a {type(cfg).__name__}")
+    cfg = read_json_object(path, "model config", CheckpointError)
     kind = _config_kind(cfg)
     if kind == "diffusers":
         return wan_config_from_diffusers(cfg, str(path))
