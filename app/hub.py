@@ -420,10 +420,12 @@ class Hub:
             paused = s is not None and s.status == PAUSED
             if now - tab.idle_since <= limit or not (paused or tab.snapshots or tab.frames):
                 continue
-            self._end_session(tab)
-            self._drop_recording(tab)
+            # the stream's status changes last: a page polling without the engine lock that sees it ended sees the
+            # message and the dropped recording too
             tab.message = (f"the stream was {'paused' if paused else 'idle'} for over {limit:g} s and has ended, "
                            f"freeing its KV pages, rewind points and recording: press Start for a new one")
+            self._drop_recording(tab)
+            self._end_session(tab)
 
     def _drop_recording(self, tab: Tab) -> None:
         with tab.lock:
