@@ -114,6 +114,12 @@ class Session:
         """A paused copy that shares this session's KV pages (copy-on-write) and continues from here."""
         return self.engine._fork(self)
 
+    def snapshot(self, path) -> None:
+        """Write this session's state (KV pages, decoder stream, noise, counters) to ``path`` (.safetensors); it
+        must be at a block boundary. ``Engine.restore(path)`` continues it (see docs/snapshots.md)."""
+        from .snapshot import save_session
+        save_session(self, path)
+
     # ---- output ------------------------------------------------------------------------------
     def poll(self) -> list:
         out = []
@@ -354,6 +360,11 @@ class Engine:
             self.sessions[sid] = sess
             self.profiler.session_opened(sid)
         return sess
+
+    def restore(self, path) -> Session:
+        """A paused session continuing the snapshot at ``path`` (``Session.snapshot``); ``resume()`` runs it."""
+        from .snapshot import restore_session
+        return restore_session(self, path)
 
     def _encode_init(self, frames, given: bool = True) -> torch.Tensor:
         dec = self.bundle.decoder
