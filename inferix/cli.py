@@ -144,6 +144,40 @@ def _parse_actions(text: str | None, eng) -> list | None:
     return per_block
 
 
+def _restore_settings(a) -> dict:
+    """--restore: read the snapshot before the model loads (a bad file fails first) and take the engine settings
+    it was made with, so only the model has to be named again."""
+    from .snapshot import read_snapshot
+    header, _ = read_snapshot(a.restore)
+    eng, sess = header["engine"], header["session"]
+    a.height, a.width, a.sink = eng["height"], eng["width"], eng["sink"]
+    a.window = 0 if eng["window"] is None else eng["window"]
+    a.kv_pages = a.kv_pages or dict(sess["seq"]["dict"])["budget"]
+    a.mirrors = ",".join(eng["mirrors"])
+    return sess
+
+
+def _blocks(eng, sess, snapshot: str | None, at: int):
+    """The session's frame blocks as they come; with ``snapshot``, its state is written once, at the first block
+    boundary after ``at`` pixel frames."""
+    try:
+        while True:
+            while sess.blocks:
+                yield sess.blocks.popleft()
+            if sess.error is not None:
+                raise sess.error
+            if sess.done:
+                return
+            if snapshot and sess.frames_out >= at and sess.at_block_boundary and sess.status == "running":
+                sess.snapshot(snapshot)
+                print(f"\nsnapshot after {sess.frames_out} frames written to {snapshot}", file=sys.stderr)
+                snapshot = None
+            eng.step()
+    finally:
+        if not sess.done and sess.status not in ("finished", "failed"):
+            sess.cancel()
+
+
 def cmd_generate(a) -> int:
     from tqdm import tqdm
     from .sinks import VideoWriter
@@ -157,26 +191,39 @@ def cmd_generate(a) -> int:
             check_output_file(a.out, "--out")
         if a.profile:
             check_output_file(a.profile, "--profile")
+        if a.snapshot:
+            check_output_file(a.snapshot, "--snapshot")
+            if a.restore:
+                raise UsageError("--snapshot and --restore do not go together")
+        restored = _restore_settings(a) if a.restore else None
         eng = _build_engine(a, frames=a.frames, prompt=a.prompt, seed=a.seed)
-        acts = _parse_actions(a.actions, eng)
+        acts = None if restored else _parse_actions(a.actions, eng)
+        sess = eng.restore(a.restore) if restored else None
     except (OSError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if restored:
+        sess.resume()
+        total = (sess.num_frames - sess.frames_out) if sess.num_frames is not None else a.frames
+    else:
+        total = a.frames
     actions = None
     if acts:
         per_block_px = eng.bundle.pixel_frames(eng.block_frames)
         actions = [acts[min(i // per_block_px, len(acts) - 1)] for i in range(a.frames)]
+    if sess is None:
+        sess = eng.open_session(a.prompt, num_frames=a.frames, seed=a.seed, actions=actions)
     monitor = None
     if a.monitor_drift:
         from .drift import DriftMonitor
         monitor = DriftMonitor(chunk_frames=max(1, a.frames // 10), num_chunks=10)
-    bar = tqdm(total=a.frames, unit="frame", desc=f"{eng.bundle.name} {eng.width}x{eng.height}")
+    bar = tqdm(total=total, unit="frame", desc=f"{eng.bundle.name} {eng.width}x{eng.height}")
     writer = VideoWriter(a.out, fps=eng.fps)
     interrupted = False
     old = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        for block in eng.generate(a.prompt, num_frames=a.frames, seed=a.seed, actions=actions):
+        for block in _blocks(eng, sess, a.snapshot, a.snapshot_at if a.snapshot_at is not None else a.frames // 2):
             writer.write(block)
             bar.update(len(block))
             if monitor is not None:
@@ -265,6 +312,11 @@ def build_parser():
     g.add_argument("--actions", default=None, help="world models: comma-separated actions, one per block, last held")
     g.add_argument("--profile", nargs="?", const="", default=None, help="print a profile and write it as JSON")
     g.add_argument("--monitor-drift", action="store_true", help="print per-chunk drift (VDE) while generating")
+    g.add_argument("--snapshot", default=None, help="write the session's state to this .safetensors file once, at the "
+                   "first block boundary after --snapshot-at frames (docs/snapshots.md)")
+    g.add_argument("--snapshot-at", type=int, default=None, help="pixel frames before the snapshot (default: half)")
+    g.add_argument("--restore", default=None, help="continue a snapshot: its prompt, seed, actions and engine "
+                   "settings; writes the frames it makes from there (name the same --model)")
     v = sub.add_parser("verify-fixture", help="replay a reference rollout and compare latents")
     v.add_argument("dir")
     v.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"])
