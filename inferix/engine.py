@@ -21,8 +21,10 @@ from inferix.models.corrector import use_corrector
 from inferix.models.mirrors import action_permutation, check_mirrors, needs_square
 
 from .pages import AdmissionError, KVManager
+from .prefixes import NoNoise, PrefixCache, prefix_key
 from .profiling import Profiler
 from .runner import GeneratorNoise, Runner
+from .plan import PREFILL
 from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, Scheduler, SeqState
 from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent, session_span
 
@@ -163,8 +165,9 @@ class Engine:
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
                  memory_limit_gib: float | None = None, overlap_decode: bool | None = None, compile: str | None = None,
-                 cuda_graphs: bool = False, fp8: bool = False):
+                 cuda_graphs: bool = False, fp8: bool = False, share_prefixes: bool = False, max_prefixes: int = 4):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
+                             ("max_prefixes", max_prefixes, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
@@ -235,6 +238,10 @@ class Engine:
             self.runner.graphs = PassGraphs(self.dit, self.device)  # refuses a device that is not CUDA
         self.profiler = Profiler(self)
         self.hooks: list = []  # callables(plan, outputs) run after each executed plan, before counters advance
+        # shared start prefixes: hidden paused forks holding a finished prefill (see docs/snapshots.md)
+        self.prefixes = PrefixCache(int(max_prefixes)) if share_prefixes else None
+        if share_prefixes:
+            self.scheduler.reclaim = self._evict_prefix  # a waiting session first frees a kept prefix
 
     @classmethod
     def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
@@ -339,23 +346,32 @@ class Engine:
                 start_prompt = p
             else:
                 prompt_plan[blk] = p
+        key = None
+        if self.prefixes is not None and init_latents is not None:
+            key = prefix_key(init_latents, start_prompt, text_embeds)
+        negative = negative_prompt or self.bundle.sampling.negative_prompt
         with self.lock:
             sid = next(self._ids)
             seq = SeqState(sid=sid, prompt=start_prompt, total_blocks=total_blocks, budget=budget,
                            recache_on_switch=recache, action_plan=action_plan, prompt_plan=prompt_plan)
             seq.n_init, seq.first_block_frames = n_init, first
-            if n_init:
-                lead = [1] if self.bundle.sampling.independent_first_frame else []
-                seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
-            self.runner.add_session(sid, seq.prompt, noise,
-                                    negative_prompt=negative_prompt or self.bundle.sampling.negative_prompt,
-                                    init_latents=init_latents, text_embeds=text_embeds,
-                                    chunks=list(seq.prefill_chunks))
-            try:
-                self.scheduler.add(seq)
-            except BaseException:
-                self.runner.drop(sid)
-                raise
+            if key is not None and self._open_from_prefix(key, seq, noise, negative):
+                self.prefixes.hits += 1
+            else:
+                if n_init:
+                    lead = [1] if self.bundle.sampling.independent_first_frame else []
+                    seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
+                self.runner.add_session(sid, seq.prompt, noise, negative_prompt=negative,
+                                        init_latents=init_latents, text_embeds=text_embeds,
+                                        chunks=list(seq.prefill_chunks))
+                try:
+                    self.scheduler.add(seq)
+                except BaseException:
+                    self.runner.drop(sid)
+                    raise
+                if key is not None:
+                    self.prefixes.misses += 1
+                    self.prefixes.sources[sid] = key
             sess = Session(self, seq, num_frames)
             self.sessions[sid] = sess
             self.profiler.session_opened(sid)
@@ -400,6 +416,76 @@ class Engine:
             self.profiler.session_opened(sid)
         return child
 
+    # ---- shared start prefixes ------------------------------------------------------------------
+    def _open_from_prefix(self, key, seq: SeqState, noise, negative: str) -> bool:
+        """Start seq (fresh counters, its own budget) as a fork of the prefix kept for key; False when there is
+        none or it cannot start now (then it runs its own prefill)."""
+        holder = self.prefixes.get(key)
+        if holder is None or self.scheduler.queue:  # others wait for pages: no overtaking
+            return False
+        kv = self.kv
+        while not kv.can_allocate(seq.budget) and self._evict_prefix(keep=key):
+            pass
+        take = not kv.can_allocate(seq.budget)  # fits only without its holder: the session takes its pages over
+        if take and not kv.can_allocate(seq.budget - kv.sessions[holder].budget):
+            return False
+        self.runner.fork(holder, seq.sid)
+        st = self.runner.sessions[seq.sid]
+        st.noise, st.negative_prompt = noise, negative
+        try:
+            self.scheduler.share(holder, seq, take=take)
+        except BaseException:
+            self.runner.drop(seq.sid)
+            raise
+        if take:
+            del self.prefixes.holders[key]
+            self.runner.drop(holder)
+        return True
+
+    def _keep_prefix(self, sid: int, key) -> None:
+        """Keep a hidden paused fork of session sid, whose given frames are all committed and whose first
+        generated block has not started."""
+        p = self.prefixes
+        src = self.scheduler.seqs.get(sid)
+        if key in p.holders or src is None or src.prefill_chunks or src.block_started or self.scheduler.queue:
+            return
+        while len(p.holders) >= p.max_prefixes and self._evict_prefix():
+            pass
+        pages = len(self.kv.sessions[sid].pages())
+        if not self.kv.can_allocate(pages):
+            return
+        hid = next(self._ids)
+        hold = SeqState(sid=hid, prompt=src.prompt, total_blocks=0, budget=pages)  # it never commits a page
+        hold.n_init, hold.first_block_frames = src.n_init, src.first_block_frames
+        self.scheduler.share(sid, hold)
+        hold.status = PAUSED
+        self.runner.fork(sid, hid)
+        self.runner.sessions[hid].noise = NoNoise()
+        p.holders[key] = hid
+
+    def _evict_prefix(self, keep=None) -> bool:
+        """End the least recently used kept prefix (other than keep's); False when there is none."""
+        if self.prefixes is None:
+            return False
+        lru = self.prefixes.lru(keep)
+        if lru is None:
+            return False
+        key, hid = lru
+        del self.prefixes.holders[key]
+        self.prefixes.evicted += 1
+        self.scheduler.release(hid, CANCELLED, admit=False)
+        self.runner.drop(hid)
+        return True
+
+    def clear_prefixes(self) -> int:
+        """End every kept prefix (their pages go back unless a session shares them); returns how many."""
+        n = 0
+        with self.lock:
+            while self._evict_prefix():
+                n += 1
+            self.scheduler._admit()
+        return n
+
     def _fail(self, sid: int, error: BaseException) -> None:
         s = self.sessions.get(sid)
         if s is not None:
@@ -413,6 +499,8 @@ class Engine:
     def _forget(self, sid: int) -> None:
         """Drop every trace of an ended session (its handle keeps its frames and final status)."""
         self.runner.drop(sid)
+        if self.prefixes is not None:
+            self.prefixes.sources.pop(sid, None)
         sess = self.sessions.pop(sid, None)
         if sess is None or not sess.pending:  # else when its last frames are delivered
             self.profiler.forget(sid)
@@ -439,6 +527,14 @@ class Engine:
                     self._fail(row.sid, e)
                 raise
             finished = self.scheduler.update(plan)
+            if self.prefixes is not None and self.prefixes.sources:  # prefills that just ended become prefixes
+                for g in plan.groups:
+                    for row in g.rows if g.kind == PREFILL else ():
+                        key = self.prefixes.sources.get(row.sid)
+                        seq = self.scheduler.seqs.get(row.sid)
+                        if key is not None and seq is not None and not seq.prefill_chunks:
+                            del self.prefixes.sources[row.sid]
+                            self._keep_prefix(row.sid, key)
             for o in outs:
                 sess = self.sessions.get(o.sid)
                 if isinstance(o.frames, Future):
@@ -517,4 +613,7 @@ class Engine:
         return self.kv.pages_in_use
 
     def stats(self) -> dict:
-        return self.profiler.summary()
+        s = self.profiler.summary()
+        if self.prefixes is not None:
+            s["prefixes"] = self.prefixes.stats()
+        return s

@@ -6,7 +6,7 @@ Admission goes through the KV manager's side-effect-free ``can_allocate`` before
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .pages import KVManager
@@ -56,6 +56,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.seqs: dict[int, SeqState] = {}
         self.queue: list[int] = []  # waiting sids, FIFO
+        self.reclaim = None  # callable() -> bool: frees a reservation nobody runs on (a kept prefix) when one waits
 
     # ---- sessions ------------------------------------------------------------------------------
     def add(self, seq: SeqState) -> None:
@@ -69,6 +70,8 @@ class Scheduler:
         while self.queue:
             seq = self.seqs[self.queue[0]]
             if not self.kv.can_allocate(seq.budget):
+                if self.reclaim is not None and self.reclaim():
+                    continue
                 break
             self.queue.pop(0)
             self.kv.allocate(seq.sid, seq.budget)
@@ -78,8 +81,8 @@ class Scheduler:
     def waiting_position(self, sid: int) -> int | None:
         return self.queue.index(sid) if sid in self.queue else None
 
-    def release(self, sid: int, status: str) -> None:
-        """Finish, cancel or fail: pages are freed at once and waiting sessions may be admitted."""
+    def release(self, sid: int, status: str, admit: bool = True) -> None:
+        """Finish, cancel or fail: pages are freed at once and (admit) waiting sessions may be admitted."""
         seq = self.seqs.pop(sid, None)  # ended sessions leave the scheduler; their handles keep the state
         if seq is None:
             return
@@ -87,7 +90,8 @@ class Scheduler:
         if sid in self.queue:
             self.queue.remove(sid)
         self.kv.free(sid)
-        self._admit()
+        if admit:
+            self._admit()
 
     def fork(self, src: int, dst_seq: SeqState) -> None:
         """dst shares src's pages (copy-on-write) and continues from src's counters."""
@@ -108,6 +112,29 @@ class Scheduler:
         dst_seq.prompt_plan = dict(s.prompt_plan)
         dst_seq.block_actions = list(s.block_actions) if s.block_actions is not None else None
         dst_seq.status = PAUSED
+        self.seqs[dst_seq.sid] = dst_seq
+
+    def share(self, src: int, dst_seq: SeqState, take: bool = False) -> None:
+        """dst (a new session with its own counters and budget) starts from src's committed pages, shared
+        copy-on-write, and runs at once. take: src ends here and hands its pages over (its reservation goes first)."""
+        kv = self.kv
+        s = kv.sessions.get(src)
+        if s is None or src not in self.seqs:
+            raise RuntimeError(f"session {src} has ended; it has no pages to share")
+        held = s.pages()
+        if len(held) > dst_seq.budget:
+            raise RuntimeError(f"session {dst_seq.sid} reserves {dst_seq.budget} pages, fewer than the {len(held)} "
+                               f"it would share")
+        if not kv.can_allocate(dst_seq.budget - (kv.sessions[src].budget if take else 0)):
+            raise RuntimeError(f"no KV budget left to share session {src}'s pages ({dst_seq.budget} pages needed)")
+        sink, window, committed = list(s.sink), deque(s.window), s.frames_committed
+        kv.alloc.incref(held)  # dst's references, taken before src may go
+        if take:
+            self.release(src, CANCELLED, admit=False)
+        kv.allocate(dst_seq.sid, dst_seq.budget)
+        d = kv.sessions[dst_seq.sid]
+        d.sink, d.window, d.frames_committed = sink, window, committed
+        dst_seq.status = RUNNING
         self.seqs[dst_seq.sid] = dst_seq
 
     # ---- planning ------------------------------------------------------------------------------
