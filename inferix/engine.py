@@ -25,7 +25,8 @@ from .prefixes import NoNoise, PrefixCache, prefix_key
 from .profiling import Profiler
 from .runner import GeneratorNoise, Runner
 from .plan import PREFILL
-from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, Scheduler, SeqState
+from .host_tier import HostTier
+from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, RUNNING, WAITING, Scheduler, SeqState
 from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent, session_span
 
 __all__ = ["Engine", "Session", "AdmissionError", "COMPILE_MODES"]
@@ -100,13 +101,27 @@ class Session:
 
     def pause(self) -> None:
         with self.engine.lock:
+            host = self.engine.host
             if self._seq.status == RUNNING:
                 self._seq.status = PAUSED
+            elif host is not None and host.holds(self.id) and self._seq.status == WAITING:
+                self.engine.scheduler.unqueue(self.id)
 
     def resume(self) -> None:
+        """Run again. A session whose pages were moved to host memory (``Engine(host_pages=...)``) waits in the
+        admission queue like a new session until its budget fits the device again, then continues."""
         with self.engine.lock:
             if self._seq.status == PAUSED:
-                self._seq.status = RUNNING
+                host = self.engine.host
+                if host is not None and host.holds(self.id):
+                    self.engine.scheduler.requeue(self.id)
+                else:
+                    self._seq.status = RUNNING
+
+    @property
+    def offloaded(self) -> bool:
+        """Its KV pages are in host memory (paused, or resumed and waiting for device pages)."""
+        return self.engine.host is not None and self.engine.host.holds(self.id)
 
     def cancel(self) -> None:
         with self.engine.lock:
@@ -120,6 +135,8 @@ class Session:
         """Write this session's state (KV pages, decoder stream, noise, counters) to ``path`` (.safetensors); it
         must be at a block boundary. ``Engine.restore(path)`` continues it (see docs/snapshots.md)."""
         from .snapshot import save_session
+        if self.offloaded:
+            raise RuntimeError(f"session {self.id} is in host memory; resume it (and let it run) before a snapshot")
         save_session(self, path)
 
     # ---- output ------------------------------------------------------------------------------
@@ -165,12 +182,15 @@ class Engine:
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
                  memory_limit_gib: float | None = None, overlap_decode: bool | None = None, compile: str | None = None,
-                 cuda_graphs: bool = False, fp8: bool = False, share_prefixes: bool = False, max_prefixes: int = 4):
+                 cuda_graphs: bool = False, fp8: bool = False, share_prefixes: bool = False, max_prefixes: int = 4,
+                 host_pages: int = 0):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("max_prefixes", max_prefixes, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if isinstance(host_pages, bool) or not isinstance(host_pages, (int, np.integer)) or host_pages < 0:
+            raise ValueError(f"host_pages must be an int >= 0 (0: no host-memory tier), got {host_pages!r}")
         if window is not None and window != -1 and (isinstance(window, bool) or
                                                      not isinstance(window, (int, np.integer)) or window < 1):
             raise ValueError(f"window must be a positive int, None (no window) or -1 (the model's), got {window!r}")
@@ -242,6 +262,9 @@ class Engine:
         self.prefixes = PrefixCache(int(max_prefixes)) if share_prefixes else None
         if share_prefixes:
             self.scheduler.reclaim = self._evict_prefix  # a waiting session first frees a kept prefix
+        # host-memory tier: paused sessions move to host pages to admit waiting ones (see docs/snapshots.md)
+        self.host = HostTier(self, int(host_pages)) if host_pages else None
+        self.scheduler.host = self.host
 
     @classmethod
     def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
@@ -616,4 +639,6 @@ class Engine:
         s = self.profiler.summary()
         if self.prefixes is not None:
             s["prefixes"] = self.prefixes.stats()
+        if self.host is not None:
+            s["host_pages"] = self.host.stats()
         return s

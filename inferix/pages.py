@@ -2,7 +2,8 @@
 
 A page is one latent frame of one session, for every layer at once (layer l keeps its K/V of page p at row p of
 its own pool). A session's block table is its pinned sink pages followed by its rolling window of recent pages.
-Eviction, sink pinning and fork are edits of these lists plus reference counts; the tensors never move.
+Eviction, sink pinning and fork are edits of these lists plus reference counts; the tensors never move (a
+host-memory tier, inferix/host_tier.py, copies a paused session out and back, into fresh pages).
 
 Budget: a session is admitted with a reservation of the most pages it can ever hold at once (its window, or its
 whole length when it has no window). The sum of reservations never exceeds the pool, so an admitted session never

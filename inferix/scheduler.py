@@ -57,6 +57,7 @@ class Scheduler:
         self.seqs: dict[int, SeqState] = {}
         self.queue: list[int] = []  # waiting sids, FIFO
         self.reclaim = None  # callable() -> bool: frees a reservation nobody runs on (a kept prefix) when one waits
+        self.host = None  # host tier (make_room / bring_back / holds / drop): paused sessions moved off the device
 
     # ---- sessions ------------------------------------------------------------------------------
     def add(self, seq: SeqState) -> None:
@@ -72,11 +73,28 @@ class Scheduler:
             if not self.kv.can_allocate(seq.budget):
                 if self.reclaim is not None and self.reclaim():
                     continue
+                if self.host is not None and self.host.make_room(seq.budget, seq.sid):
+                    continue
                 break
             self.queue.pop(0)
             self.kv.allocate(seq.sid, seq.budget)
+            if self.host is not None and self.host.holds(seq.sid):
+                self.host.bring_back(seq.sid)
             if seq.status == WAITING:
                 seq.status = RUNNING
+
+    def requeue(self, sid: int) -> None:
+        """A resumed session whose pages are on the host waits for a reservation like a new session."""
+        seq = self.seqs[sid]
+        seq.status = WAITING
+        self.queue.append(sid)
+        self._admit()
+
+    def unqueue(self, sid: int) -> None:
+        """Paused again before it got its pages back: it leaves the queue and stays on the host."""
+        if sid in self.queue:
+            self.queue.remove(sid)
+        self.seqs[sid].status = PAUSED
 
     def waiting_position(self, sid: int) -> int | None:
         return self.queue.index(sid) if sid in self.queue else None
@@ -90,6 +108,8 @@ class Scheduler:
         if sid in self.queue:
             self.queue.remove(sid)
         self.kv.free(sid)
+        if self.host is not None:
+            self.host.drop(sid)
         if admit:
             self._admit()
 
@@ -100,6 +120,8 @@ class Scheduler:
             raise RuntimeError(f"session {src} has ended; only a running or paused session can be forked")
         if s.status not in (RUNNING, PAUSED):
             raise RuntimeError(f"session {src} is {s.status}; only a running or paused session can be forked")
+        if self.host is not None and self.host.holds(src):
+            raise RuntimeError(f"session {src} is in host memory; resume it (and let it run) before forking it")
         if not self.kv.can_allocate(s.budget):
             raise RuntimeError(f"no KV budget left to fork session {src} ({s.budget} pages needed)")
         self.kv.fork(src, dst_seq.sid)
