@@ -67,14 +67,21 @@ class Scheduler:
         self.queue.append(seq.sid)
         self._admit()
 
+    def make_room(self, budget: int, incoming: int | None = None) -> bool:
+        """Whether a reservation of ``budget`` fits now, after freeing what may be freed for it: kept prefixes,
+        then paused sessions moved to host memory (incoming: the session being admitted, if it is on the host)."""
+        while not self.kv.can_allocate(budget):
+            if self.reclaim is not None and self.reclaim():
+                continue
+            if self.host is not None and self.host.make_room(budget, incoming):
+                continue
+            return False
+        return True
+
     def _admit(self) -> None:
         while self.queue:
             seq = self.seqs[self.queue[0]]
-            if not self.kv.can_allocate(seq.budget):
-                if self.reclaim is not None and self.reclaim():
-                    continue
-                if self.host is not None and self.host.make_room(seq.budget, seq.sid):
-                    continue
+            if not self.make_room(seq.budget, seq.sid):
                 break
             self.queue.pop(0)
             self.kv.allocate(seq.sid, seq.budget)

@@ -346,7 +346,8 @@ def restore_session(engine, path):
         raise SnapshotError(f"{path}: malformed snapshot ({type(e).__name__}: {e})") from None
     with engine.lock:
         engine.kv.check_fits_ever(budget)
-        if not engine.kv.can_allocate(budget) or not engine.kv.alloc.can_allocate(len(frames)):
+        # room is made the way admission makes it (kept prefixes, then paused sessions to host memory)
+        if not engine.scheduler.make_room(budget) or not engine.kv.alloc.can_allocate(len(frames)):
             raise AdmissionError(f"the pool cannot hold the restored session now: it needs {budget} KV pages, "
                                  f"{engine.kv.alloc.num_pages - engine.kv.reserved} are unreserved")
         sid = next(engine._ids)

@@ -140,3 +140,26 @@ def test_off_by_default_and_bad_values():
     for bad in (-1, 1.5, True, None, "4"):
         with pytest.raises(ValueError, match=r"^host_pages must be an int >= 0"):
             tiny(bad)
+
+
+def test_restore_makes_room_like_admission(tmp_path):
+    """Engine.restore frees room the way a new session gets it: a paused session moves to host memory."""
+    src = tiny(0)
+    s = src.open_session("a scene", num_frames=nf(src), seed=5, init_frames=None)
+    run_blocks(src, [s], 2)
+    path = tmp_path / "s.safetensors"
+    s.snapshot(path)
+    src.run_until_idle()
+    eng = tiny()
+    a, b = (eng.open_session("a scene", num_frames=nf(eng), seed=x, init_frames=None) for x in (1, 2))
+    run_blocks(eng, [a, b], 1)
+    a.pause()
+    r = eng.restore(path)  # the pool is full: a moves to the host to make room
+    assert a.offloaded and not r.offloaded and r.status == "paused"
+    r.resume()
+    eng.run_until_idle()
+    assert len(r.latents) == 2  # batched with b here, alone before: equal to float rounding
+    for x, y in zip(r.latents, s.latents[2:]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    a.cancel(), b.cancel(), r.cancel()
+    check_empty(eng)
