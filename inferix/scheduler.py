@@ -7,7 +7,8 @@ Admission goes through the KV manager's side-effect-free ``can_allocate`` before
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 
 from .pages import KVManager
 from .plan import COMMIT, DENOISE, PREFILL, RECACHE, Group, Row, StepPlan
@@ -132,14 +133,9 @@ class Scheduler:
         if not self.kv.can_allocate(s.budget):
             raise RuntimeError(f"no KV budget left to fork session {src} ({s.budget} pages needed)")
         self.kv.fork(src, dst_seq.sid)
-        for name in ("block", "step", "prefill_frames", "action", "block_started", "frame_start", "need_recache",
-                     "recache_on_switch", "pending_prompt", "prompt", "total_blocks", "budget", "prompt_changed",
-                     "first_block_frames", "n_init", "block_nframes"):
-            setattr(dst_seq, name, getattr(s, name))
-        dst_seq.prefill_chunks = list(s.prefill_chunks)
-        dst_seq.action_plan = dict(s.action_plan)
-        dst_seq.prompt_plan = dict(s.prompt_plan)
-        dst_seq.block_actions = list(s.block_actions) if s.block_actions is not None else None
+        for f in fields(SeqState):  # every counter and plan (lists and dicts copied), so none can be forgotten
+            if f.name not in ("sid", "status"):
+                setattr(dst_seq, f.name, copy.copy(getattr(s, f.name)))
         dst_seq.status = PAUSED
         self.seqs[dst_seq.sid] = dst_seq
 

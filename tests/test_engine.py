@@ -358,3 +358,15 @@ def test_block_boundary_flag_and_fork_of_ended_session():
     assert s.status == "finished"
     with pytest.raises(RuntimeError, match="has ended"):
         s.fork()
+
+
+def test_a_fork_keeps_an_action_set_just_before_it():
+    from engine_utils import tiny_engine
+    eng = tiny_engine(window=6, kv_pages=24, num_actions=3)
+    s = eng.open_session("a red ball", num_frames=None, seed=0)
+    while eng.runner.forward_calls < 5 or not s.at_block_boundary:
+        eng.step()
+    s.act(2)  # pending until the next block boundary
+    child = s.fork()
+    assert child._s.pending_action == 2 == s._s.pending_action
+    assert child._s.action_plan is not s._s.action_plan and child._s.prompt_plan is not s._s.prompt_plan
