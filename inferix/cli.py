@@ -157,22 +157,17 @@ def _restore_settings(a) -> dict:
     return sess
 
 
-def _blocks(eng, sess, snapshot: str | None, at: int):
+def _blocks(sess, snapshot: str | None, at: int):
     """The session's frame blocks as they come; with ``snapshot``, its state is written once, at the first block
     boundary after ``at`` pixel frames."""
+    pending = [snapshot] if snapshot else []
+
+    def maybe_snapshot(s):
+        if pending and s.frames_out >= at and s.at_block_boundary and s.status == "running":
+            s.snapshot(pending[0])
+            print(f"\nsnapshot after {s.frames_out} frames written to {pending.pop()}", file=sys.stderr)
     try:
-        while True:
-            while sess.blocks:
-                yield sess.blocks.popleft()
-            if sess.error is not None:
-                raise sess.error
-            if sess.done:
-                return
-            if snapshot and sess.frames_out >= at and sess.at_block_boundary and sess.status == "running":
-                sess.snapshot(snapshot)
-                print(f"\nsnapshot after {sess.frames_out} frames written to {snapshot}", file=sys.stderr)
-                snapshot = None
-            eng.step()
+        yield from sess.stream(between_steps=maybe_snapshot)
     finally:
         if not sess.done and sess.status not in ("finished", "failed"):
             sess.cancel()
@@ -223,7 +218,7 @@ def cmd_generate(a) -> int:
     old = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        for block in _blocks(eng, sess, a.snapshot, a.snapshot_at if a.snapshot_at is not None else a.frames // 2):
+        for block in _blocks(sess, a.snapshot, a.snapshot_at if a.snapshot_at is not None else a.frames // 2):
             writer.write(block)
             bar.update(len(block))
             if monitor is not None:

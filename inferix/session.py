@@ -132,6 +132,11 @@ class Session:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Drive the engine until this session is done, yielding its frame blocks."""
+        return self.stream()
+
+    def stream(self, between_steps=None) -> Iterator[np.ndarray]:
+        """``iter(session)``, with ``between_steps(session)`` called before each engine step (e.g. to snapshot
+        the session at a block boundary)."""
         while True:
             while self.blocks:
                 yield self.blocks.popleft()
@@ -141,4 +146,6 @@ class Session:
                 return
             if self.status == PAUSED:
                 raise RuntimeError(f"session {self.id} is paused; resume it before iterating")
+            if between_steps is not None:
+                between_steps(self)
             self.engine.step()
