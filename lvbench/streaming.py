@@ -99,51 +99,60 @@ class InterpolationSmoothness:
         return float((255.0 - err) / 255.0)
 
 
-class StructuralConsistency:
-    """Streaming ``structural_consistency``: SSIM of coarse luma to the previous and to the first frame."""
-
-    def __init__(self, max_side: int = STRUCTURE_MAX_SIDE):
-        self.max_side = max_side
-        self.first = self.prev = None
-        self.to_prev: list[float] = []
-        self.to_first: list[float] = []
-
-    def add(self, frame: np.ndarray) -> None:
-        g = _area_downscale(_gray(frame[None]), self.max_side)
-        if self.first is None:
-            self.first = g
-        else:
-            self.to_prev.append(ssim(self.prev, g)[0])
-            self.to_first.append(ssim(self.first, g)[0])
-        self.prev = g
-
-    def score(self) -> float:
-        if not self.to_prev:
-            raise ValueError(f"subject consistency needs >= 2 frames per chunk, got {int(self.first is not None)}")
-        return _consistency(np.asarray(self.to_prev), np.asarray(self.to_first))
-
-
-class ColourConsistency:
-    """Streaming ``colour_consistency``: histogram intersection with the previous and the first frame."""
+class _AgainstFirstAndPrevious:
+    """Streaming consistency: a per-frame feature compared with the previous and with the first frame's."""
+    what = ""
 
     def __init__(self):
         self.first = self.prev = None
         self.to_prev: list[float] = []
         self.to_first: list[float] = []
 
+    def feature(self, frame: np.ndarray):
+        raise NotImplementedError
+
+    def similarity(self, a, b) -> float:
+        raise NotImplementedError
+
     def add(self, frame: np.ndarray) -> None:
-        h = _colour_hist(frame[None])
+        f = self.feature(frame)
         if self.first is None:
-            self.first = h
+            self.first = f
         else:
-            self.to_prev.append(np.minimum(self.prev, h).sum(1)[0])
-            self.to_first.append(np.minimum(self.first, h).sum(1)[0])
-        self.prev = h
+            self.to_prev.append(self.similarity(self.prev, f))
+            self.to_first.append(self.similarity(self.first, f))
+        self.prev = f
 
     def score(self) -> float:
         if not self.to_prev:
-            raise ValueError(f"background consistency needs >= 2 frames per chunk, got {int(self.first is not None)}")
+            raise ValueError(f"{self.what} consistency needs >= 2 frames per chunk, got {int(self.first is not None)}")
         return _consistency(np.asarray(self.to_prev), np.asarray(self.to_first))
+
+
+class StructuralConsistency(_AgainstFirstAndPrevious):
+    """Streaming ``structural_consistency``: SSIM of coarse luma to the previous and to the first frame."""
+    what = "subject"
+
+    def __init__(self, max_side: int = STRUCTURE_MAX_SIDE):
+        super().__init__()
+        self.max_side = max_side
+
+    def feature(self, frame):
+        return _area_downscale(_gray(frame[None]), self.max_side)
+
+    def similarity(self, a, b):
+        return ssim(a, b)[0]
+
+
+class ColourConsistency(_AgainstFirstAndPrevious):
+    """Streaming ``colour_consistency``: histogram intersection with the previous and the first frame."""
+    what = "background"
+
+    def feature(self, frame):
+        return _colour_hist(frame[None])
+
+    def similarity(self, a, b):
+        return np.minimum(a, b).sum(1)[0]
 
 
 class MeanFrameDifference:
