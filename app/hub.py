@@ -33,7 +33,7 @@ from inferix import AdmissionError, Engine, VideoWriter, default_model
 
 from .tabs import SEED_MAX, DemoConfig, Snapshot, Tab, parse_seed
 
-__all__ = ["DemoConfig", "Hub", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX", "parse_seed"]
+__all__ = ["DemoConfig", "Hub", "build_engine", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX", "parse_seed"]
 
 log = logging.getLogger("inferix.app")
 
@@ -45,6 +45,36 @@ GENERIC_PROMPT = "a red car drives through a snowy city at night"
 STEP_FAILED = "the engine failed a step and retries (details in the server log)"
 
 
+def build_engine(cfg) -> Engine:
+    """The engine a DemoConfig-like config asks for (model, device, size, window, sink, KV pool for
+    ``max_sessions`` streams of ``max_frames``); the demo and ``inferix serve`` both build theirs here."""
+    import torch
+    from inferix.models.bundle import load_model
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bundle = load_model(cfg.model or default_model(), device=device, dtype=dtype)
+    window, sink = cfg.window, cfg.sink
+    if window == -1:
+        window = bundle.window
+        if window is None:  # streams run until stopped: keep the cache bounded with a default window
+            window, sink = 12, (3 if sink is None else sink)
+    elif window == 0:
+        window = None
+    if window is None and cfg.max_frames == 0:
+        raise ValueError("sessions without a frame limit (max_frames 0) need a window")
+    kv_pages = cfg.kv_pages
+    if kv_pages is None:  # what max_sessions streams reserve, by the engine's own sizing rule
+        from inferix.sizing import pool_pages
+        start = bundle.start_frames(cfg.default_prompt or bundle.extra.get("default_prompt") or GENERIC_PROMPT, 0)
+        n_init = 0 if start is None else bundle.latent_frames(len(start))
+        kv_pages = pool_pages(bundle, window, cfg.max_sessions, cfg.max_frames or None, n_init)
+    h, w = cfg.height or bundle.height, cfg.width or bundle.width
+    if h * w > cfg.max_pixels:
+        raise ValueError(f"resolution {w}x{h} is over the limit of {cfg.max_pixels} pixels per frame (--max-pixels)")
+    return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
+                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors)
+
+
 class Hub:
     """Owns the engine and the thread that steps it; the UI calls the methods below with a tab key."""
 
@@ -53,7 +83,7 @@ class Hub:
         if cfg.threads:
             import torch
             torch.set_num_threads(cfg.threads)
-        self.engine = engine if engine is not None else self._build_engine(cfg)
+        self.engine = engine if engine is not None else build_engine(cfg)
         eng = self.engine
         if eng.height * eng.width > cfg.max_pixels:
             raise ValueError(f"resolution {eng.width}x{eng.height} is over the demo's limit of {cfg.max_pixels} "
@@ -83,34 +113,6 @@ class Hub:
         self._thread.start()
 
     # ---- engine ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _build_engine(cfg: DemoConfig) -> Engine:
-        import torch
-        from inferix.models.bundle import load_model
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        bundle = load_model(cfg.model or default_model(), device=device, dtype=dtype)
-        window, sink = cfg.window, cfg.sink
-        if window == -1:
-            window = bundle.window
-            if window is None:  # streams run until stopped: keep the cache bounded with a default window
-                window, sink = 12, (3 if sink is None else sink)
-        elif window == 0:
-            window = None
-        if window is None and cfg.max_frames == 0:
-            raise ValueError("sessions without a frame limit (max_frames 0) need a window")
-        kv_pages = cfg.kv_pages
-        if kv_pages is None:  # what max_sessions streams reserve, by the engine's own sizing rule
-            from inferix.sizing import pool_pages
-            start = bundle.start_frames(cfg.default_prompt or bundle.extra.get("default_prompt") or GENERIC_PROMPT, 0)
-            n_init = 0 if start is None else bundle.latent_frames(len(start))
-            kv_pages = pool_pages(bundle, window, cfg.max_sessions, cfg.max_frames or None, n_init)
-        h, w = cfg.height or bundle.height, cfg.width or bundle.width
-        if h * w > cfg.max_pixels:
-            raise ValueError(f"resolution {w}x{h} is over the demo's limit of {cfg.max_pixels} pixels per frame")
-        return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
-                      max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors)
-
     @contextmanager
     def _locked(self):
         with self._want_lock:

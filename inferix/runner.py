@@ -74,6 +74,7 @@ class BlockOutput:
     block: int
     frames: object  # uint8 [T, H, W, 3] (None without a decoder; a Future of them when decode overlaps)
     latents: torch.Tensor  # [F, C, h, w] clean latents of the block
+    decode_s: float = 0.0  # seconds its decode took in the pass (0 when overlapped or without a decoder)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Runner:
         self.forward_calls = 0
         # decode overlapped with the next passes: BlockOutput.frames is then a Future of the frames
         self.decode_worker = DecodeWorker(self.device) if overlap_decode and bundle.decoder is not None else None
+        self.parallel = None  # inferix.parallel.Parallel when several ranks run this engine (Engine(parallel=...))
         self.graphs = None  # PassGraphs: steady-state passes captured as CUDA graphs (Engine(cuda_graphs=True))
 
     # ---- sessions ------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ class Runner:
             emb = st.text_embeds if key[0] == "embeds" else self.bundle.encode_prompt(key[1])
             with torch.no_grad():
                 kv = self.dit.prepare_text(emb.to(self.device))
+            if self.parallel is not None:  # sequence parallel: this rank keeps its heads only
+                kv = self.parallel.shard_text(kv)
             self.text_cache[key] = kv
             while len(self.text_cache) > 64:
                 self.text_cache.popitem(last=False)
@@ -310,7 +314,9 @@ class Runner:
         if self.mirrors:
             pred = self._with_views(g.kind, x, t, rows, meta, qpos, actions)
         else:  # only a denoise pass's prediction is read; the others write K/V (their last layer stops there)
-            pred = self._forward(x, t, rows, meta, qpos, actions, kv_only=g.kind != DENOISE)
+            # CFG parallel: one group of ranks runs the conditional denoise passes, the other the unconditional
+            neg = g.kind == DENOISE and self.parallel is not None and self.parallel.runs_uncond
+            pred = self._forward(x, t, rows, meta, qpos, actions, negative=neg, kv_only=g.kind != DENOISE)
         outs = []
         if g.kind == DENOISE:
             outs, decode_s = self._after_denoise(rows, x, pred, meta, qpos, actions, t, faults)
@@ -354,9 +360,13 @@ class Runner:
         step_sig = torch.tensor([self.sigmas[r.step] for r in rows], dtype=torch.float64,
                                 device=self.device)[:, None, None, None, None]
         if s.sampler == "euler":
+            pred_u = None
+            if s.guidance_scale != 1.0 and self.parallel is not None and self.parallel.cfg:
+                pred, pred_u = self.parallel.cfg_exchange(pred)  # each group ran one of the two passes
             v = pred if self.dit.config.prediction == "flow" else x0_to_flow(x, pred, step_sig)
             if s.guidance_scale != 1.0:
-                pred_u = self._forward(x, t, rows, meta_without_write(meta), qpos, actions, negative=True)
+                if pred_u is None:
+                    pred_u = self._forward(x, t, rows, meta_without_write(meta), qpos, actions, negative=True)
                 v_u = pred_u if self.dit.config.prediction == "flow" else x0_to_flow(x, pred_u, step_sig)
                 v = cfg_combine(v, v_u, s.guidance_scale)
         outs = []
@@ -387,7 +397,7 @@ class Runner:
                 st.x0 = st.x0.clamp(-1, 1)
             for j in range(r.nframes):
                 self._remember(st, r.frame_start + j, st.x0[j])
-            frames = None
+            frames, dt = None, 0.0
             if self.decode_worker is not None:
                 frames = self.decode_worker.submit(self.bundle.decoder.decode_block, st.decoder_state, st.x0[None])
             elif self.bundle.decoder is not None:
@@ -401,7 +411,7 @@ class Runner:
                     dt = time.perf_counter() - tic
                     decode_s += dt
                     self.timing["decode"] += dt
-            outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone()))
+            outs.append(BlockOutput(r.sid, r.block, frames, st.x0.clone(), dt))
         return outs, decode_s
 
     def _remember(self, st: SessionTensors, frame: int, latent: torch.Tensor) -> None:

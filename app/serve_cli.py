@@ -1,0 +1,99 @@
+"""``inferix serve``: registered through the ``inferix.commands`` entry-point group (the engine's CLI never
+imports the server). FastAPI and uvicorn are imported only when the command runs."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["register", "add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="preset (toyworld, tiny, ...) or checkpoint path; default: the "
+                   "embedded toy world, else the tiny preset")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("INFERIX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every API route (default: $INFERIX_API_KEY; none)")
+    p.add_argument("--max-sessions", type=int, default=4, help="streams the KV pool holds at once (sizes the pool); "
+                   "later ones wait (default 4)")
+    p.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (overrides --max-sessions)")
+    p.add_argument("--max-queue", type=int, default=16, help="sessions that may wait for KV pages (default 16); "
+                   "beyond that a new session is refused with 503")
+    p.add_argument("--max-frames", type=int, default=100000, help="most pixel frames a session may ask for")
+    p.add_argument("--idle-timeout", type=float, default=120, help="seconds a session may have no connected "
+                   "client before it is closed and its pages freed (default 120; 0: never)")
+    p.add_argument("--max-ahead", type=int, default=2, help="blocks a session may run ahead of what its client "
+                   "has received (default 2)")
+    p.add_argument("--max-body-kib", type=int, default=8192, help="largest HTTP request body in KiB (default 8192)")
+    p.add_argument("--max-message-kib", type=int, default=64, help="largest WebSocket or data-channel message in "
+                   "KiB (default 64)")
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt (default 2000)")
+    p.add_argument("--snapshot-dir", default=None, help="where session snapshots are written (default: a temporary "
+                   "folder removed at exit)")
+    p.add_argument("--max-snapshots", type=int, default=32, help="snapshots kept; the oldest goes beyond it")
+    p.add_argument("--max-snapshot-mib", type=int, default=1024, help="largest snapshot upload in MiB")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the model's)")
+    p.add_argument("--window", type=int, default=-1, help="latent frames attended (default: the model's, else 12; "
+                   "0: no window)")
+    p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="network session API (HTTP, WebSocket, WebRTC) and a web page",
+                              description="Serve one engine to many clients: see docs/serve.md.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    import logging
+
+    from .serve import Manager, ServeConfig, make_app
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    cfg = ServeConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window, sink=a.sink,
+                      max_sessions=a.max_sessions, kv_pages=a.kv_pages, max_queue=a.max_queue,
+                      max_frames=a.max_frames, idle_timeout=a.idle_timeout, max_ahead=a.max_ahead,
+                      max_body_kib=a.max_body_kib, max_message_kib=a.max_message_kib,
+                      max_prompt_chars=a.max_prompt_chars, snapshot_dir=a.snapshot_dir,
+                      max_snapshots=a.max_snapshots, max_snapshot_mib=a.max_snapshot_mib, api_key=a.api_key or None,
+                      threads=a.threads)
+    if not 0 < a.port < 65536:
+        print(f"error: --port must be in 1..65535, got {a.port}", file=sys.stderr)
+        return 2
+    try:
+        manager = Manager(cfg)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        print(f"note: listening on {a.host} without --api-key: anyone who can reach this address can use the "
+              f"server", file=sys.stderr)
+    serve(manager, a.host, a.port, log_level=a.log_level)
+    return 0
+
+
+def serve(manager, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; sessions end cleanly (clients get ``end``) before it exits."""
+    import uvicorn
+
+    from .serve import make_app
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await manager.shutdown()  # first: clients still connected get their end event
+            await super().shutdown(sockets=sockets)
+
+    cfg = manager.cfg
+    config = uvicorn.Config(make_app(manager), host=host, port=port, log_level=log_level, access_log=False,
+                            ws_max_size=4 * cfg.max_message_kib * 1024, timeout_graceful_shutdown=10,
+                            lifespan="on")
+    server = Server(config)
+    print(f"inferix serve: {manager.engine.bundle.name} on http://{host}:{port}/ (API: /v1, metrics: /metrics)",
+          flush=True)
+    server.run()
