@@ -3,6 +3,7 @@ imports the server). FastAPI and uvicorn are imported only when the command runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -88,6 +89,14 @@ def serve(manager, host: str, port: int, log_level: str = "info") -> None:
         async def shutdown(self, sockets=None):
             await manager.shutdown()  # first: clients still connected get their end event
             await super().shutdown(sockets=sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # a SIGTERM/SIGINT that shut down cleanly exits 0 (uvicorn would raise it again)
+                    getattr(self, "_captured_signals", []).clear()
 
     cfg = manager.cfg
     config = uvicorn.Config(make_app(manager), host=host, port=port, log_level=log_level, access_log=False,
