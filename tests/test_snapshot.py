@@ -277,3 +277,28 @@ def test_overlapped_decode_is_finished_before_the_snapshot(tmp_path):
     r = eng2.restore(path)
     r.resume()
     assert_same(blocks(eng2, r, 2), want)
+
+
+def test_a_fork_sharing_its_parents_pages_snapshots_and_continues(tmp_path):
+    """A fork's pages are shared copy-on-write with its parent: its snapshot holds their K/V all the same, and the
+    restored fork continues as the fork does, while the parent is untouched."""
+    eng = tiny_engine()
+    s = eng.open_session("a red ball", num_frames=None, seed=6)
+    blocks(eng, s, 2)
+    f = s.fork()
+    shared = set(eng.kv.sessions[s.id].pages()) & set(eng.kv.sessions[f.id].pages())
+    assert shared  # copy-on-write: nothing copied yet
+    s.pause()
+    f.resume()
+    path = tmp_path / "fork.safetensors"
+    f.snapshot(path)
+    want = blocks(eng, f, 2)
+    f.cancel()
+    s.resume()
+    parent_next = blocks(eng, s, 1)
+    eng2 = tiny_engine()
+    r = eng2.restore(path)
+    r.resume()
+    assert_same(blocks(eng2, r, 2), want)
+    # the fork continued exactly where the parent continues (same state, same noise stream)
+    assert_same(parent_next, want[:1])

@@ -326,3 +326,31 @@ def test_load_model_decoder_option(files):
         load_model("tiny", decoder="taehv", decoder_weights=files / "nope.pth")
     with pytest.raises(ValueError, match="'toyworld' has a PixelDecoder and 3 latent channels"):
         load_model("toyworld", decoder="taehv", decoder_weights=files / "taew2_1.pth")
+
+
+def test_snapshot_keeps_the_taehv_stream_state(files, tmp_path):
+    """A session decoded by TAEHV continues bit for bit from a snapshot: the decoder's causal memory travels."""
+    from inferix.engine import Engine
+    from inferix.models.bundle import load_model
+
+    def engine():
+        return Engine(load_model("tiny", decoder="taehv", decoder_weights=files / "taew2_1.pth"), window=6,
+                      max_sessions=1, kv_pages=12)
+
+    def run(eng, sess, n):
+        out = []
+        while len(out) < n or not sess.at_block_boundary:
+            assert eng.step()
+            out.extend(sess.poll())
+        return out
+
+    eng = engine()
+    s = eng.open_session("a red ball", num_frames=None, seed=2)
+    run(eng, s, 2)
+    s.snapshot(tmp_path / "taehv.safetensors")
+    want = run(eng, s, 2)
+    eng2 = engine()
+    r = eng2.restore(tmp_path / "taehv.safetensors")
+    r.resume()
+    got = run(eng2, r, 2)
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
