@@ -265,6 +265,11 @@ class Manager:
         self._thread = threading.Thread(target=self._drive, name="inferix-serve-engine", daemon=True)
         eng.hooks.append(self._on_plan)
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (False once it died or the manager closed)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         if not self._thread.is_alive():
@@ -463,8 +468,8 @@ class Manager:
         self._end(ss, reason)
 
     # -- sessions
-    def open(self, body: dict, created: float) -> ServeSession:
-        """Validate a POST /v1/sessions body and open the session (call in a thread)."""
+    def validate(self, body) -> dict:
+        """Check a POST /v1/sessions body (ServeError naming the problem); the parsed request."""
         cfg = self.cfg
         if not isinstance(body, dict):
             raise ServeError(400, "bad_value", "the body must be a JSON object")
@@ -476,7 +481,12 @@ class Manager:
         if video not in VIDEO_KINDS:
             raise ServeError(400, "bad_value", f"video must be one of {list(VIDEO_KINDS)}, got {video!r}")
         if body.get("snapshot") is not None:
-            return self._open_snapshot(body, video, created)
+            other = sorted(k for k in body if k not in ("snapshot", "video") and body[k] is not None)
+            if other:
+                raise ServeError(400, "bad_value", f"a session from a snapshot takes only 'snapshot' and 'video', "
+                                                   f"not {other}")
+            return {"snapshot": self.snapshot_path(body["snapshot"]), "snapshot_id": body["snapshot"],
+                    "video": video}
         prompt = self.check_prompt(body.get("prompt")) or self.default_prompt
         try:
             seed = check_seed(body.get("seed", 0))
@@ -486,8 +496,7 @@ class Manager:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.max_frames):
             raise ServeError(400, "bad_value", f"num_frames must be null (a live session) or an int in "
                                                f"1..{cfg.max_frames}, got {n!r}")
-        eng = self.engine
-        if n is None and eng.window is None:
+        if n is None and self.engine.window is None:
             raise ServeError(400, "bad_value", "this server runs without a window: live sessions (num_frames null) "
                                                "are not possible; give num_frames")
         action = body.get("action")
@@ -496,6 +505,17 @@ class Manager:
         init = "auto"
         if body.get("image") is not None:
             init = self._decode_image(body["image"])[None]
+        return {"prompt": prompt, "seed": seed, "num_frames": n, "action": action, "init": init, "video": video}
+
+    def open(self, body: dict, created: float) -> ServeSession:
+        """Validate a POST /v1/sessions body and open the session (call in a thread)."""
+        cfg = self.cfg
+        req = self.validate(body)
+        if "snapshot" in req:
+            return self._open_snapshot(req, created)
+        prompt, seed, n, action, init, video = (req[k] for k in ("prompt", "seed", "num_frames", "action", "init",
+                                                                  "video"))
+        eng = self.engine
         with self.locked():
             waiting = eng.waiting
             try:
@@ -638,18 +658,14 @@ class Manager:
         self._keep_snapshot(sid, path)
         return sid
 
-    def _open_snapshot(self, body: dict, video: str, created: float) -> ServeSession:
-        other = sorted(k for k in body if k not in ("snapshot", "video") and body[k] is not None)
-        if other:
-            raise ServeError(400, "bad_value", f"a session from a snapshot takes only 'snapshot' and 'video', "
-                                               f"not {other}")
-        path = self.snapshot_path(body["snapshot"])
+    def _open_snapshot(self, req: dict, created: float) -> ServeSession:
+        path = req["snapshot"]
         with self.locked():
             try:
                 sess = self.engine.restore(path)
             except (ValueError, RuntimeError, AdmissionError) as e:
-                raise ServeError(409, "not_allowed", f"cannot restore snapshot {body['snapshot']}: {e}") from None
-            ss = self._register(sess, video, created)
+                raise ServeError(409, "not_allowed", f"cannot restore snapshot {req['snapshot_id']}: {e}") from None
+            ss = self._register(sess, req["video"], created)
             sess.resume()
         return ss
 
@@ -731,8 +747,13 @@ class Manager:
     def health(self) -> dict:
         eng = self.engine
         live = [ss for ss in self.sessions.values() if ss.ended is None]
+        kv = eng.kv
+        live_budget = kv.budget_for(None) if kv.window_frames is not None else None
+        free = kv.alloc.num_pages - kv.reserved  # pages no session has reserved
         return {"status": "ok" if not self.step_error else "degraded", "sessions": len(live),
                 "waiting": eng.waiting, "kv_pages_used": eng.pages_in_use, "kv_pages_total": self.kv_pages_total,
+                "kv_pages_free": free, "session_pages": live_budget,
+                "can_admit": eng.waiting == 0 and (live_budget is None or free >= live_budget),
                 "error": self.step_error or None}
 
     def model_info(self) -> dict:
@@ -905,6 +926,13 @@ def make_app(manager: Manager):
                "video": ss.video, "frames": st["frames"], "block": st["block"],
                "ws": f"/v1/sessions/{ss.id}/ws"}
         return JSONResponse(out, status_code=202 if st["state"] == "waiting" else 201)
+
+    @app.post("/v1/sessions/check")
+    async def check(request: Request):
+        """The checks of POST /v1/sessions without opening anything (a router uses it before queueing)."""
+        authorize(request)
+        await asyncio.to_thread(manager.validate, await json_body(request))
+        return {"ok": True}
 
     @app.get("/v1/sessions/{sid}")
     async def status(sid: str, request: Request):

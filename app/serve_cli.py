@@ -79,8 +79,8 @@ def run(a) -> int:
     return 0
 
 
-def serve(manager, host: str, port: int, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; sessions end cleanly (clients get ``end``) before it exits."""
+def make_server(manager, host: str = "127.0.0.1", port: int = 0, log_level: str = "info"):
+    """A uvicorn server for ``manager`` whose shutdown ends every session first (clients get ``end``)."""
     import uvicorn
 
     from .serve import make_app
@@ -102,7 +102,12 @@ def serve(manager, host: str, port: int, log_level: str = "info") -> None:
     config = uvicorn.Config(make_app(manager), host=host, port=port, log_level=log_level, access_log=False,
                             ws_max_size=4 * cfg.max_message_kib * 1024, timeout_graceful_shutdown=10,
                             lifespan="on")
-    server = Server(config)
+    return Server(config)
+
+
+def serve(manager, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; sessions end cleanly (clients get ``end``) before it exits."""
+    server = make_server(manager, host, port, log_level)
     print(f"inferix serve: {manager.engine.bundle.name} on http://{host}:{port}/ (API: /v1, metrics: /metrics)",
           flush=True)
     server.run()

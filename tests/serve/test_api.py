@@ -71,6 +71,13 @@ class Conn:
     def event(self, kind: str, timeout: float = 30, **match):
         return self.until(lambda e: e["type"] == kind and all(e.get(k) == v for k, v in match.items()), timeout)
 
+    def seen(self, kind: str, timeout: float = 30, **match):
+        """Like event(), but an event received already counts (for events that may come in either order)."""
+        for e in self.events:
+            if e["type"] == kind and all(e.get(k) == v for k, v in match.items()):
+                return e
+        return self.event(kind, timeout, **match)
+
     def send(self, **msg):
         self.ws.send(json.dumps(msg))
 
@@ -210,20 +217,20 @@ def test_websocket_video_controls_fork(srv):
     assert first["frames"] == [0, 4] and first["block"] == 0
     c.send(type="act", action="left", seq=1)
     c.event("ack", seq=1)
-    applied = c.event("applied", seq=1)
+    applied = c.seen("applied", seq=1)
     assert applied["block"] >= 1
     # the backpressure bound: an action applies within max_ahead + 1 blocks of the last block received
     assert applied["block"] <= c.block + 3
     c.event("block", block=applied["block"])
     c.send(type="prompt", prompt="a blue cube on green grass", seq=2)
     c.event("ack", seq=2)
-    c.event("applied", seq=2)
+    c.seen("applied", seq=2)
     st = srv.get(f"/v1/sessions/{s['id']}", token=s["token"])
     assert st["prompt"] == "a blue cube on green grass" and st["action"] == "left"
     # pause at the next block boundary: no block after the one it applies at
     c.send(type="pause", seq=3)
-    paused_at = c.event("applied", seq=3)["block"]
-    c.event("state", paused=True)
+    paused_at = c.seen("applied", seq=3)["block"]
+    c.seen("state", paused=True)
     t_end = time.monotonic() + 1.0
     while time.monotonic() < t_end:
         try:
@@ -232,7 +239,7 @@ def test_websocket_video_controls_fork(srv):
             break
     assert all(b["block"] < paused_at for b in c.blocks()), (paused_at, c.blocks()[-1])
     c.send(type="resume", seq=4)
-    c.event("applied", seq=4)
+    c.seen("applied", seq=4)
     c.event("block", block=paused_at)
     # frame ranges are contiguous, each block's 4 JPEGs arrive after its event
     blocks = c.blocks()
@@ -247,7 +254,7 @@ def test_websocket_video_controls_fork(srv):
     assert f["id"] != s["id"] and f["token"] != s["token"] and f["state"] == "paused"
     assert srv.request("GET", f"/v1/sessions/{f['id']}", token=s["token"])[0] == 403
     fc = Conn(srv, f)
-    fc.event("state", paused=True)
+    fc.seen("state", paused=True)
     fc.send(type="resume", seq=1)
     fb = fc.event("block")
     assert fb["frames"][0] == f["frame"] and fb["block"] == f["block"]
