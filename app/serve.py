@@ -16,7 +16,7 @@ import hmac
 import io
 import json
 import logging
-import math
+import re
 import secrets
 import shutil
 import tempfile
@@ -91,6 +91,26 @@ class ServeError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class _RedactCredentials(logging.Filter):
+    """uvicorn logs each WebSocket handshake with its query string: tokens and keys become ***."""
+
+    PATTERN = re.compile(r"\b(token|key)=[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(self.PATTERN.sub(r"\1=***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.PATTERN.sub(r"\1=***", record.msg)
+        return True
+
+
+def redact_credentials_in_logs() -> None:
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactCredentials) for f in logger.filters):
+            logger.addFilter(_RedactCredentials())
 
 
 def _same(a: str | None, b: str) -> bool:
@@ -262,6 +282,7 @@ class Manager:
         self._want = 0
         self._want_lock = threading.Lock()
         self._next_reap = 0.0
+        self._step_t0 = time.monotonic()
         self._thread = threading.Thread(target=self._drive, name="inferix-serve-engine", daemon=True)
         eng.hooks.append(self._on_plan)
 
@@ -339,7 +360,7 @@ class Manager:
                 if ss is None or (g.kind == DENOISE and row.step != 0):
                     continue
                 if ss.block_started is None or ss.block_started_block != row.block:
-                    ss.block_started, ss.block_started_block = now, row.block
+                    ss.block_started, ss.block_started_block = self._step_t0, row.block
                 ss.applied += [(seq, row.block, received) for seq, received, _ in ss.pending]
                 ss.pending = []
         for o in outs:
@@ -349,6 +370,7 @@ class Manager:
                 ss.block_started = None
 
     def _before_step(self) -> None:
+        self._step_t0 = time.monotonic()  # a block that starts in this step started now
         ahead = self.cfg.max_ahead
         for ss in list(self.by_sid.values()):
             s = ss.sess
@@ -872,6 +894,7 @@ def make_app(manager: Manager):
         if not manager._stop.is_set():
             await manager.shutdown()
 
+    redact_credentials_in_logs()
     app = FastAPI(title="Inferix", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.manager = manager
 
@@ -999,7 +1022,8 @@ def make_app(manager: Manager):
                     raise ServeError(401, "unauthorized", "this server needs an API key: ?key=KEY or a Bearer "
                                                           "header")
             ss = manager.get(sid, q.get("token") or websocket.headers.get("x-session-token"))
-            if ss.ended is not None:
+            if ss.ended is not None and not any(i[0] in ("block", "end") for i in ss.outbox):
+                # (else its last frames and its end are still to send)
                 raise ServeError(409, "not_allowed", f"session {sid} has ended ({ss.ended})")
         except ServeError as e:
             await websocket.send_json({"type": "error", "code": e.code, "message": e.message})
@@ -1036,7 +1060,10 @@ class _Client:
         if old is not None:
             old.replaced()
         ss.state_key = ss.key()  # the new client gets the state now; later changes come from the worker
-        ss.push(("event", ss.state_event()))
+        for item in [i for i in ss.outbox if i[0] == "event" and i[1]["type"] == "state"]:
+            ss.outbox.remove(item)  # older states nobody saw
+        ss.outbox.appendleft(("event", ss.state_event()))  # first: before blocks made while nobody was connected
+        ss.wake.set()
 
     def detach(self) -> None:
         if self.ss.client is self:

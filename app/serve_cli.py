@@ -43,6 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r = p.add_argument_group("many engines on Ray Serve (see docs/serve.md)")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run --replicas engines behind one API on Ray Serve: on a new local Ray cluster (no "
+                        "ADDRESS) or on the cluster at ADDRESS (e.g. 10.0.0.1:6379, started with `ray start --head`)")
+    r.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each engine replica reserves")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs each engine replica reserves "
+                   "(1 on GPU machines; default 0)")
+    r.add_argument("--internal-host", default="127.0.0.1", help="where replicas listen for the router: 0.0.0.0 "
+                   "on a cluster of several machines (they are guarded by an internal key)")
 
 
 def register(subparsers) -> None:
@@ -67,6 +77,8 @@ def run(a) -> int:
     if not 0 < a.port < 65536:
         print(f"error: --port must be in 1..65535, got {a.port}", file=sys.stderr)
         return 2
+    if a.ray is not None:
+        return run_ray(a, cfg)
     try:
         manager = Manager(cfg)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
@@ -76,6 +88,53 @@ def run(a) -> int:
         print(f"note: listening on {a.host} without --api-key: anyone who can reach this address can use the "
               f"server", file=sys.stderr)
     serve(manager, a.host, a.port, log_level=a.log_level)
+    return 0
+
+
+def run_ray(a, cfg) -> int:
+    """``inferix serve --ray``: the Ray Serve application until SIGINT/SIGTERM."""
+    import signal
+    import threading
+    try:
+        from .serve_ray import RayOptions, build
+    except ImportError as e:
+        print(f"error: --ray needs Ray Serve (pip install 'ray[serve]'): {e}", file=sys.stderr)
+        return 2
+    opts = RayOptions(replicas=a.replicas, cpus_per_replica=a.cpus_per_replica, gpus_per_replica=a.gpus_per_replica,
+                      internal_host=a.internal_host, max_queue=a.max_queue, api_key=cfg.api_key)
+    try:
+        opts.check()
+        cfg.check()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import math
+
+    import ray
+    from ray import serve
+    if a.ray == "local":  # logical CPUs: one reservation per replica, the router reserves none
+        ray.init(num_cpus=max(1, math.ceil(a.replicas * a.cpus_per_replica)), include_dashboard=False,
+                 log_to_driver=a.log_level == "debug")
+    else:
+        ray.init(address=a.ray, log_to_driver=a.log_level == "debug")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(build(cfg, opts), name="inferix", route_prefix="/", blocking=False)
+        print(f"inferix serve: {a.replicas} engine replicas on Ray Serve at http://{a.host}:{a.port}/ "
+              f"(API: /v1, metrics: /metrics)", flush=True)
+        stop.wait()
+        try:  # sessions end first: their clients get `end` while the proxies still run
+            serve.get_app_handle("inferix").drain.remote().result(timeout_s=90)
+        except Exception as e:  # noqa: BLE001 - shut down regardless
+            print(f"warning: ending the sessions before shutdown failed: {e}", file=sys.stderr)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
     return 0
 
 

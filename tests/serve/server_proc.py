@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, model: str = "toyworld", api_key: str | None = None, start_timeout: float = 90):
+    def __init__(self, *args: str, model: str = "toyworld", api_key: str | None = None, start_timeout: float = 90,
+                 env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -32,7 +33,7 @@ class ServerProcess:
                str(self.port), "--threads", "1", "--log-level", "warning", *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"inferix-serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout
@@ -40,10 +41,11 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                self.get("/v1/health")
-                return
+                if self.request("GET", "/v1/health", timeout=5)[0] == 200:
+                    return
             except (OSError, urllib.error.URLError):
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"the server did not answer within {start_timeout} s:\n{self.output()}")
 

@@ -465,7 +465,7 @@ def test_snapshot_download_upload_and_restore(srv):
 # ---- credentials, reaping, shutdown (servers of their own) ---------------------------------------------------
 def test_api_key_and_idle_reaping():
     key = "k" * 24
-    with ServerProcess("--idle-timeout", "1", api_key=key) as srv:
+    with ServerProcess("--idle-timeout", "1", "--log-level", "info", api_key=key) as srv:
         for path in ("/v1/health", "/v1/model", "/metrics"):
             status, body = srv.request("GET", path, headers={"Authorization": "Bearer wrong-key-123"})
             assert status == 401 and body["error"]["code"] == "unauthorized"
@@ -489,6 +489,27 @@ def test_api_key_and_idle_reaping():
             assert time.monotonic() < deadline, "the idle session was never closed"
             time.sleep(0.1)
         assert pages_back_to_zero(srv)["kv_pages_used"] == 0
+        log = srv.output()
+        assert "WebSocket /v1/sessions/" in log  # the handshakes were logged, without credentials
+        assert s["token"] not in log and key not in log
+
+
+def test_finished_session_still_delivers_to_a_late_client(srv):
+    s = open_session(srv, num_frames=8, video="jpeg")  # 2 blocks: done before the client comes
+    deadline = time.monotonic() + 20
+    while srv.get(f"/v1/sessions/{s['id']}", token=s["token"])["state"] != "finished":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c = Conn(srv, s)
+    assert c.event("end")["reason"] == "finished"
+    assert len(c.binary) == 8 and [b["frames"] for b in c.blocks()] == [[0, 4], [4, 8]]
+    assert all(b["gen_s"] > 0.001 for b in c.blocks())  # a block's time on the engine, not a hook's instant
+    status, _ = srv.request("GET", f"/v1/sessions/{s['id']}", token=s["token"])
+    assert status == 200
+    # everything was delivered: a second client is told the session has ended
+    ws = connect(f"{srv.ws_url}/v1/sessions/{s['id']}/ws?token={s['token']}", open_timeout=10).__enter__()
+    e = json.loads(ws.recv(timeout=10))
+    assert e["type"] == "error" and e["code"] == "not_allowed" and "ended" in e["message"]
 
 
 def test_sigterm_ends_every_session_cleanly():
