@@ -45,7 +45,7 @@ GENERIC_PROMPT = "a red car drives through a snowy city at night"
 STEP_FAILED = "the engine failed a step and retries (details in the server log)"
 
 
-def build_engine(cfg) -> Engine:
+def build_engine(cfg, parallel=None) -> Engine:
     """The engine a DemoConfig-like config asks for (model, device, size, window, sink, KV pool for
     ``max_sessions`` streams of ``max_frames``); the demo and ``inferix serve`` both build theirs here."""
     import torch
@@ -72,7 +72,8 @@ def build_engine(cfg) -> Engine:
     if h * w > cfg.max_pixels:
         raise ValueError(f"resolution {w}x{h} is over the limit of {cfg.max_pixels} pixels per frame (--max-pixels)")
     return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
-                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors)
+                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors,
+                  **({} if parallel is None else {"parallel": parallel}))
 
 
 class Hub:

@@ -645,10 +645,12 @@ class Manager:
                 "parent": ss.id}
 
     def _snapshot_now(self, ss: ServeSession) -> dict:
-        from inferix.snapshot import save_session
         sid = secrets.token_hex(16)
         path = self.snapshot_dir / f"{sid}.safetensors"
-        save_session(ss.sess, path)
+        try:
+            ss.sess.snapshot(path)
+        except (RuntimeError, ValueError) as e:
+            raise ServeError(409, "not_allowed", f"cannot snapshot session {ss.id}: {e}") from None
         self._keep_snapshot(sid, path)
         return {"snapshot": sid, "bytes": path.stat().st_size, "frame": ss.sess.frames_out,
                 "block": ss.sess._seq.block}
@@ -815,6 +817,10 @@ class Manager:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(ss.client is not None for ss in self.sessions.values()):
             await asyncio.sleep(0.05)
+        import sys
+        if "inferix.app.serve_webrtc" in sys.modules:  # peers still open (their sessions have ended)
+            from .serve_webrtc import close_all
+            await close_all()
         self.close()
 
     def close(self) -> None:
@@ -826,11 +832,8 @@ class Manager:
 
 
 def _has_webrtc() -> bool:
-    try:
-        import aiortc  # noqa: F401
-    except ImportError:
-        return False
-    return (Path(__file__).parent / "serve_webrtc.py").exists()
+    from .serve_webrtc import AVAILABLE
+    return AVAILABLE
 
 
 # ---- the ASGI application -----------------------------------------------------------------------------------
@@ -1007,8 +1010,14 @@ def make_app(manager: Manager):
             raise ServeError(400, "bad_value", 'the body must be {"sdp": "...", "type": "offer"}')
         if not _has_webrtc():
             raise ServeError(501, "not_allowed", "WebRTC needs the aiortc package on the server")
-        from .serve_webrtc import answer_offer
-        return await answer_offer(WebRTCBridge(manager, ss), body["sdp"], body["type"])
+        from .serve_webrtc import OfferError, answer_offer
+        if ss.ended is not None and not any(i[0] in ("block", "end") for i in ss.outbox):
+            raise ServeError(409, "not_allowed", f"session {ss.id} has ended ({ss.ended})")
+        try:
+            return await answer_offer(WebRTCBridge(manager, ss), body["sdp"], body["type"],
+                                      max_message_bytes=cfg.max_message_kib * 1024)
+        except OfferError as e:
+            raise ServeError(400, "bad_value", str(e)) from None
 
     @app.websocket("/v1/sessions/{sid}/ws")
     async def ws(websocket: WebSocket, sid: str):
@@ -1196,12 +1205,66 @@ class WebSocketClient(_Client):
             ss.block_sent()
 
 
-class WebRTCBridge:
-    """What ``serve_webrtc.answer_offer`` needs from a session (see that module)."""
+class WebRTCBridge(_Client):
+    """One WebRTC peer as a session's client (``serve_webrtc.SessionBridge``): events go to the data channel at
+    once; blocks wait for the video track, and count as sent when it takes them (backpressure)."""
 
     def __init__(self, manager: Manager, ss: ServeSession):
-        self.manager, self.ss = manager, ss
+        super().__init__(manager, ss)
         eng = manager.engine
         self.fps, self.width, self.height = eng.fps, eng.width, eng.height
-        self.client = None
+        self.blocks: deque = deque()  # blocks taken from the outbox that the track has not taken yet
+        self.more = asyncio.Event()
+        self.pump: asyncio.Task | None = None
+        self.send_event = self.on_detach = None
 
+    def attach(self, send_event, on_detach) -> None:
+        self.send_event, self.on_detach = send_event, on_detach
+        super().attach()
+        self.pump = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        while not self.closed:
+            item = await self.ss.next_item()
+            if item[0] == "event":
+                self.send_event(item[1])
+            elif item[0] == "block":
+                self.blocks.append(item)
+            else:  # end: the track ends after the blocks before it
+                self.send_event(item[1])
+                self.blocks.append(None)
+                self.closed = True
+            self.more.set()
+
+    async def next_block(self):
+        while not self.blocks:
+            self.more.clear()
+            await self.more.wait()
+        item = self.blocks.popleft()
+        if item is None:
+            return None
+        self.ss.block_sent()
+        return item[1], item[2]
+
+    async def handle_control(self, msg: dict, reply) -> None:
+        async def send(event):
+            reply(event)
+        await self.manager.control(self.ss, msg, send)
+
+    def replaced(self) -> None:
+        super().replaced()
+        self.send_event({"type": "end", "reason": "replaced", "frames": self.ss.frames})
+        self._stop()
+        self.on_detach()
+
+    def _stop(self) -> None:
+        if self.pump is not None:
+            self.pump.cancel()
+        for item in reversed([b for b in self.blocks if b is not None]):
+            self.ss.outbox.appendleft(item)  # blocks the track never took stay for the next client
+        self.blocks.clear()
+
+    def detach(self) -> None:
+        self.closed = True
+        self._stop()
+        super().detach()

@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = p.add_argument_group("one engine on several GPUs (torchrun; see docs/multi-gpu.md)")
+    d.add_argument("--sp", type=int, default=1, help="Ulysses sequence parallelism over N processes: launch with "
+                   "torchrun --nproc-per-node N -m inferix serve --sp N; rank 0 serves the network")
+    d.add_argument("--cfg-parallel", action="store_true", help="conditional and unconditional passes on two groups "
+                   "of --sp processes")
+    d.add_argument("--dist-timeout", type=float, default=None, help="seconds a process waits for the others in one "
+                   "collective before it ends with an error (default: INFERIX_DIST_TIMEOUT or 300)")
     r = p.add_argument_group("many engines on Ray Serve (see docs/serve.md)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run --replicas engines behind one API on Ray Serve: on a new local Ray cluster (no "
@@ -78,7 +85,13 @@ def run(a) -> int:
         print(f"error: --port must be in 1..65535, got {a.port}", file=sys.stderr)
         return 2
     if a.ray is not None:
+        if a.sp > 1 or a.cfg_parallel:
+            print("error: --ray and --sp/--cfg-parallel do not combine yet: each replica is one process",
+                  file=sys.stderr)
+            return 2
         return run_ray(a, cfg)
+    if a.sp > 1 or a.cfg_parallel:
+        return run_parallel(a, cfg)
     try:
         manager = Manager(cfg)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
@@ -88,6 +101,38 @@ def run(a) -> int:
         print(f"note: listening on {a.host} without --api-key: anyone who can reach this address can use the "
               f"server", file=sys.stderr)
     serve(manager, a.host, a.port, log_level=a.log_level)
+    return 0
+
+
+def run_parallel(a, cfg) -> int:
+    """``torchrun --nproc-per-node N -m inferix serve --sp N``: every rank builds its share of the engine; rank 0
+    serves the network and sends each engine call to the others first (``inferix.parallel.lead_or_follow``)."""
+    from inferix.parallel import ParallelError, exit_now, init_parallel, lead_or_follow
+
+    from .hub import build_engine
+    from .serve import Manager
+    try:
+        cfg.check()
+        par = init_parallel(a.sp, a.cfg_parallel, timeout_s=a.dist_timeout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        engine = build_engine(cfg, parallel=par)
+        handle = lead_or_follow(engine)
+        if handle is None:  # a follower: rank 0 closed the engine
+            return 0
+        try:
+            manager = Manager(cfg, engine=handle)
+            serve(manager, a.host, a.port, log_level=a.log_level)
+        finally:
+            handle.close()
+    except ParallelError as e:
+        print(f"error: rank {par.rank}: {e}", file=sys.stderr)
+        exit_now(1)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        print(f"error: rank {par.rank}: {e}", file=sys.stderr)
+        exit_now(2)
     return 0
 
 

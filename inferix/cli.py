@@ -57,6 +57,34 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "the device has free)")
 
 
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence parallelism over N processes (launch with "
+                   "torchrun --nproc-per-node N; docs/multi-gpu.md): each holds 1/N of the tokens and of the KV cache")
+    p.add_argument("--cfg-parallel", action="store_true", help="models sampled with classifier-free guidance: run "
+                   "the conditional and unconditional passes on two groups of --sp processes (2 x N in all)")
+    p.add_argument("--dist-timeout", type=float, default=None, help="seconds a process waits for the others in one "
+                   "collective before the run ends with an error (default: INFERIX_DIST_TIMEOUT or 300)")
+
+
+def _init_parallel(a):
+    """The process group of a --sp / --cfg-parallel run (None for one process); bad values raise UsageError."""
+    from .parallel import init_parallel
+    try:
+        return init_parallel(a.sp, a.cfg_parallel, timeout_s=a.dist_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _end_rank(par, code: int) -> int:
+    """A parallel run that failed ends this process at once (no teardown waiting on a dead peer)."""
+    if par is not None:
+        if code not in (0, 130):
+            from .parallel import exit_now
+            exit_now(code)
+        par.close()
+    return code
+
+
 class UsageError(ValueError):
     """A bad command-line value, found before any work."""
 
@@ -96,13 +124,16 @@ def _load_bundle(a, device, dtype):
         raise UsageError(f"cannot load model {str(model)!r}: {type(e).__name__}: {e}") from e
 
 
-def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt: str = "", seed: int = 0):
+def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt: str = "", seed: int = 0,
+                  parallel=None):
     import torch
     from inferix.models.corrector import CORRECTOR_MODES
     from inferix.models.mirrors import parse_mirrors
     from .engine import Engine
     from .sizing import pool_pages
     device = _check_device(a.device)
+    if parallel is not None and parallel.device.type == "cuda":  # one GPU per rank: the one torchrun gave it
+        device = str(parallel.device)
     if a.window < -1:
         raise UsageError(f"--window must be >= 0 (0: no window), got {a.window}")
     if a.kv_pages is not None and a.kv_pages <= 0:
@@ -120,7 +151,7 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
                   mirrors=parse_mirrors(a.mirrors), corrector=CORRECTOR_MODES[a.corrector],
                   memory_limit_gib=a.memory_limit_gib, overlap_decode=a.overlap_decode, compile=a.compile,
-                  cuda_graphs=a.cuda_graphs, fp8=a.fp8)
+                  cuda_graphs=a.cuda_graphs, fp8=a.fp8, parallel=parallel)
 
 def _parse_actions(text: str | None, eng) -> list | None:
     """'right,right,down' -> one action per block, the last one held; None for models without actions."""
@@ -174,7 +205,28 @@ def _blocks(sess, snapshot: str | None, at: int):
 
 
 def cmd_generate(a) -> int:
+    par = None
+    try:
+        par = _init_parallel(a)
+    except (UsageError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if par is not None and (a.snapshot or a.restore):
+        print("error: --snapshot and --restore do not run with --sp / --cfg-parallel (each rank holds only its share "
+              "of the KV cache)", file=sys.stderr)
+        return _end_rank(par, 2)
+    try:
+        return _end_rank(par, _generate(a, par))
+    except BaseException as e:
+        if par is None:
+            raise
+        print(f"error: rank {par.rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        return _end_rank(par, 1)
+
+
+def _generate(a, par) -> int:
     from tqdm import tqdm
+    from .parallel import DiscardWriter
     from .sinks import VideoWriter
     from .engine import check_seed
     from .sinks import check_output_file
@@ -191,7 +243,7 @@ def cmd_generate(a) -> int:
             if a.restore:
                 raise UsageError("--snapshot and --restore do not go together")
         restored = _restore_settings(a) if a.restore else None
-        eng = _build_engine(a, frames=a.frames, prompt=a.prompt, seed=a.seed)
+        eng = _build_engine(a, frames=a.frames, prompt=a.prompt, seed=a.seed, parallel=par)
         acts = None if restored else _parse_actions(a.actions, eng)
         sess = eng.restore(a.restore) if restored else None
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -212,8 +264,11 @@ def cmd_generate(a) -> int:
     if a.monitor_drift:
         from .drift import DriftMonitor
         monitor = DriftMonitor(chunk_frames=max(1, a.frames // 10), num_chunks=10)
-    bar = tqdm(total=total, unit="frame", desc=f"{eng.bundle.name} {eng.width}x{eng.height}")
-    writer = VideoWriter(a.out, fps=eng.fps)
+    follower = par is not None and not par.is_leader  # only rank 0 writes and reports; the others compute with it
+    if follower:
+        a.profile, monitor = None, None
+    bar = tqdm(total=total, unit="frame", desc=f"{eng.bundle.name} {eng.width}x{eng.height}", disable=follower)
+    writer = DiscardWriter() if follower else VideoWriter(a.out, fps=eng.fps)
     interrupted = False
     old = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -242,6 +297,8 @@ def cmd_generate(a) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     bar.close()
+    if follower:
+        return 130 if interrupted else 0
     if not interrupted:
         print(f"wrote {writer.frames} frames ({writer.frames / eng.fps:.1f} s at {eng.fps} fps) to {path}")
     if monitor is not None:
@@ -256,21 +313,35 @@ def cmd_generate(a) -> int:
 
 def cmd_verify(a) -> int:
     from .fixture import verify_fixture
+    from .parallel import ParallelError
+    par = None
     try:
-        r = verify_fixture(a.dir, attention=a.attention, tol=a.tol)
+        par = _init_parallel(a)
+        r = verify_fixture(a.dir, attention=a.attention, tol=a.tol, parallel=par,
+                           device=par.device if par is not None else "cpu")
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _end_rank(par, 2)
+    except (ParallelError, RuntimeError) as e:
+        if par is None:
+            raise
+        print(f"error: rank {par.rank}: {e}", file=sys.stderr)
+        return _end_rank(par, 1)
+    if par is not None and not par.is_leader:  # rank 0 reports; every rank ends with the same verdict
+        return _end_rank(par, 0 if r["passed"] else 1)
     print(json.dumps(r, indent=2))
     verdict = "PASS" if r["passed"] else "FAIL"
     print(f"{verdict}: latents max abs error {r['latents_max_abs_err']:.3g} (tolerance {r['tolerance']:g}) "
           f"with the {r['attention_backend']} attention backend")
-    return 0 if r["passed"] else 1
+    return _end_rank(par, 0 if r["passed"] else 1)
 
 
 def cmd_bench(a, rest) -> int:
     if a.what == "attention":
         from .bench_attention import main as m
+        return m(rest) or 0
+    if a.what == "serve":
+        from .bench_serve import main as m
         return m(rest) or 0
     from .bench import main as m
     return m([a.what] + rest) or 0
@@ -312,13 +383,15 @@ def build_parser():
     g.add_argument("--snapshot-at", type=int, default=None, help="pixel frames before the snapshot (default: half)")
     g.add_argument("--restore", default=None, help="continue a snapshot: its prompt, seed, actions and engine "
                    "settings; writes the frames it makes from there (name the same --model)")
+    _parallel_args(g)
     v = sub.add_parser("verify-fixture", help="replay a reference rollout and compare latents")
     v.add_argument("dir")
     v.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"])
     v.add_argument("--tol", type=float, default=None)
+    _parallel_args(v)
     # these pass their arguments (including -h) on to their own parsers
     b = sub.add_parser("bench", help="benchmarks (print JSON)", add_help=False)
-    b.add_argument("what", choices=["attention", "generate", "engine"])
+    b.add_argument("what", choices=["attention", "generate", "engine", "serve"])
     t = sub.add_parser("train", help="train a model (toyworld, toyworld-decoder, toyworld-corrector)", add_help=False)
     t.add_argument("what")
     tw = sub.add_parser("toyworld", help="toy world tools (eval)", add_help=False)

@@ -58,7 +58,7 @@ class Engine:
                  max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
                  memory_limit_gib: float | None = None, overlap_decode: bool | None = None, compile: str | None = None,
                  cuda_graphs: bool = False, fp8: bool = False, share_prefixes: bool = False, max_prefixes: int = 4,
-                 host_pages: int = 0):
+                 host_pages: int = 0, parallel=None):
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("max_prefixes", max_prefixes, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
@@ -94,18 +94,20 @@ class Engine:
         self.mirrors = check_mirrors(mirrors)
         views = mirror_views(bundle, self.mirrors) if self.mirrors else ()
         dtype = next(self.dit.parameters()).dtype
+        # Ulysses (inferix/parallel.py): this rank's pool holds its share of the heads only
+        kv_heads = cfg.num_heads if parallel is None else parallel.local_heads(cfg.num_heads)
         # A page is one latent frame of a session in every lane: the stream's own K/V (lane 0) and each mirror
         # view's (lane j at pool row j * kv_pages + page). So the views' caches are pool memory, and admission,
         # eviction, forks and freeing cover them with the page they belong to.
         self.kv_lanes = 1 + len(views)
         need = estimate_engine_bytes(
             num_layers=cfg.num_layers, kv_rows=kv_pages * self.kv_lanes, page_tokens=page_tokens,
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype_bytes=torch.finfo(dtype).bits // 8,
+            num_heads=kv_heads, head_dim=cfg.head_dim, dtype_bytes=torch.finfo(dtype).bits // 8,
             height=self.height, width=self.width, block_pixel_frames=bundle.pixel_frames(self.block_frames + 1))
         check_memory(need, limit_gib=memory_limit_gib, device=self.device,
                      what=f"an engine of {kv_pages} KV pages at {self.width}x{self.height}")
         self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
-        self.pool = KVPool.allocate(cfg.num_layers, kv_pages * self.kv_lanes, page_tokens, cfg.num_heads,
+        self.pool = KVPool.allocate(cfg.num_layers, kv_pages * self.kv_lanes, page_tokens, kv_heads,
                                     cfg.head_dim, dtype=dtype, device=self.device)
         self.backend = get_backend(attention)
         self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
@@ -140,6 +142,9 @@ class Engine:
         # host-memory tier: paused sessions move to host pages to admit waiting ones (see docs/snapshots.md)
         self.host = HostTier(self, int(host_pages)) if host_pages else None
         self.scheduler.host = self.host
+        self.parallel = parallel  # several ranks run this engine in step (inferix/parallel.py, docs/multi-gpu.md)
+        if parallel is not None:
+            parallel.attach(self)
 
     @classmethod
     def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
@@ -408,6 +413,8 @@ class Engine:
         """Run one engine step; False when there was nothing to do."""
         with self.lock:
             plan = self.scheduler.schedule()
+            if self.parallel is not None:  # the same plan on every rank, or paging would diverge
+                self.parallel.check_plan(plan)
             if plan.empty:
                 if self._pending:  # nothing to compute: wait for the oldest decode
                     self._drain(wait_for=self._pending[0][0])

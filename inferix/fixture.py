@@ -62,7 +62,9 @@ def load_fixture_model(folder: Path):
     return cfg, dit
 
 
-def verify_fixture(folder, *, attention: str | None = None, tol: float | None = None, device="cpu") -> dict:
+def verify_fixture(folder, *, attention: str | None = None, tol: float | None = None, device="cpu",
+                   parallel=None) -> dict:
+    """parallel: an ``inferix.parallel.Parallel`` to replay under sequence parallelism (every rank calls this)."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a reference rollout folder?")
@@ -88,7 +90,8 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     bundle = ModelBundle(name=folder.name, dit=dit.to(device).eval(), sampling=sampling, decoder=None,
                          text_encoder=None, height=H * 8, width=W * 8)
     engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
-                    sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True)
+                    sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True,
+                    parallel=parallel)
     x0_err = {}
     table: dict[int, int] = {}  # frame -> page, as the session's block table holds them after its last commit
 
@@ -128,7 +131,13 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
                              f"end (it holds frames {list(table)})")
         k = torch.cat([engine.pool.k[0][table[f]] for f in slots], dim=0)[None].float().cpu()
         exp_k = expected["kv_layer0_k"]
-        result["kv_layer0_k_max_abs_err"] = float((k[:, :exp_k.shape[1]] - exp_k).abs().max())
+        ulysses = getattr(parallel, "ulysses", None)
+        if ulysses is not None:  # this rank's pool holds its heads: compare those, then take the worst rank
+            exp_k = ulysses.local_heads(exp_k, 2)
+        err = float((k[:, :exp_k.shape[1]] - exp_k).abs().max())
+        result["kv_layer0_k_max_abs_err"] = err if ulysses is None else parallel.max_over_ranks(err)
+    if parallel is not None:
+        result["parallel"] = parallel.describe()
     tol = float(cfg.get("checks", {}).get("recommended_atol", 1e-4)) if tol is None else tol
     result["tolerance"] = tol
     result["passed"] = result["latents_max_abs_err"] <= tol and result.get("kv_layer0_k_max_abs_err", 0.0) <= tol

@@ -147,7 +147,11 @@ class CrossAttention(nn.Module):
         B, L, _ = x.shape
         q = self.norm_q(self.q(x)).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
         k, v = kv
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # every text token, no mask
+        attend = getattr(kv, "attend", None)  # sequence parallel: an all-to-all around it (inferix/parallel.py)
+        if attend is not None:
+            out = attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # every text token, no mask
         return self.o(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -322,12 +326,17 @@ class CausalWanDiT(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, F*h*w, dim], frame-major then row then column
         cos, sin = rope if rope is not None else self.rope_for(frame_pos.to(x.device), h, w)
         e, e0 = self.time_embed(timestep, actions)
+        sp = getattr(backend, "sequence_parallel", None)  # Ulysses: this rank keeps a slice of each frame's tokens
+        if sp is not None:
+            tokens, cos, sin, context = sp.split(tokens, cos, sin, Fr, context)
         last = len(self.blocks) - 1
         for i, (blk, kv) in enumerate(zip(self.blocks, context.kv)):
             tokens = blk(tokens, e0, kv, cos, sin, backend, meta, Fr, kv_only=kv_only and i == last)
         if kv_only:
             return None
         out = self.head(tokens, e, Fr)  # [B, F*h*w, ph*pw*C_out]
+        if sp is not None:  # every rank gets every token's prediction
+            out = sp.gather(out)
         out = out.float().view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
 

@@ -24,12 +24,12 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, *args: str, model: str = "toyworld", api_key: str | None = None, start_timeout: float = 90,
-                 env: dict | None = None):
+                 env: dict | None = None, launcher: list | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "inferix", "serve", "--model", model, "--host", "127.0.0.1", "--port",
+        cmd = [*(launcher or [sys.executable]), "-m", "inferix", "serve", "--model", model, "--host", "127.0.0.1", "--port",
                str(self.port), "--threads", "1", "--log-level", "warning", *args]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -46,8 +46,9 @@ class ServerProcess:
             except (OSError, urllib.error.URLError):
                 pass
             time.sleep(0.2)
+        out = self.output()
         self.stop()
-        raise RuntimeError(f"the server did not answer within {start_timeout} s:\n{self.output()}")
+        raise RuntimeError(f"the server did not answer within {start_timeout} s:\n{out}")
 
     def headers(self, token: str | None = None) -> dict:
         h = {}
