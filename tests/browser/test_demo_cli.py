@@ -93,7 +93,7 @@ def test_config_rejects_bad_values(kw, msg):
 
 def test_resolution_limit_is_enforced():
     from inferix.app.hub import DemoConfig, Hub
-    with pytest.raises(ValueError, match=r"64x64 is over the demo's limit of 1000 pixels"):
+    with pytest.raises(ValueError, match=r"64x64 is over the limit of 1000 pixels per frame"):
         Hub(DemoConfig(model="tiny", device="cpu", max_pixels=1000))
 
 
