@@ -198,3 +198,21 @@ def test_sigterm_stops_the_cluster_app_cleanly(cluster):
     assert end["reason"] in ("server_shutdown", "failed")
     assert cluster.proc.wait(90) == 0
     assert json.loads(json.dumps(end))  # a well-formed event
+
+
+def test_build_app_reads_operator_arguments():
+    """The application builder a Serve config file names (docs/ray-serve.yaml) parses its arguments."""
+    import yaml
+    from ray.serve import Application
+
+    from inferix.app.serve_ray import build_app
+    conf = yaml.safe_load((ROOT / "docs" / "ray-serve.yaml").read_text())
+    args = conf["applications"][0]["args"]
+    assert conf["applications"][0]["import_path"] == "inferix.app.serve_ray:build_app"
+    assert isinstance(build_app(args), Application)
+    assert isinstance(build_app({"replicas": "3", "model": "tiny", "idle-timeout": "5", "api_key": "k" * 12}),
+                      Application)
+    with pytest.raises(ValueError, match="unknown argument 'replicaz'"):
+        build_app({"replicaz": "2"})
+    with pytest.raises(ValueError, match="replicas must be an int >= 1"):
+        build_app({"replicas": "0"})
