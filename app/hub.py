@@ -21,16 +21,15 @@ import bisect
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from inferix import AdmissionError, Engine, VideoWriter, default_model
 
+from .stepping import EngineThread
 from .tabs import SEED_MAX, DemoConfig, Snapshot, Tab, parse_seed
 
 __all__ = ["DemoConfig", "Hub", "build_engine", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX", "parse_seed"]
@@ -76,7 +75,7 @@ def build_engine(cfg, parallel=None) -> Engine:
                   **({} if parallel is None else {"parallel": parallel}))
 
 
-class Hub:
+class Hub(EngineThread):
     """Owns the engine and the thread that steps it; the UI calls the methods below with a tab key."""
 
     def __init__(self, config: DemoConfig | None = None, engine: Engine | None = None):
@@ -104,54 +103,12 @@ class Hub:
         self.record_total_cap = max(4 * self.block_pixels, int(cfg.record_mib_total * 2 ** 20) // frame_bytes)
         self.tabs: dict[str, Tab] = {}
         self.delivered: deque = deque(maxlen=65)  # (time, frames) for every block of every tab
-        self.step_error = ""  # the last step's failure that no session owns; cleared by the next good step
         self._next_reap = 0.0
         self._video_dir: Path | None = None  # made at the first download
-        self._stop = threading.Event()
-        self._want = 0  # callers queued for the engine lock: the stepping thread lets them in between steps
-        self._want_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._drive, name="inferix-demo-engine", daemon=True)
-        self._thread.start()
+        self._init_stepping("inferix-demo-engine")
+        self._start_stepping()
 
     # ---- engine ----------------------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self):
-        with self._want_lock:
-            self._want += 1
-        try:
-            self.engine.lock.acquire()
-        finally:
-            with self._want_lock:
-                self._want -= 1
-        try:
-            yield
-        finally:
-            self.engine.lock.release()
-
-    def _drive(self) -> None:
-        eng = self.engine
-        while not self._stop.is_set():
-            worked = failed = False
-            try:
-                with eng.lock:
-                    try:
-                        worked = eng.step()
-                    finally:  # a failed step ends its sessions: collect what they delivered and their error
-                        self._collect()
-            except Exception as e:  # noqa: BLE001 - the demo keeps serving the other tabs
-                failed = True
-                self._step_failed(e)
-            else:
-                self.step_error = ""
-            self._maybe_reap()
-            deadline = time.monotonic() + 0.5
-            while self._want and time.monotonic() < deadline:  # let UI calls take the lock between steps
-                time.sleep(0.001)
-            if failed:
-                self._stop.wait(0.1)  # a failure that repeats is not retried in a tight loop
-            elif not worked:
-                self._stop.wait(0.02)
-
     def _step_failed(self, e: BaseException) -> None:
         """A step raised. Sessions the engine marked with the error own it: their tabs show it (``_collect``),
         no other tab does. A failure nobody owns is kept in ``step_error`` until a step succeeds."""
@@ -161,6 +118,9 @@ class Hub:
         else:
             self.step_error = f"{type(e).__name__}: {e}"
             log.exception("engine step failed")
+
+    def _after_step(self) -> None:
+        self._collect()
 
     def _collect(self) -> None:
         """Runs under the engine lock after each step: move delivered frames into tabs, take rewind points."""
@@ -289,8 +249,7 @@ class Hub:
 
     def close(self) -> None:
         """Stop the stepping thread and end every session."""
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._stop_stepping()
         with self.engine.lock:
             for key in list(self.tabs):
                 self._end_tab(self.tabs.pop(key))
@@ -306,7 +265,7 @@ class Hub:
         """The tab for ``key`` (made on first use); a call counts as a request from that tab."""
         t = self.tabs.get(key)
         if t is None:
-            with self._locked():
+            with self.locked():
                 t = self.tabs.setdefault(key, Tab(key))
         t.last_seen = time.monotonic()
         return t
@@ -341,7 +300,7 @@ class Hub:
         tabs wait already (then AdmissionError). A bad seed or prompt raises ValueError and changes nothing."""
         prompt = self._clean_prompt(prompt) or self.default_prompt
         seed = parse_seed(seed)
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             self._end_session(tab)
             tab.message = ""
@@ -372,7 +331,7 @@ class Hub:
         prompt = self._clean_prompt(prompt)
         if not prompt:
             return False
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             s = tab.session
             if s is None or s.status in ENDED:
@@ -385,7 +344,7 @@ class Hub:
         """Hold an action from the next block on (recorded only, for models without actions)."""
         if action not in self.actions:
             raise ValueError(f"unknown action {action!r}; known: {self.actions}")
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             tab.action = action
             s = tab.session
@@ -393,7 +352,7 @@ class Hub:
                 s.act(action)
 
     def toggle_pause(self, key: str) -> str:
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             s = tab.session
             if s is None:
@@ -408,13 +367,13 @@ class Hub:
 
     def stop(self, key: str) -> None:
         """End the stream and free its pages (rewind points too); the recording stays for download."""
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             self._end_session(tab)
 
     def rewind(self, key: str, snapshot_id: str | None = None) -> Snapshot:
         """Continue from a rewind point (default: the newest) as the tab's stream; the current one ends."""
-        with self._locked():
+        with self.locked():
             tab = self.tab(key)
             if not tab.snapshots:
                 raise ValueError("no rewind point yet: they are taken every "
@@ -450,7 +409,7 @@ class Hub:
 
     def close_tab(self, key: str) -> None:
         """The browser tab went away: end its streams and drop its recording."""
-        with self._locked():
+        with self.locked():
             tab = self.tabs.pop(key, None)
             if tab is not None:
                 self._end_tab(tab)

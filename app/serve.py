@@ -1,6 +1,6 @@
 """``inferix serve``: one engine behind an HTTP + WebSocket + WebRTC session API (the contract: docs/serve.md).
 
-Threads and loops: one worker thread steps the engine (``Manager._drive``); the asyncio loop of the ASGI server
+Threads and loops: one worker thread steps the engine (``EngineThread``, app/stepping.py); the asyncio loop of the ASGI server
 owns every network connection. They meet in ``ServeSession``: the worker hands each delivered block over with
 ``loop.call_soon_threadsafe``; the connection's writer sends it and counts it sent. The worker holds a session still
 at a block boundary while ``max_ahead`` of its blocks are unsent (backpressure) and runs the boundary jobs that
@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from inferix.plan import DENOISE, RECACHE
 from inferix.session import check_seed
 
 from .hub import GENERIC_PROMPT, build_engine
+from .stepping import EngineThread
 
 __all__ = ["ServeConfig", "Manager", "ServeSession", "ServeError", "make_app"]
 
@@ -254,8 +254,10 @@ class ServeSession:
 
 
 # ---- the manager ---------------------------------------------------------------------------------------------
-class Manager:
+class Manager(EngineThread):
     """The engine, its worker thread, the sessions, the snapshots and the metrics."""
+
+    IDLE_WAIT_S = 0.01
 
     def __init__(self, cfg: ServeConfig, engine=None):
         cfg.check()
@@ -277,13 +279,9 @@ class Manager:
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self.snapshots: dict[str, Path] = {}  # id -> file, oldest first
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.step_error = ""
-        self._stop = threading.Event()
-        self._want = 0
-        self._want_lock = threading.Lock()
         self._next_reap = 0.0
         self._step_t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._drive, name="inferix-serve-engine", daemon=True)
+        self._init_stepping("inferix-serve-engine")
         eng.hooks.append(self._on_plan)
 
     @property
@@ -293,23 +291,7 @@ class Manager:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        if not self._thread.is_alive():
-            self._thread.start()
-
-    @contextmanager
-    def locked(self):
-        """The engine lock, taken between steps (the worker lets waiting callers in first)."""
-        with self._want_lock:
-            self._want += 1
-        try:
-            self.engine.lock.acquire()
-        finally:
-            with self._want_lock:
-                self._want -= 1
-        try:
-            yield
-        finally:
-            self.engine.lock.release()
+        self._start_stepping()
 
     def _post(self, ss: ServeSession, item) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -322,36 +304,13 @@ class Manager:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(done)
 
-    # -- the worker
-    def _drive(self) -> None:
-        eng = self.engine
-        while not self._stop.is_set():
-            worked = failed = False
-            try:
-                with eng.lock:
-                    self._before_step()
-                    try:
-                        worked = eng.step()
-                    finally:
-                        self._after_step()
-            except Exception as e:  # noqa: BLE001 - one failed step never takes the server down
-                failed = True
-                self.step_error = f"{type(e).__name__}: {e}"
-                log.exception("engine step failed")
-            else:
-                self.step_error = ""
-            self._maybe_reap()
-            deadline = time.monotonic() + 0.5
-            while self._want and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if failed:
-                self._stop.wait(0.1)
-            elif not worked:
-                self._stop.wait(0.01)
+    # -- the worker (EngineThread runs the loop)
+    def _step_failed(self, e: BaseException) -> None:
+        super()._step_failed(e)
+        log.exception("engine step failed")
 
     def _on_plan(self, plan, outs) -> None:
         """Engine hook (inside the step): controls applied by the blocks that just started; block timing."""
-        now = time.monotonic()
         for g in plan.groups:
             if g.kind not in (DENOISE, RECACHE):
                 continue
@@ -824,9 +783,7 @@ class Manager:
         self.close()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        self._stop_stepping()
         if self._tmp_snapshots:
             shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 

@@ -43,13 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    d = p.add_argument_group("one engine on several GPUs (torchrun; see docs/multi-gpu.md)")
-    d.add_argument("--sp", type=int, default=1, help="Ulysses sequence parallelism over N processes: launch with "
-                   "torchrun --nproc-per-node N -m inferix serve --sp N; rank 0 serves the network")
-    d.add_argument("--cfg-parallel", action="store_true", help="conditional and unconditional passes on two groups "
-                   "of --sp processes")
-    d.add_argument("--dist-timeout", type=float, default=None, help="seconds a process waits for the others in one "
-                   "collective before it ends with an error (default: INFERIX_DIST_TIMEOUT or 300)")
+    from inferix.cli import _parallel_args  # --sp, --cfg-parallel, --dist-timeout: as for generate
+    _parallel_args(p.add_argument_group("one engine on several GPUs (torchrun --nproc-per-node N -m inferix serve "
+                                        "--sp N; rank 0 serves the network; see docs/multi-gpu.md)"))
     r = p.add_argument_group("many engines on Ray Serve (see docs/serve.md)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run --replicas engines behind one API on Ray Serve: on a new local Ray cluster (no "
@@ -72,7 +68,7 @@ def register(subparsers) -> None:
 def run(a) -> int:
     import logging
 
-    from .serve import Manager, ServeConfig, make_app
+    from .serve import Manager, ServeConfig
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
     cfg = ServeConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window, sink=a.sink,
                       max_sessions=a.max_sessions, kv_pages=a.kv_pages, max_queue=a.max_queue,

@@ -3,6 +3,10 @@
 Triton kernels run on CPU only in the interpreter, which must be switched on before any kernel is decorated,
 so the variable is set here, before anything imports the kernels. On a CUDA machine it is left alone, so the
 kernel tests run natively there (set TRITON_INTERPRET=1 by hand to interpret on a GPU machine too).
+
+Every model the suite runs on the CPU is tiny: one intra-op thread is faster than two fighting over a small shared
+machine (oversubscription made the tiny VAE decode 10-25x slower), so the whole session runs with one. Tests that
+change the thread count put it back.
 """
 import os
 
@@ -10,8 +14,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Every model in the suite is tiny: one intra-op thread is faster than two fighting over a small machine.
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 from pathlib import Path  # noqa: E402
 
@@ -19,15 +22,33 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Headless Debian Chromium driven by PyPI playwright (never `playwright install`). One browser serves every browser
+# test of the session (tests/browser and tests/serve): playwright's sync API runs one instance per thread.
+CHROMIUM = os.environ.get("INFERIX_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic",
+                 # WebRTC host candidates as plain addresses (not mDNS names), and video that plays by itself
+                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install the Debian package (apt-get install -y chromium) "
+                    f"or set INFERIX_CHROMIUM", pytrace=False)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30000)
+        try:
+            yield b
+        finally:
+            b.close()
+
 
 @pytest.fixture
 def single_thread():
-    """One intra-op thread for CPU-heavy model tests: on a small shared machine, two threads fighting other
-    processes made the tiny VAE decode 10-25x slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Kept only while tests/browser still names it: the whole session already runs with one thread."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,6 @@ from types import SimpleNamespace
 import pytest
 from browser_utils import wait_until
 
-CHROMIUM = os.environ.get("INFERIX_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
@@ -64,20 +61,6 @@ def demo():
         if demo is not None:
             demo.close()
         hub.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install the Debian package (apt-get install -y chromium) "
-                    f"or set INFERIX_CHROMIUM", pytrace=False)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

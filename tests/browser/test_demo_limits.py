@@ -52,7 +52,7 @@ def test_failed_session_ends_alone_and_the_hub_recovers(make_hub, monkeypatch):
             raise RuntimeError("boom: a bad row")
         return real(plan)
     monkeypatch.setattr(hub.engine.runner, "execute", execute)
-    with hub._locked():  # the stepping thread sees the session only once it is marked bad
+    with hub.locked():  # the stepping thread sees the session only once it is marked bad
         bad = hub.start("bad", PROMPT, seed=2)
         bad_ids.add(bad.session.id)
     wait_until(lambda: "boom" in hub.stats("bad")["message"], 10, "the bad tab's error")

@@ -8,21 +8,15 @@ Every wait is bounded; the page's sessions are checked to be gone at the end of 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = os.environ.get("INFERIX_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"]
 
 # the <video> element and the page's own state, in one round trip
 PROBE = """() => {
@@ -74,20 +68,6 @@ def _status(base: str, sid: str, token: str) -> int:
             return 410 if state in ("finished", "cancelled", "failed") else r.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install the Debian package (apt-get install -y chromium) "
-                    f"or set INFERIX_CHROMIUM", pytrace=False)
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30000)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
