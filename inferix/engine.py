@@ -28,7 +28,8 @@ from .plan import PREFILL
 from .host_tier import HostTier
 from .scheduler import CANCELLED, FAILED, FINISHED, PAUSED, Scheduler, SeqState
 from .session import Session, check_seed
-from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent, session_span
+from .session_plan import plan_session
+from .sizing import check_memory, estimate_engine_bytes, pixel_to_latent
 
 __all__ = ["Engine", "Session", "AdmissionError", "COMPILE_MODES"]
 
@@ -214,56 +215,27 @@ class Engine:
             if init_frames != "auto":
                 raise ValueError(f"init_frames must be frames, None or 'auto', got {init_frames!r}")
             init_frames = self.bundle.start_frames(prompt, seed)
-        bf = self.block_frames
         init_latents = None
         if init_frames is not None:
             init_latents = self._encode_init(init_frames, given)
         n_init = 0 if init_latents is None else init_latents.shape[1]
-        first = 1 if (self.bundle.sampling.independent_first_frame and not n_init) else 0
-        total_blocks = total_latent = None
-        if num_frames is not None:
-            span = session_span(self.bundle, int(num_frames), n_init)
-            total_blocks, total_latent = span.total_blocks, span.total_latent
-        if self.window is None and total_latent is None:
-            raise AdmissionError("a session without num_frames runs until cancelled and needs a window "
-                                 "(Engine(window=...)) to keep its KV cache bounded")
-        budget = self.kv.budget_for(total_latent)
-        self.kv.check_fits_ever(budget)  # raises AdmissionError when it can never fit
-        action_plan = {}
-        if actions is not None:
-            if isinstance(actions, (str, bytes)) or not hasattr(actions, "__len__") or not len(actions):
-                raise ValueError(f"actions must be a non-empty list (one per output frame), got {actions!r}")
-            acts = [self.action_id(a) for a in actions]
-            # one action per pixel frame -> one per latent frame (the latent frame that first shows that pixel)
-            lat = [acts[min(len(acts) - 1, self.bundle.pixel_frames(i + 1) - 1)] for i in
-                   range(self.pixel_to_latent(len(acts)))]
-            action_plan = {n_init + i: a for i, a in enumerate(lat)}
-        start_prompt, prompt_plan = prompt, {}
-        for frame, p in (prompt_schedule or ()):
-            if isinstance(frame, (bool, np.bool_)) or not isinstance(frame, (int, np.integer)) or frame < 0:
-                raise ValueError(f"prompt_schedule frames must be ints >= 0, got {frame!r}")
-            if not isinstance(p, str):
-                raise TypeError(f"prompt_schedule prompts must be str, got {type(p).__name__}")
-            blk = self.pixel_to_latent(int(frame) + 1) // bf if frame > 0 else 0
-            if blk == 0:
-                start_prompt = p
-            else:
-                prompt_plan[blk] = p
+        plan = plan_session(self.bundle, prompt=prompt, num_frames=num_frames, n_init=n_init, window=self.window,
+                            pool_pages=self.kv.num_pages, actions=actions, action_id=self.action_id,
+                            prompt_schedule=prompt_schedule)  # raises AdmissionError when it can never fit
+        start_prompt = plan.prompt
         key = None
         if self.prefixes is not None and init_latents is not None:
             key = prefix_key(init_latents, start_prompt, text_embeds)
         negative = negative_prompt or self.bundle.sampling.negative_prompt
         with self.lock:
             sid = next(self._ids)
-            seq = SeqState(sid=sid, prompt=start_prompt, total_blocks=total_blocks, budget=budget,
-                           recache_on_switch=recache, action_plan=action_plan, prompt_plan=prompt_plan)
-            seq.n_init, seq.first_block_frames = n_init, first
+            seq = SeqState(sid=sid, prompt=start_prompt, total_blocks=plan.total_blocks, budget=plan.budget,
+                           recache_on_switch=recache, action_plan=plan.action_plan, prompt_plan=plan.prompt_plan,
+                           n_init=n_init, first_block_frames=plan.first_block_frames)
             if key is not None and self._open_from_prefix(key, seq, noise, negative):
                 self.prefixes.hits += 1
             else:
-                if n_init:
-                    lead = [1] if self.bundle.sampling.independent_first_frame else []
-                    seq.prefill_chunks = lead + [min(bf, n_init - i) for i in range(len(lead), n_init, bf)]
+                seq.prefill_chunks = list(plan.prefill_chunks)
                 self.runner.add_session(sid, seq.prompt, noise, negative_prompt=negative,
                                         init_latents=init_latents, text_embeds=text_embeds,
                                         chunks=list(seq.prefill_chunks))
@@ -310,8 +282,7 @@ class Engine:
             src = self.scheduler.seqs.get(sess.id)
             if src is None:
                 raise RuntimeError(f"session {sess.id} has ended ({sess.status}); it cannot be forked")
-            seq = SeqState(sid=sid, prompt=src.prompt, total_blocks=src.total_blocks, budget=src.budget)
-            self.scheduler.fork(sess.id, seq)
+            seq = self.scheduler.fork(sess.id, sid)
             self.runner.fork(sess.id, sid)
             child = Session(self, seq, sess.num_frames)
             child.frames_out = sess.frames_out

@@ -14,11 +14,33 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["PageAllocator", "KVManager", "SessionPages", "AdmissionError"]
+__all__ = ["PageAllocator", "KVManager", "SessionPages", "AdmissionError", "budget_for", "check_fits_ever"]
 
 
 class AdmissionError(RuntimeError):
     """A session can never fit in the page pool (its window alone is larger than the pool)."""
+
+
+def budget_for(window_frames: int | None, total_frames: int | None) -> int:
+    """Pages a session needs at most: its window, or the latent frames it will commit (given exactly, whole blocks
+    included) when that is less or when there is no window."""
+    if total_frames is None:
+        if window_frames is None:
+            raise AdmissionError("an unbounded session needs a window (set window_frames)")
+        return window_frames
+    if window_frames is None:
+        return total_frames
+    return min(window_frames, total_frames)
+
+
+def check_fits_ever(budget: int, num_pages: int, window_frames: int | None) -> None:
+    """Raises AdmissionError when a reservation of budget pages can never fit a pool of num_pages."""
+    if budget > num_pages:
+        what = "its window" if window_frames is not None and budget == window_frames else \
+            "every latent frame it makes (no window)" if window_frames is None else "every latent frame it makes"
+        raise AdmissionError(f"a session needs {budget} KV pages (one per latent frame it keeps: {what}) but the "
+                             f"pool has only {num_pages}; raise the pool size (kv_pages)"
+                             + (" or lower the window" if window_frames is not None else " or ask for fewer frames"))
 
 
 class PageAllocator:
@@ -101,26 +123,14 @@ class KVManager:
     def budget_for(self, total_frames: int | None) -> int:
         """Pages a session needs at most: its window, or the latent frames it will commit (given exactly, whole
         blocks included) when that is less or when there is no window."""
-        if total_frames is None:
-            if self.window_frames is None:
-                raise AdmissionError("an unbounded session needs a window (set window_frames)")
-            return self.window_frames
-        if self.window_frames is None:
-            return total_frames
-        return min(self.window_frames, total_frames)
+        return budget_for(self.window_frames, total_frames)
 
     def can_allocate(self, budget: int) -> bool:
         """No side effects: would a session with this budget fit now?"""
         return self.reserved + budget <= self.alloc.num_pages
 
     def check_fits_ever(self, budget: int) -> None:
-        if budget > self.alloc.num_pages:
-            what = "its window" if self.window_frames is not None and budget == self.window_frames else \
-                "every latent frame it makes (no window)" if self.window_frames is None else "every latent frame it makes"
-            raise AdmissionError(f"a session needs {budget} KV pages (one per latent frame it keeps: {what}) but the "
-                                 f"pool has only {self.alloc.num_pages}; raise the pool size (kv_pages)"
-                                 + (" or lower the window" if self.window_frames is not None else
-                                    " or ask for fewer frames"))
+        check_fits_ever(budget, self.alloc.num_pages, self.window_frames)
 
     def allocate(self, sid: int, budget: int) -> None:
         if sid in self.sessions:
@@ -182,6 +192,35 @@ class KVManager:
     def shared(self, page: int) -> bool:
         return self.alloc.refs[page] > 1
 
+    def copy_on_write(self, sid: int, pages: list[int]) -> list[int] | None:
+        """The pages a pass may overwrite in place of ``pages`` (sid's table, in order): shared pages (forks) are
+        swapped for fresh ones first. None, and nothing changed, when the session's budget or the free pages
+        cannot take the copies."""
+        shared = [p for p in pages if self.shared(p)]
+        sp = self.sessions[sid]
+        if len(sp.pages()) + len(shared) > sp.budget or not self.alloc.can_allocate(len(shared)):
+            return None
+        fresh = dict(zip(shared, self.alloc.allocate(len(shared))))
+        for old, new in fresh.items():
+            self.replace(sid, old, new)
+        return [fresh.get(p, p) for p in pages]
+
+    # ---- queries ------------------------------------------------------------------------------
+    def holds(self, sid: int) -> bool:
+        """Whether sid has a reservation (and a block table) in this pool."""
+        return sid in self.sessions
+
+    def held_pages(self, sid: int) -> list[int]:
+        """Pages in sid's table now: sink, then window, oldest first."""
+        return self.sessions[sid].pages()
+
+    def frames_committed(self, sid: int) -> int:
+        """Absolute latent index of the next frame sid commits (all frames before it are committed)."""
+        return self.sessions[sid].frames_committed
+
+    def budget_of(self, sid: int) -> int:
+        return self.sessions[sid].budget
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def fork(self, src: int, dst: int) -> None:
         """dst starts with src's table; pages are shared (committed pages are never written again)."""
@@ -191,12 +230,32 @@ class KVManager:
         d.sink, d.window, d.frames_committed = list(s.sink), deque(s.window), s.frames_committed
         self.alloc.incref(d.pages())
 
+    def share(self, src: int, dst: int, budget: int, release_src: bool = False) -> None:
+        """dst (a new reservation of budget pages) starts from src's table, its pages shared. release_src: src
+        hands its pages over and its own reservation is freed first."""
+        s = self.sessions[src]
+        held = s.pages()
+        if len(held) > budget:
+            raise RuntimeError(f"session {dst} reserves {budget} pages, fewer than the {len(held)} it would share")
+        if not self.can_allocate(budget - (s.budget if release_src else 0)):
+            raise RuntimeError(f"no KV budget left to share session {src}'s pages ({budget} pages needed)")
+        self.alloc.incref(held)  # dst's references, taken before src may go
+        if release_src:
+            self.free(src)
+        self.allocate(dst, budget)
+        d = self.sessions[dst]
+        d.sink, d.window, d.frames_committed = list(s.sink), deque(s.window), s.frames_committed
+
     def free(self, sid: int) -> None:
         sp = self.sessions.pop(sid, None)
         if sp is None:
             return
         self.alloc.decref(sp.pages())
         self.reserved -= sp.budget
+
+    @property
+    def num_pages(self) -> int:
+        return self.alloc.num_pages
 
     @property
     def pages_in_use(self) -> int:

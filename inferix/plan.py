@@ -1,7 +1,7 @@
 """Plain-data plan of one engine step (no tensors): which rows run which pass. It can be logged and replayed."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 
 __all__ = ["Row", "Group", "StepPlan", "DENOISE", "COMMIT", "PREFILL", "RECACHE"]
 
@@ -11,8 +11,9 @@ PREFILL = "prefill"  # given context frames (image/video start) at the context t
 RECACHE = "recache"  # re-commit the visible window under a new prompt; writes (copy-on-write) pages
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Row:
+    """One session's pass in a step. Built by keyword only: its fields are many and mostly ints."""
     sid: int
     kind: str
     step: int  # denoising step (DENOISE); 0 otherwise
@@ -47,6 +48,3 @@ class StepPlan:
     def rows(self):
         for g in self.groups:
             yield from g.rows
-
-    def to_dict(self) -> dict:
-        return asdict(self)

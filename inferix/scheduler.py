@@ -6,9 +6,8 @@ Admission goes through the KV manager's side-effect-free ``can_allocate`` before
 """
 from __future__ import annotations
 
-from collections import defaultdict, deque
-import copy
-from dataclasses import dataclass, field, fields
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 
 from .pages import KVManager
 from .plan import COMMIT, DENOISE, PREFILL, RECACHE, Group, Row, StepPlan
@@ -27,7 +26,6 @@ class SeqState:
     status: str = WAITING
     block: int = 0
     step: int = 0
-    prefill_frames: int = 0  # given context frames still to commit
     prefill_chunks: list = field(default_factory=list)  # sizes of the prefill passes still to run
     pending_prompt: str | None = None
     recache_on_switch: bool = False
@@ -43,10 +41,6 @@ class SeqState:
     n_init: int = 0  # given context frames (prefilled before the first generated block)
     block_nframes: int = 0  # frames of the current block
     prompt_changed: bool = False  # the block that starts next carries a new prompt to the runner
-
-    @property
-    def active(self) -> bool:
-        return self.status == RUNNING
 
 
 class Scheduler:
@@ -121,8 +115,8 @@ class Scheduler:
         if admit:
             self._admit()
 
-    def fork(self, src: int, dst_seq: SeqState) -> None:
-        """dst shares src's pages (copy-on-write) and continues from src's counters."""
+    def fork(self, src: int, dst_sid: int) -> SeqState:
+        """A paused session dst_sid that shares src's pages (copy-on-write) and continues from src's counters."""
         s = self.seqs.get(src)
         if s is None:
             raise RuntimeError(f"session {src} has ended; only a running or paused session can be forked")
@@ -132,94 +126,97 @@ class Scheduler:
             raise RuntimeError(f"session {src} is in host memory; resume it (and let it run) before forking it")
         if not self.kv.can_allocate(s.budget):
             raise RuntimeError(f"no KV budget left to fork session {src} ({s.budget} pages needed)")
-        self.kv.fork(src, dst_seq.sid)
-        for f in fields(SeqState):  # every counter and plan (lists and dicts copied), so none can be forgotten
-            if f.name not in ("sid", "status"):
-                setattr(dst_seq, f.name, copy.copy(getattr(s, f.name)))
-        dst_seq.status = PAUSED
-        self.seqs[dst_seq.sid] = dst_seq
+        self.kv.fork(src, dst_sid)
+        # every counter and plan carries over (replace cannot forget a field); the mutable ones are copied
+        dst = replace(s, sid=dst_sid, status=PAUSED, prefill_chunks=list(s.prefill_chunks),
+                      action_plan=dict(s.action_plan), prompt_plan=dict(s.prompt_plan),
+                      block_actions=None if s.block_actions is None else list(s.block_actions))
+        self.seqs[dst_sid] = dst
+        return dst
 
     def share(self, src: int, dst_seq: SeqState, take: bool = False) -> None:
         """dst (a new session with its own counters and budget) starts from src's committed pages, shared
         copy-on-write, and runs at once. take: src ends here and hands its pages over (its reservation goes first)."""
-        kv = self.kv
-        s = kv.sessions.get(src)
-        if s is None or src not in self.seqs:
+        if not self.kv.holds(src) or src not in self.seqs:
             raise RuntimeError(f"session {src} has ended; it has no pages to share")
-        held = s.pages()
-        if len(held) > dst_seq.budget:
-            raise RuntimeError(f"session {dst_seq.sid} reserves {dst_seq.budget} pages, fewer than the {len(held)} "
-                               f"it would share")
-        if not kv.can_allocate(dst_seq.budget - (kv.sessions[src].budget if take else 0)):
-            raise RuntimeError(f"no KV budget left to share session {src}'s pages ({dst_seq.budget} pages needed)")
-        sink, window, committed = list(s.sink), deque(s.window), s.frames_committed
-        kv.alloc.incref(held)  # dst's references, taken before src may go
+        self.kv.share(src, dst_seq.sid, dst_seq.budget, release_src=take)
         if take:
-            self.release(src, CANCELLED, admit=False)
-        kv.allocate(dst_seq.sid, dst_seq.budget)
-        d = kv.sessions[dst_seq.sid]
-        d.sink, d.window, d.frames_committed = sink, window, committed
+            self.release(src, CANCELLED, admit=False)  # its pages are dst's now; the rest of it ends here
         dst_seq.status = RUNNING
         self.seqs[dst_seq.sid] = dst_seq
 
     # ---- planning ------------------------------------------------------------------------------
+    # A session's next row, by what it still has to do: prefill its given frames, then per block: start it
+    # (prompt switch, eviction, actions), recache the window under a new prompt, denoise, commit.
     def _row(self, seq: SeqState) -> Row:
-        kv = self.kv
-        sid = seq.sid
         if seq.prefill_chunks:
-            n = seq.prefill_chunks[0]
-            kv.begin_block(sid, n)
-            pages, frames = kv.context(sid)
-            start = kv.sessions[sid].frames_committed
-            return Row(sid, PREFILL, 0, seq.block, start, n, pages, frames, kv.commit(sid, n))
+            return self._prefill_row(seq)
         if not seq.block_started:
-            # block boundary: prompt switches and actions take effect here
-            seq.block_started = True
-            new_prompt = seq.prompt_plan.pop(seq.block, None) or seq.pending_prompt
-            seq.pending_prompt = None
-            if new_prompt is not None and new_prompt != seq.prompt:
-                seq.prompt = new_prompt
-                seq.need_recache = seq.recache_on_switch and bool(kv.sessions[sid].pages())
-                seq.prompt_changed = True
-            n = seq.first_block_frames if (seq.block == 0 and seq.first_block_frames) else self.block_frames
-            seq.block_nframes = n
-            kv.begin_block(sid, n)
-            seq.frame_start = kv.sessions[sid].frames_committed
-            if seq.pending_action is not None:
-                seq.action, seq.pending_action = seq.pending_action, None
-            acts = []
-            for f in range(seq.frame_start, seq.frame_start + n):
-                seq.action = seq.action_plan.pop(f, seq.action)
-                acts.append(seq.action)
-            seq.block_actions = acts
-        pages, frames = kv.context(sid)
-        changed = seq.prompt_changed
+            self._start_block(seq)
+        pages, frames = self.kv.context(seq.sid)
         if seq.need_recache:
-            write = self._copy_on_write(sid, pages)
-            if write is not None:
-                return Row(sid, RECACHE, 0, seq.block, frames[0], len(frames), [], list(frames), write,
-                           prompt=seq.prompt)
-            seq.need_recache = False  # no spare pages to copy shared ones into: keep the old K/V
+            row = self._recache_row(seq, pages, frames)
+            if row is not None:
+                return row
         if seq.step < self.num_steps:
-            row = Row(sid, DENOISE, seq.step, seq.block, seq.frame_start, seq.block_nframes, pages, frames,
-                      actions=seq.block_actions, last_step=seq.step == self.num_steps - 1,
-                      prompt=seq.prompt if changed else None, gen_start=seq.frame_start - seq.n_init)
-            seq.prompt_changed = False
-            return row
-        return Row(sid, COMMIT, 0, seq.block, seq.frame_start, seq.block_nframes, pages, frames,
-                   kv.commit(sid, seq.block_nframes), actions=seq.block_actions)
+            return self._denoise_row(seq, pages, frames)
+        return self._commit_row(seq, pages, frames)
 
-    def _copy_on_write(self, sid: int, pages: list) -> list | None:
-        """Pages a recache may overwrite: shared pages (forks) are swapped for fresh ones first."""
+    def _prefill_row(self, seq: SeqState) -> Row:
+        """The next chunk of the given context frames, committed at the context timestep."""
+        kv, n = self.kv, seq.prefill_chunks[0]
+        kv.begin_block(seq.sid, n)
+        pages, frames = kv.context(seq.sid)
+        start = kv.frames_committed(seq.sid)
+        return Row(sid=seq.sid, kind=PREFILL, step=0, block=seq.block, frame_start=start, nframes=n,
+                   context_pages=pages, context_frames=frames, write_pages=kv.commit(seq.sid, n))
+
+    def _start_block(self, seq: SeqState) -> None:
+        """Block boundary: prompt switches and actions take effect here, and the window makes room for the block."""
         kv = self.kv
-        shared = [p for p in pages if kv.shared(p)]
-        sp = kv.sessions[sid]
-        if len(sp.pages()) + len(shared) > sp.budget or not kv.alloc.can_allocate(len(shared)):
+        seq.block_started = True
+        new_prompt = seq.prompt_plan.pop(seq.block, None) or seq.pending_prompt
+        seq.pending_prompt = None
+        if new_prompt is not None and new_prompt != seq.prompt:
+            seq.prompt = new_prompt
+            seq.need_recache = seq.recache_on_switch and bool(kv.held_pages(seq.sid))
+            seq.prompt_changed = True
+        n = seq.first_block_frames if (seq.block == 0 and seq.first_block_frames) else self.block_frames
+        seq.block_nframes = n
+        kv.begin_block(seq.sid, n)
+        seq.frame_start = kv.frames_committed(seq.sid)
+        if seq.pending_action is not None:
+            seq.action, seq.pending_action = seq.pending_action, None
+        acts = []
+        for f in range(seq.frame_start, seq.frame_start + n):
+            seq.action = seq.action_plan.pop(f, seq.action)
+            acts.append(seq.action)
+        seq.block_actions = acts
+
+    def _recache_row(self, seq: SeqState, pages: list, frames: list) -> Row | None:
+        """Re-commit the visible window under the new prompt, into pages of its own (copy-on-write); None when no
+        spare pages can take the copies of shared ones (then the old K/V stays)."""
+        write = self.kv.copy_on_write(seq.sid, pages)
+        if write is None:
+            seq.need_recache = False
             return None
-        fresh = dict(zip(shared, kv.alloc.allocate(len(shared))))
-        for old, new in fresh.items():
-            kv.replace(sid, old, new)
-        return [fresh.get(p, p) for p in pages]
+        return Row(sid=seq.sid, kind=RECACHE, step=0, block=seq.block, frame_start=frames[0], nframes=len(frames),
+                   context_pages=[], context_frames=list(frames), write_pages=write, prompt=seq.prompt)
+
+    def _denoise_row(self, seq: SeqState, pages: list, frames: list) -> Row:
+        """One denoising step of the current block; it carries the new prompt on the block's first row."""
+        row = Row(sid=seq.sid, kind=DENOISE, step=seq.step, block=seq.block, frame_start=seq.frame_start,
+                  nframes=seq.block_nframes, context_pages=pages, context_frames=frames, actions=seq.block_actions,
+                  last_step=seq.step == self.num_steps - 1, prompt=seq.prompt if seq.prompt_changed else None,
+                  gen_start=seq.frame_start - seq.n_init)
+        seq.prompt_changed = False
+        return row
+
+    def _commit_row(self, seq: SeqState, pages: list, frames: list) -> Row:
+        """The clean block at the context timestep: its K/V goes into fresh pages."""
+        return Row(sid=seq.sid, kind=COMMIT, step=0, block=seq.block, frame_start=seq.frame_start,
+                   nframes=seq.block_nframes, context_pages=pages, context_frames=frames,
+                   write_pages=self.kv.commit(seq.sid, seq.block_nframes), actions=seq.block_actions)
 
     def schedule(self) -> StepPlan:
         self._admit()
@@ -232,7 +229,7 @@ class Scheduler:
         plan = StepPlan()
         for (kind, n), rows in groups.items():
             for i in range(0, len(rows), self.max_batch):
-                plan.groups.append(Group(kind, n, rows[i:i + self.max_batch]))
+                plan.groups.append(Group(kind=kind, nframes=n, rows=rows[i:i + self.max_batch]))
         return plan
 
     def update(self, plan: StepPlan) -> list[int]:

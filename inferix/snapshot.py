@@ -24,7 +24,8 @@ __all__ = ["SnapshotError", "save_session", "restore_session", "read_snapshot", 
            "FORMAT", "VERSION"]
 
 FORMAT = "inferix-snapshot"
-VERSION = 1
+VERSION = 2  # 2: SeqState without the unused prefill_frames counter (version 1 files still read)
+READS = (1, 2)
 HEADER_KEY = "inferix-snapshot"
 SUM_KEY = "sha256"
 
@@ -277,8 +278,9 @@ def read_snapshot(path) -> tuple[dict, dict]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SnapshotError(f"{path}: format is {header.get('format') if isinstance(header, dict) else None!r}, "
                             f"expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise SnapshotError(f"{path}: snapshot version {header.get('version')!r}; this engine reads version {VERSION}")
+    if header.get("version") not in READS:
+        raise SnapshotError(f"{path}: snapshot version {header.get('version')!r}; this engine reads versions "
+                            f"{', '.join(map(str, READS))}")
     if meta.get(SUM_KEY) != _checksum(text, tensors):
         raise SnapshotError(f"{path}: checksum mismatch: the file was edited or damaged after it was written")
     return header, tensors
@@ -308,6 +310,8 @@ def restore_session(engine, path):
         allowed = {_class_name(c): c for c in _decoder_stream_types(engine)}
         rd = _Reader(tensors, engine.device, allowed)
         seq_fields = rd.decode(s["seq"], "seq")
+        if header.get("version") == 1 and isinstance(seq_fields, dict):
+            seq_fields.pop("prefill_frames", None)  # a counter version 1 kept and nothing read
         names = {f.name for f in dataclasses.fields(SeqState)}
         if not isinstance(seq_fields, dict) or set(seq_fields) != names:
             raise SnapshotError(f"{path}: the session counters do not match this engine's SeqState fields")

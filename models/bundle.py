@@ -48,10 +48,6 @@ class ModelBundle:
     def spatial_ratio(self) -> int:
         return self.decoder.spatial_ratio if self.decoder is not None else 8
 
-    @property
-    def latent_channels(self) -> int:
-        return self.dit.config.in_dim
-
     def latent_frames(self, n_pixel: int) -> int:
         if self.decoder is None:
             return n_pixel

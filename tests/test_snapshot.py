@@ -91,6 +91,7 @@ def toy(tmp_path_factory):
 
 
 # ---- continuing ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_snapshot_continues_bit_identically_here_and_in_another_process(tmp_path):
     eng = tiny_engine()
     s = eng.open_session("a red ball", num_frames=None, seed=3)
@@ -128,6 +129,7 @@ def test_tiny_snapshot_after_the_window_rolled(tmp_path):
     assert_same(blocks(eng2, r, 1), want)
 
 
+@pytest.mark.slow
 def test_toyworld_with_actions_continues_bit_identically_here_and_in_another_process(toy):
     eng = toy_engine()
     other = eng.open_session("a blue ball", num_frames=None, seed=1)  # holds pages: the restore gets others
@@ -218,7 +220,7 @@ def test_an_edited_file_is_refused(toy, tmp_path):
         (lambda h, t: h["session"].__setitem__("frames_out", 0), "checksum mismatch"),
         (lambda h, t: h["engine"].__setitem__("window", 20), "checksum mismatch"),
         (lambda h, t: t["kv.k.0"].add_(1), "checksum mismatch"),
-        (lambda h, t: h.__setitem__("version", 2), "snapshot version 2"),
+        (lambda h, t: h.__setitem__("version", 3), "snapshot version 3"),
         (lambda h, t: h.__setitem__("format", "other"), "format is 'other'"),
     ]
     for i, (edit, what) in enumerate(cases):
@@ -302,3 +304,21 @@ def test_a_fork_sharing_its_parents_pages_snapshots_and_continues(tmp_path):
     assert_same(blocks(eng2, r, 2), want)
     # the fork continued exactly where the parent continues (same state, same noise stream)
     assert_same(parent_next, want[:1])
+
+
+def test_a_version_1_file_still_restores(toy, tmp_path):
+    """Version 1 kept a counter (prefill_frames) that nothing read: such a file restores and continues alike."""
+    from inferix.snapshot import _checksum
+    with safe_open(str(toy["path"]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta[HEADER_KEY])
+    assert header["version"] == 2 and "prefill_frames" not in json.dumps(header["session"]["seq"])
+    header["version"] = 1
+    header["session"]["seq"]["dict"].append(["prefill_frames", 0])  # the counters are encoded as [key, value] pairs
+    text = json.dumps(header)
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={HEADER_KEY: text, SUM_KEY: _checksum(text, tensors)})
+    eng = toy_engine()
+    r = eng.restore(old)
+    r.resume()
+    assert_same(blocks(eng, r, 1), toy["want"][:1])
