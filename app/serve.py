@@ -207,7 +207,7 @@ class ServeSession:
 
     def status(self) -> dict:
         m = self.manager
-        kv = m.engine.kv.sessions.get(self.sid)
+        kv = m.engine.kv
         gaps = sorted(self.gaps)
         ft = list(self.frame_times)
         fps = None
@@ -216,7 +216,8 @@ class ServeSession:
         return {
             "id": self.id, "state": self.state, "position": self.sess.waiting_position,
             "paused": self.user_paused, "throttled": self.throttled, "frames": self.frames, "block": self.block,
-            "num_frames": self.sess.num_frames, "pages": 0 if kv is None else len(kv.pages()),
+            "num_frames": self.sess.num_frames,
+            "pages": len(kv.held_pages(self.sid)) if kv.holds(self.sid) else 0,
             "prompt": self.prompt, "action": self.action, "video": self.video,
             "clients": 0 if self.client is None else 1, "error": self.error,
             "metrics": {"time_to_first_frame_s": self.first_frame_s,
@@ -732,7 +733,7 @@ class Manager(EngineThread):
         live = [ss for ss in self.sessions.values() if ss.ended is None]
         kv = eng.kv
         live_budget = kv.budget_for(None) if kv.window_frames is not None else None
-        free = kv.alloc.num_pages - kv.reserved  # pages no session has reserved
+        free = kv.unreserved
         return {"status": "ok" if not self.step_error else "degraded", "sessions": len(live),
                 "waiting": eng.waiting, "kv_pages_used": eng.pages_in_use, "kv_pages_total": self.kv_pages_total,
                 "kv_pages_free": free, "session_pages": live_budget,

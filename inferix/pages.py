@@ -258,5 +258,10 @@ class KVManager:
         return self.alloc.num_pages
 
     @property
+    def unreserved(self) -> int:
+        """Pages no session has reserved: what a new session's budget must fit in."""
+        return self.alloc.num_pages - self.reserved
+
+    @property
     def pages_in_use(self) -> int:
         return self.alloc.num_pages - self.alloc.num_free
