@@ -1,7 +1,7 @@
-"""Command line: ``inferix generate | verify-fixture | bench | train | toyworld | demo``.
+"""Command line: ``inferix generate | verify-fixture | bench``, plus the subcommands that higher floors register.
 
-Subcommands from higher floors (the demo) register themselves through the ``inferix.commands`` entry-point
-group, so the engine never imports them.
+Subcommands from higher floors (``demo``, ``serve``, the toy world's ``toyworld`` and ``train``) register
+themselves through the ``inferix.commands`` entry-point group, so the engine never imports them.
 """
 from __future__ import annotations
 
@@ -347,25 +347,6 @@ def cmd_bench(a, rest) -> int:
     return m([a.what] + rest) or 0
 
 
-def cmd_train(a, rest) -> int:
-    if a.what == "toyworld":
-        from inferix.models.toyworld.train import main as m
-    elif a.what == "toyworld-decoder":
-        from .toyworld_decoder import main as m
-    elif a.what == "toyworld-corrector":
-        from .toyworld_corrector import main as m
-    else:
-        print(f"error: unknown training target {a.what!r} (known: toyworld, toyworld-decoder, toyworld-corrector)",
-              file=sys.stderr)
-        return 2
-    return m(rest) or 0
-
-
-def cmd_toyworld(a, rest) -> int:
-    from .toyworld_eval import main as m
-    return m([a.what] + rest) or 0
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="inferix", description="Block-diffusion video world model engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -389,13 +370,9 @@ def build_parser():
     v.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"])
     v.add_argument("--tol", type=float, default=None)
     _parallel_args(v)
-    # these pass their arguments (including -h) on to their own parsers
+    # bench passes its arguments (including -h) on to its own parsers
     b = sub.add_parser("bench", help="benchmarks (print JSON)", add_help=False)
     b.add_argument("what", choices=["attention", "generate", "engine", "serve"])
-    t = sub.add_parser("train", help="train a model (toyworld, toyworld-decoder, toyworld-corrector)", add_help=False)
-    t.add_argument("what")
-    tw = sub.add_parser("toyworld", help="toy world tools (eval)", add_help=False)
-    tw.add_argument("what", choices=["eval"])
     for ep in entry_points(group="inferix.commands"):
         try:
             ep.load()(sub)
@@ -415,7 +392,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     p = build_parser()
     a, rest = p.parse_known_args(argv)
-    if rest and a.cmd not in ("bench", "train", "toyworld"):  # those pass their own arguments on
+    if rest and a.cmd != "bench":  # bench passes its own arguments on
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "generate":
         return cmd_generate(a)
@@ -423,10 +400,6 @@ def _main(argv=None) -> int:
         return cmd_verify(a)
     if a.cmd == "bench":
         return cmd_bench(a, rest)
-    if a.cmd == "train":
-        return cmd_train(a, rest)
-    if a.cmd == "toyworld":
-        return cmd_toyworld(a, rest)
     if hasattr(a, "func"):
         return a.func(a) or 0
     p.error(f"unknown command {a.cmd}")

@@ -269,7 +269,7 @@ BACKENDS = {"reference": ReferenceBackend, "sdpa": SDPABackend, "flex": FlexBack
 
 def get_backend(name: str | None) -> AttentionBackend:
     """Backend by name; None picks sdpa (torch fused attention over the gathered pages) on every device: on an
-    H200 it measured faster end to end than the paged Triton kernel (README, "Measured figures")."""
+    H200 it measured faster end to end than the paged Triton kernel (docs/measurements.md)."""
     if name is None:
         name = "sdpa"
     if name == "triton":

@@ -59,11 +59,11 @@ train --init "$OUT/8_batch64/toyworld.json" --seed 23 --sink-blocks 2 --clip-blo
 #    DiT's own blocks (from true context, and far into its own rollouts with its own sprites as targets) to render
 #    them crisp, reading the median of the first 8 frames as a reference image (about 35 min on the CPU;
 #    step-based, SCALE does not apply).
-"$PY" -m inferix.toyworld_decoder --model "$OUT/9_rollouts/toyworld.json" --denoising-steps 1000 --steps 4500 \
+"$PY" -m inferix train toyworld-decoder --model "$OUT/9_rollouts/toyworld.json" --denoising-steps 1000 --steps 4500 \
       --reference-frames 8 --seed 1 --threads "$THREADS" --out "$OUT/10_decoder"
 # 11. The action corrector: DiT and refiner unchanged; a per-frame conv net that corrects each block's estimate
 #    before its commit, distilled from the hv,d,a mirror-view ensemble in two rounds (the second on rollouts that
 #    commit the first corrector); about 21 min on the CPU, step-based.
-"$PY" -m inferix.toyworld_corrector --model "$OUT/10_decoder/toyworld.json" --episodes 24 --rounds 2 --steps 2000 \
+"$PY" -m inferix train toyworld-corrector --model "$OUT/10_decoder/toyworld.json" --episodes 24 --rounds 2 --steps 2000 \
       --threads "$THREADS" --out "$OUT/11_corrector"
 echo "done: $OUT/11_corrector/toyworld.json (+ .safetensors)"

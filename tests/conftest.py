@@ -45,12 +45,6 @@ def browser():
             b.close()
 
 
-@pytest.fixture
-def single_thread():
-    """Kept only while tests/browser still names it: the whole session already runs with one thread."""
-    yield
-
-
 @pytest.fixture(scope="session")
 def self_forcing_tiny() -> Path:
     """The reference fixture folder (weights, inputs, expected latents; see its README)."""

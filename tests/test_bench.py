@@ -2,11 +2,13 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from inferix.bench import main as bench_main
 
 
+@pytest.mark.slow
 def test_bench_generate_toyworld_keeps_the_models_window(capsys):
     n = torch.get_num_threads()
     try:

@@ -15,8 +15,6 @@ from inferix.models.checkpoints import (CheckpointError, build_dit, infer_dit_co
                                         save_dit)
 from inferix.models.wan_dit import PRESETS, CausalWanDiT, WanDiTConfig
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 # ---------------------------------------------------------------------------------------------------
 # writers of the formats (test helpers)

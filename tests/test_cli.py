@@ -1,5 +1,6 @@
 """End to end through the command line: verify-fixture, generate (mp4), failures leave no broken file."""
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -7,11 +8,6 @@ import pytest
 
 from inferix.cli import main
 from inferix.sinks import VideoWriter
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
 
 
 def test_verify_fixture_passes_and_can_fail(self_forcing_tiny, capsys):
@@ -28,7 +24,6 @@ def test_verify_fixture_passes_and_can_fail(self_forcing_tiny, capsys):
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
 def test_verify_fixture_window_sink_and_first_frame(name, backend, capsys):
     """Reference rollouts with a rolling window + sink (eviction) and with an independent first frame."""
-    from pathlib import Path
     folder = Path(__file__).parent / "fixtures" / name
     assert main(["verify-fixture", str(folder), "--attention", backend]) == 0
     out = capsys.readouterr().out
@@ -123,6 +118,24 @@ def test_flv_stream_container_keeps_encoding_across_batches(tmp_path):
     assert _count_frames(p) == 12
 
 
+def test_toyworld_commands_are_a_plugin_of_the_engines_cli(capsys):
+    """`toyworld` and `train` come through the inferix.commands entry points; the engine's CLI names neither."""
+    from importlib.metadata import entry_points
+
+    import inferix.cli
+    eps = {ep.name: ep.value for ep in entry_points(group="inferix.commands")}
+    assert eps["toyworld"] == "inferix.app.toyworld.cli:register"
+    source = Path(inferix.cli.__file__).read_text()
+    assert "app.toyworld" not in source and '"train"' not in source
+    assert main(["train", "nothing"]) == 2 and "unknown training target 'nothing'" in capsys.readouterr().err
+    for argv, prog in ((["train", "toyworld-decoder", "--help"], "inferix train toyworld-decoder"),
+                       (["train", "toyworld-corrector", "-h"], "inferix train toyworld-corrector"),
+                       (["toyworld", "eval", "--help"], "inferix toyworld eval")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and prog in capsys.readouterr().out
+
+
 def test_toyworld_eval_through_engine_and_default_main_job(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["toyworld", "eval", "--frames", "16", "--out", str(out)]) == 0
@@ -136,8 +149,9 @@ def test_toyworld_eval_through_engine_and_default_main_job(tmp_path, capsys):
     assert "toyworld" in capsys.readouterr().err  # the progress bar names the model
 
 
+@pytest.mark.slow
 def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, capsys):
-    from inferix.toyworld_eval import SUITE, evaluate, evaluate_suite
+    from inferix.app.toyworld.eval import SUITE, evaluate, evaluate_suite
     eps = [(12345, "a cube at night"), (9, "a cube on the grass")]
     res = evaluate_suite(frames=16, out=tmp_path / "suite", episodes=eps)
     assert [r["dir"] for r in res["per_episode"]] == ["seed12345_night", "seed9_meadow"]
@@ -170,7 +184,7 @@ def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, caps
         main(["toyworld", "eval", "--suite", "--seed", "3", "--out", str(tmp_path / "x")])
     assert "leave out --seed" in capsys.readouterr().err
     # Other episodes: a seed range cycling through the five themes' prompts.
-    from inferix.toyworld_eval import seed_range_episodes
+    from inferix.app.toyworld.eval import seed_range_episodes
     assert [sim.theme_of(p) for _, p in seed_range_episodes("17-23")] == [
         "snow", "desert", "meadow", "forest", "night", "snow", "desert"]
     assert [s_ for s_, _ in seed_range_episodes("4")] == [4]
@@ -194,6 +208,7 @@ def test_generate_with_mirror_views(tmp_path, capsys):
         main(["toyworld", "eval", "--mirrors", "h", "--from-truth", "2", "--out", str(tmp_path / "ft")])
 
 
+@pytest.mark.slow
 def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
     out = tmp_path / "ft"
     assert main(["toyworld", "eval", "--from-truth", "6", "--out", str(out)]) == 0
@@ -215,6 +230,6 @@ def test_toyworld_eval_from_truth_reports_one_block_errors(tmp_path):
     plain = [b["agent_error_px"] for b in rows if not b["bounce"]]
     want = [sum(e[k] for e in plain) / len(plain) for k in range(4)]
     assert s["agent_error_px_mean_by_frame_in_block"]["no_bounce"] == pytest.approx(want)
-    from inferix.toyworld_eval import evaluate_from_truth
+    from inferix.app.toyworld.eval import evaluate_from_truth
     with pytest.raises(ValueError, match="context 6"):
         evaluate_from_truth(blocks=2, out=out, context=6)

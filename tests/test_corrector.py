@@ -14,9 +14,9 @@ from inferix.models.toyworld.corrector_train import (CorrectorConfig, export_wit
                                                      train_corrector)
 from inferix.models.toyworld.data import to_latent
 from inferix.models.toyworld.eval import load_corrector, load_decoder, load_parts, load_toyworld, rollout
-from inferix.toyworld_corrector import main as corrector_main
+from inferix.app.toyworld.train_corrector import main as corrector_main
 
-from toyworld_helpers import WEIGHTS, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import WEIGHTS
 
 
 def _random_corrector(seed=0, channels=8, layers=3, std=0.05) -> ActionCorrector:
@@ -161,6 +161,7 @@ def test_corrector_switch_and_bad_bundles(corrected_bundle, tmp_path):
         Engine.from_pretrained(str(bad), device="cpu")
 
 
+@pytest.mark.slow
 def test_training_learns_a_correction_the_estimate_lacks():
     """Pairs whose estimate is the true frame dimmed and whose target is the true frame: the corrector must end
     well below the uncorrected distance."""

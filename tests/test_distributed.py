@@ -268,6 +268,7 @@ def _compare(tmp_path, world, scenario, single, atol=1e-5):
                 assert (got[k] - v).abs().max() <= atol, (r, k, float((got[k] - v).abs().max()))
 
 
+@pytest.mark.slow
 def test_batched_sessions_fork_window_and_padded_tokens_match_one_process(tmp_path):
     _compare(tmp_path, 2, "engine", engine_runs())
 
@@ -290,6 +291,7 @@ def test_followers_replay_a_servers_calls(tmp_path):
         assert (got[k] - v).abs().max() <= 1e-5, k
 
 
+@pytest.mark.slow
 def test_killed_rank_ends_the_run_with_an_error(tmp_path):
     tic = time.monotonic()
     results = _launch("kill", 2, tmp_path, timeout=40)

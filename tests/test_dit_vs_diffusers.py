@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from inferix.models.checkpoints import load_dit
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATOL = 1e-5
 TIMESTEPS = [1000.0, 937.5, 500.0, 10.0, 0.0]

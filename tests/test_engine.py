@@ -12,11 +12,6 @@ from inferix.plan import COMMIT, DENOISE, PREFILL, RECACHE
 from engine_utils import run_latents, tiny_bundle, tiny_engine
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
-
-
 def _record_passes(engine):
     """Hook recording every denoise pass: (block, step, input x, x0 after the pass)."""
     passes = []

@@ -10,11 +10,6 @@ from inferix.cli import main
 WINDOW = Path(__file__).parent / "fixtures" / "self_forcing_tiny_window"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    yield
-
-
 def _copy(tmp_path, name="fixture"):
     dst = tmp_path / name
     shutil.copytree(WINDOW, dst, symlinks=False)  # weights.pt is a link into ../self_forcing_tiny

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 OWN = "inferix"
 
@@ -54,6 +56,7 @@ def test_root_folders_named_like_installed_packages_lose_to_the_installed_ones()
         assert all(not Path(p).resolve().is_relative_to(ROOT / name) for p in paths), f"{name} resolved to {paths}"
 
 
+@pytest.mark.slow
 def test_transformers_and_diffusers_import_their_hub_kernels_from_the_root():
     out = root_python("import transformers, diffusers; from transformers.integrations import hub_kernels; "
                       "import kernels; print(kernels.__file__)")

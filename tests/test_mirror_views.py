@@ -13,7 +13,7 @@ from inferix.models.toyworld.data import to_latent, to_pixels
 from inferix.models.toyworld.eval import RolloutMeta, WindowKVBackend, load_decoder, load_toyworld, rollout
 from inferix.models.toyworld.metrics import detect_color
 
-from toyworld_helpers import WEIGHTS, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import WEIGHTS
 
 
 def test_mirror_images_are_worlds_of_the_same_kind():
@@ -148,6 +148,7 @@ def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_strea
         mirror_views(wide, ("h", "d", "a"))
 
 
+@pytest.mark.slow
 def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
     """A prompt switch with re-caching rewrites every lane of the window's pages: the views' K/V too, so nothing
     of the old prompt's is left in them."""
@@ -189,6 +190,7 @@ def test_engine_mirror_views_rebuild_their_cache_on_a_recached_prompt_switch():
     assert sum(len(b) for b in out) == 24 and s.status == "finished"
 
 
+@pytest.mark.slow
 def test_views_live_in_the_page_pool_and_run_in_the_streams_passes():
     """Each page holds a frame in every lane (the stream's and each view's K/V), so the pool is lanes times the
     plain one and admission counts the views with the page they belong to: with room for one window, a second
@@ -215,6 +217,7 @@ def test_views_live_in_the_page_pool_and_run_in_the_streams_passes():
     assert all(len(g) == 16 for g in got + plain_got) and not np.array_equal(got[0], plain_got[0])
 
 
+@pytest.mark.slow
 def test_views_of_sessions_with_different_context_lengths_read_their_own_lanes():
     """Two sessions with 8 and 4 start frames batched together take the per-row paged path; the naive reference
     attention and SDPA, each reading lane j of every row's pages, give the same frames, and each session gets the

@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 import torch
 
+from inferix.app.toyworld.train_decoder import main as decoder_main
 from inferix.engine import Engine
 from inferix.models.bundle import load_model
 from inferix.models.pixel_decoder import PixelDecoder, PixelRefiner, ReferenceStream
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
-                                                   pair_references, rollout_targets, train_refiner)
-from inferix.toyworld_decoder import main as decoder_main
+from inferix.models.toyworld.decoder_train import (RefinerConfig, estimate_bundle, export_with_refiner, make_pairs,
+                                                   make_rollout_pairs, pair_references, rollout_targets, train_refiner)
 from inferix.models.toyworld.metrics import palette_share
 from inferix.models.toyworld.train import Trainer, export_bundle
 
-from toyworld_helpers import WEIGHTS, micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import WEIGHTS, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,22 @@ def test_pairs_are_engine_blocks_from_true_context(micro_bundle):
         make_pairs(eng, RefinerConfig(episodes=1, blocks=1, start_frames=3, reference_frames=3), progress=False)
 
 
+def test_pairs_need_an_engine_that_yields_the_estimate(micro_bundle, tmp_path):
+    """A bundle with a refiner: its engine is refused, and one built on estimate_bundle gives the refiner-less pairs."""
+    refined = export_with_refiner(micro_bundle, _random_refiner(), tmp_path / "r" / "toyworld.json")
+    cfg = RefinerConfig(episodes=1, blocks=1, start_frames=4, rollout_episodes=1, rollout_frames=4, reference_frames=0)
+    with pytest.raises(ValueError, match="estimate_bundle"):
+        make_pairs(Engine.from_pretrained(str(refined), device="cpu", max_sessions=1), cfg, progress=False)
+    plain = Engine.from_pretrained(str(micro_bundle), device="cpu", max_sessions=1)
+    est = Engine(estimate_bundle(load_model(str(refined))), device="cpu", max_sessions=1)
+    with pytest.raises(ValueError, match="estimate_bundle"):
+        make_rollout_pairs(Engine.from_pretrained(str(refined), device="cpu", max_sessions=1), cfg, progress=False)
+    for a, b in zip(make_pairs(plain, cfg, progress=False), make_pairs(est, cfg, progress=False)):
+        assert np.array_equal(a, b)
+    for a, b in zip(make_rollout_pairs(plain, cfg, progress=False), make_rollout_pairs(est, cfg, progress=False)):
+        assert np.array_equal(a, b)
+
+
 def test_rollout_targets_draw_the_models_sprites_on_the_scene():
     _, _, bg = sim.simulate(5, ["right"] * 4, "snow", 4, return_background=True)
     gen = np.stack([bg] * 4)
@@ -151,6 +167,7 @@ def test_rollout_pairs_are_the_engines_rollout_with_its_own_sprites_as_targets(m
     assert np.array_equal(target, want_t) and np.array_equal(w, want_w)
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss():
     """Pairs (washed-out frame, frame): the L1 loss must fall well below the washed-out frames' own error."""
     frames, _ = sim.simulate(11, None, "meadow", 48)
@@ -238,8 +255,8 @@ def test_engine_and_engine_free_rollout_refine_with_the_start_frames_reference(m
     kw = dict(num_frames=6, seed=5, init_frames=frames[:6], actions=[int(a) for a in acts[6:]])
     eng = Engine.from_pretrained(str(out), device="cpu", max_sessions=1)
     refined = np.concatenate(list(eng.generate("snow", **kw)))
-    eng.bundle.decoder = PixelDecoder(3)
-    raw = np.concatenate(list(eng.generate("snow", **kw)))
+    raw_eng = Engine(estimate_bundle(load_model(str(out))), device="cpu", max_sessions=1)
+    raw = np.concatenate(list(raw_eng.generate("snow", **kw)))
     with torch.no_grad():  # naive: the refiner on each raw frame, the reference from the first 4 start frames
         x = torch.as_tensor(raw).permute(0, 3, 1, 2).float() / 127.5 - 1
         expect = ref(x, torch.as_tensor(_lower_median(frames[:4])).float().expand_as(x)).clamp(-1, 1)
@@ -306,6 +323,7 @@ def test_cli_trains_a_reference_refiner(micro_bundle, tmp_path, capsys):
     assert "must not exceed start_frames" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_refiner_makes_frames_closer_to_the_palette():
     """The shipped bundle's refiner against decoding the same estimates without it, over 32 frames."""
     meta = json.loads(WEIGHTS.read_text())
@@ -313,8 +331,8 @@ def test_shipped_refiner_makes_frames_closer_to_the_palette():
     acts = sim.random_actions(np.random.default_rng(31), 40)
     frames, _ = sim.simulate(31, acts, "a forest", 40)
     eng = Engine.from_pretrained("toyworld", device="cpu", max_sessions=1)
+    raw_eng = Engine(estimate_bundle(load_model("toyworld")), device="cpu", max_sessions=1)
     kw = dict(num_frames=32, seed=1, init_frames=frames[:8], actions=[int(a) for a in acts[8:]])
     refined = np.concatenate(list(eng.generate("a forest", **kw)))
-    eng.bundle.decoder = PixelDecoder(3)
-    raw = np.concatenate(list(eng.generate("a forest", **kw)))
+    raw = np.concatenate(list(raw_eng.generate("a forest", **kw)))
     assert palette_share(refined).mean() > palette_share(raw).mean() + 0.1

@@ -40,6 +40,7 @@ def test_toyworld_start_frames_depend_on_the_seed():
     assert not np.array_equal(b.start_frames(PROMPT, 1), b.start_frames(PROMPT, 2))
 
 
+@pytest.mark.slow
 def test_toyworld_same_start_hits_runs_no_prefill_and_makes_the_same_frames():
     eng = toy(share_prefixes=True)
     rows = count_prefill(eng)
@@ -74,6 +75,7 @@ def test_tiny_explicit_init_frames_hit_and_match_a_non_shared_engine():
     assert np.array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_hit_while_the_first_session_still_runs():
     eng = toy(share_prefixes=True)
     rows = count_prefill(eng)
@@ -109,6 +111,7 @@ def test_different_prompt_or_start_frames_misses(change):
     assert rows[s.id] == 2 and (st["hits"], st["misses"], st["holders"]) == (0, 2, 2)
 
 
+@pytest.mark.slow
 def test_pressure_evicts_holders_and_pages_return_to_zero():
     eng = toy(share_prefixes=True, max_prefixes=2)  # 48 pages: three windows of 16
     for p in ("one", "two", "three"):

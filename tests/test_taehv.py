@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from inferix.models.taehv import TAEHVDecoder, wan21_latent_stats
 from inferix.models.tensor_files import CheckpointError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 # ---------------------------------------------------------------------------------------------------
 # the published layout, written out from the architecture (not read from the module)

@@ -7,8 +7,6 @@ import torch
 
 from inferix.models.text_encoder import HashTextEncoder, UMT5TextEncoder
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 # ---------------------------------------------------------------------------------------------------
 # UMT5

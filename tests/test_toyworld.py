@@ -16,7 +16,7 @@ from inferix.models.toyworld.metrics import rollout_metrics
 from inferix.models.toyworld.text import LocalHashTextEncoder
 from inferix.models.toyworld.train import Trainer, export_bundle, to_latent
 
-from toyworld_helpers import WEIGHTS, micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import WEIGHTS, micro_config
 
 
 def test_export_loads_and_rollout_equals_block_causal_forward(tmp_path):

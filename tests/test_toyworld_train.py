@@ -15,7 +15,7 @@ from inferix.models.toyworld.train import (BatchPrefetcher, TeacherForcingBacken
                                            export_bundle, make_batch, rollout_blocks_at, to_latent, to_pixels)
 from inferix.models.toyworld.export import training_words
 
-from toyworld_helpers import micro_config, one_thread  # noqa: F401  (autouse: one torch thread)
+from toyworld_helpers import micro_config
 
 
 # ---- teacher forcing -----------------------------------------------------------------------------
@@ -100,6 +100,7 @@ def test_p_sigma_one_sets_the_share_of_targets_at_pure_noise():
         micro_config(p_sigma_one=1.5)
 
 
+@pytest.mark.slow
 def test_prefetched_batches_train_exactly_like_batches_made_in_the_loop():
     # worker processes simulate ahead; the trainer must see the very same batches (rollout steps included)
     cfg = micro_config(steps=4, rollout_p=0.5, rollout_max_blocks=2, seed=1)

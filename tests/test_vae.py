@@ -7,8 +7,6 @@ from inferix.models.checkpoints import CheckpointError
 from inferix.models.vae import (TINY_VAE_CONFIG, WAN21_VAE_CONFIG, WanVAE, _diffusers_to_original_vae_key,
                                 original_to_diffusers_vae_keys)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @pytest.fixture(scope="module")
 def vae():

@@ -1,21 +1,8 @@
-"""Shared pieces of the toy-world model tests: one torch thread for tiny tensors (an autouse fixture, active in
-every test module that imports it), the shipped bundle's path and a micro training config."""
+"""Shared pieces of the toy-world model tests: the shipped bundle's path and a micro training config."""
 from pathlib import Path
-
-import pytest
-import torch
 
 from inferix.models.toyworld.train import TrainConfig
 from inferix.models.wan_dit import WanDiTConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread buys nothing and, on a busy machine, oversubscription costs 10-20x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "toyworld.json"

@@ -1,5 +1,5 @@
 """Train the toy world's action corrector (``models/corrector.ActionCorrector``); ``inferix train toyworld-corrector``
-(inferix/toyworld_corrector.py) drives these parts.
+(app/toyworld/train_corrector.py) drives these parts.
 
 The corrector is distilled from the mirror-view ensemble: episodes are rolled out with the bundle's DiT and
 mirror views (``rollout(mirrors=...)``, engine-free, the bundle's window, sink and sampling), and every block

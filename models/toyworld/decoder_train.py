@@ -1,5 +1,5 @@
-"""Train the toy world's pixel refiner (the parts; ``inferix train toyworld-decoder`` in inferix/toyworld_decoder.py
-drives them with an engine).
+"""Train the toy world's pixel refiner (the parts; ``inferix train toyworld-decoder`` in app/toyworld/train_decoder.py
+drives them with an engine built on ``estimate_bundle``).
 
 The DiT's few-step x0 estimate is soft where things move. The refiner (``models/pixel_decoder.PixelRefiner``) learns
 to render it crisp from pairs (engine block made from the simulator's true frames, the true frames), made through
@@ -9,8 +9,7 @@ input bundle plus ``decoder.*`` weights and, with ``--denoising-steps``, another
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..config import check_at_least
 from ..pixel_decoder import PixelDecoder, PixelRefiner, reference_image
 from . import simulator as sim
 
-__all__ = ["RefinerConfig", "make_pairs", "make_rollout_pairs", "rollout_targets", "episode_references", "pair_references",
+__all__ = ["RefinerConfig", "estimate_bundle", "make_pairs", "make_rollout_pairs", "rollout_targets", "episode_references", "pair_references",
            "train_refiner", "export_with_refiner"]
 
 
@@ -53,15 +52,17 @@ class RefinerConfig:
             raise ValueError(f"refiner config: self_reference_p must lie in [0, 1], got {self.self_reference_p}")
 
 
-@contextmanager
-def _raw_decoder(engine):
-    """The engine decodes with the identity while inside: its frames are the DiT's estimate, what a refiner is given."""
-    saved = engine.bundle.decoder
-    engine.bundle.decoder = PixelDecoder(3)
-    try:
-        yield engine
-    finally:
-        engine.bundle.decoder = saved
+def estimate_bundle(bundle):
+    """The bundle with the identity as its decoder (any refiner left out): an engine built on it yields the DiT's
+    estimate as frames, what a refiner is given. The DiT, sampling, cache settings and corrector are the bundle's."""
+    return replace(bundle, decoder=PixelDecoder(3))
+
+
+def _check_estimate_engine(engine) -> None:
+    dec = engine.bundle.decoder
+    if not isinstance(dec, PixelDecoder) or dec.refiner is not None:
+        raise ValueError("pairs need an engine whose frames are the DiT's estimate: build it on "
+                         "estimate_bundle(bundle), whose decoder is the identity")
 
 
 def _episode(cfg: RefinerConfig, e: int, n: int):
@@ -81,8 +82,10 @@ def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.nd
 
     Episode e has a random prompt (themes in turn) and random actions, both from (cfg.seed, e). Its block b is
     generated after the sink frames and the window's latest frames of the truth, as the engine's cache would hold
-    them after committing all true frames (the engine's decoder is bypassed: the pairs hold the DiT's estimate).
+    them after committing all true frames. ``engine`` decodes with the identity (``estimate_bundle``), so the pairs
+    hold the DiT's estimate.
     """
+    _check_estimate_engine(engine)
     bf, sink, window = engine.block_frames, engine.sink, engine.window
     if cfg.start_frames % bf:
         raise ValueError(f"start_frames {cfg.start_frames} is not a multiple of the block ({bf} frames)")
@@ -91,15 +94,14 @@ def make_pairs(engine, cfg: RefinerConfig, progress: bool = True) -> tuple[np.nd
     gen, true = [], []
     from tqdm import tqdm
     n = cfg.start_frames + cfg.blocks * bf
-    with _raw_decoder(engine):
-        for e in tqdm(range(cfg.episodes), desc="refiner pairs", unit="episode", disable=not progress):
-            seed, prompt, acts, frames, _ = _episode(cfg, e, n)
-            for b in range(cfg.start_frames, n, bf):
-                keep = np.arange(b) if window is None else np.r_[0:min(sink, b), max(sink, b - (window - bf)):b]
-                it = engine.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
-                                     actions=[int(a) for a in acts[b:b + bf]])
-                gen.append(np.concatenate(list(it)))
-                true.append(frames[b:b + bf])
+    for e in tqdm(range(cfg.episodes), desc="refiner pairs", unit="episode", disable=not progress):
+        seed, prompt, acts, frames, _ = _episode(cfg, e, n)
+        for b in range(cfg.start_frames, n, bf):
+            keep = np.arange(b) if window is None else np.r_[0:min(sink, b), max(sink, b - (window - bf)):b]
+            it = engine.generate(prompt, num_frames=bf, seed=seed + b, init_frames=frames[keep],
+                                 actions=[int(a) for a in acts[b:b + bf]])
+            gen.append(np.concatenate(list(it)))
+            true.append(frames[b:b + bf])
     return np.concatenate(gen), np.concatenate(true)
 
 
@@ -140,20 +142,21 @@ def make_rollout_pairs(engine, cfg: RefinerConfig, progress: bool = True):
     from (cfg.seed, 10_000 + e)) with targets and a per-pixel weight (``rollout_targets``): uint8 [N, H, W, 3]
     twice, bool [N, H, W]. These pairs teach the refiner what the model's own frames look like far into a stream
     (haze, speckle, a soft agent in a place of its own), which blocks made from true context never show.
+    ``engine`` decodes with the identity (``estimate_bundle``).
     """
+    _check_estimate_engine(engine)
     gen, target, weight = [], [], []
     from tqdm import tqdm
     n = cfg.start_frames + cfg.rollout_frames
-    with _raw_decoder(engine):
-        for e in tqdm(range(cfg.rollout_episodes), desc="refiner rollouts", unit="episode", disable=not progress):
-            seed, prompt, acts, frames, background = _episode(cfg, 10_000 + e, n)
-            g = np.concatenate(list(engine.generate(prompt, num_frames=cfg.rollout_frames, seed=seed,
-                                                    init_frames=frames[:cfg.start_frames],
-                                                    actions=[int(a) for a in acts[cfg.start_frames:]])))
-            tg, w = rollout_targets(g, background)
-            gen.append(g)
-            target.append(tg)
-            weight.append(w)
+    for e in tqdm(range(cfg.rollout_episodes), desc="refiner rollouts", unit="episode", disable=not progress):
+        seed, prompt, acts, frames, background = _episode(cfg, 10_000 + e, n)
+        g = np.concatenate(list(engine.generate(prompt, num_frames=cfg.rollout_frames, seed=seed,
+                                                init_frames=frames[:cfg.start_frames],
+                                                actions=[int(a) for a in acts[cfg.start_frames:]])))
+        tg, w = rollout_targets(g, background)
+        gen.append(g)
+        target.append(tg)
+        weight.append(w)
     return np.concatenate(gen), np.concatenate(target), np.concatenate(weight)
 
 

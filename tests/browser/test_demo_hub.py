@@ -12,7 +12,7 @@ def diff(a, b) -> np.ndarray:
 
 
 @pytest.fixture
-def hub(single_thread):
+def hub():
     from inferix.app.hub import DemoConfig, Hub
     h = Hub(DemoConfig(model="tiny", device="cpu", height=32, width=32, max_sessions=2, kv_pages=36,
                        max_frames=60, snapshots=2, snapshot_every=2))
@@ -72,7 +72,7 @@ def test_act_rejects_unknown_action(hub):
     assert hub.stats("t")["action"] == "left"
 
 
-def test_default_prompt_is_the_models_own_unless_configured(hub, single_thread):
+def test_default_prompt_is_the_models_own_unless_configured(hub):
     from inferix.app.hub import GENERIC_PROMPT, DemoConfig, Hub
     assert hub.default_prompt == GENERIC_PROMPT  # the tiny preset names none
     tab = hub.start("p", "", seed=1)
@@ -88,7 +88,7 @@ def test_default_prompt_is_the_models_own_unless_configured(hub, single_thread):
 
 
 @pytest.mark.slow
-def test_mirror_views_in_the_demo(single_thread):
+def test_mirror_views_in_the_demo():
     """A hub built with mirror views streams with them. A rewind point (a fork) holds the stream's pages, with the
     views' lanes in them, so rewinding to it replays the very same frames; stopping frees every page."""
     from inferix.app.hub import DemoConfig, Hub

@@ -15,7 +15,7 @@ PROMPT = "a cat runs in the snow"
 
 
 @pytest.fixture
-def make_hub(single_thread):
+def make_hub():
     """Hubs with the tiny model; streams run until stopped unless max_frames is given. All are closed after."""
     from inferix.app.hub import DemoConfig, Hub
     hubs = []

@@ -63,6 +63,7 @@ def test_long_video_scores_match_whole_video_path(long_mp4, scorers):
     assert rec["metrics"]["clarity"]["vde"] > 1 and rec["metrics"]["subject"]["vde"] > 0.1
 
 
+@pytest.mark.slow
 def test_peak_memory_is_a_few_frames_not_the_video(long_mp4, scorers):
     """numpy's allocations are traced deterministically: the streamed path's peak is a few frames' worth."""
     frame_bytes = H * W * 3

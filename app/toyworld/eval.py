@@ -90,7 +90,7 @@ def seed_range_episodes(spec: str) -> list[tuple[int, str]]:
 
 def _engine(model: str, window: int = -1, sink: int | None = None, positions: str = "auto", mirrors: tuple = (),
             corrector: bool | None = None):
-    from .engine import Engine
+    from inferix.engine import Engine
     return Engine.from_pretrained(model, device="cpu", max_sessions=1, window=window, sink=sink, positions=positions,
                                   mirrors=mirrors, corrector=corrector)
 
@@ -175,7 +175,7 @@ def evaluate_from_truth(*, blocks: int, out: Path, seed: int = 12345, prompt: st
     """
     from inferix.models.toyworld import simulator as sim
     from inferix.models.toyworld.metrics import detect_color, eval_episode
-    from .engine import Engine
+    from inferix.engine import Engine
     if threads:
         torch.set_num_threads(threads)
     eng = Engine.from_pretrained(model, device="cpu", max_sessions=1, corrector=corrector)

@@ -1,7 +1,7 @@
 """``inferix train toyworld-decoder``: add a trained pixel refiner to a toy-world bundle.
 
-Pairs are made through this engine (the bundle's window, sink, positions and sampling); the parts live in
-``inferix.models.toyworld.decoder_train``.
+Pairs are made through an engine that decodes with the identity (the bundle's DiT, window, sink, positions and
+sampling; its frames are the DiT's estimate); the parts live in ``inferix.models.toyworld.decoder_train``.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine
-from .bundle_cli import add_config_options, config_from_options, source_bundle
-from .models.schedule import SamplingConfig
-from .models.toyworld.decoder_train import (RefinerConfig, export_with_refiner, make_pairs, make_rollout_pairs,
-                                            pair_references, train_refiner)
+from inferix.engine import Engine
+from inferix.models.bundle import load_model
+from inferix.models.schedule import SamplingConfig
+from inferix.models.toyworld.decoder_train import (RefinerConfig, estimate_bundle, export_with_refiner, make_pairs,
+                                                   make_rollout_pairs, pair_references, train_refiner)
+
+from .bundle_options import add_config_options, config_from_options, source_bundle
 
 __all__ = ["main"]
 
@@ -45,8 +47,9 @@ def main(argv=None) -> int:
         if not steps or any(not 0 < s <= sampling.get("num_train_timesteps", 1000) for s in steps):
             ap.error(f"--denoising-steps must lie in (0, {sampling.get('num_train_timesteps', 1000)}], got {steps}")
         sampling = {**sampling, "denoising_steps": steps}
-    eng = Engine.from_pretrained(str(src), device="cpu", max_sessions=1,
-                                 sampling=SamplingConfig.from_dict(sampling, what="sampling"))
+    bundle = load_model(str(src), device="cpu", dtype=torch.float32,
+                        sampling=SamplingConfig.from_dict(sampling, what="sampling"))
+    eng = Engine(estimate_bundle(bundle), device="cpu", max_sessions=1)
     gen, true = make_pairs(eng, cfg)
     base = float(np.abs(gen.astype(np.float32) - true).mean() / 127.5)
     weight = None

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle_cli import add_config_options, config_from_options, source_bundle
-from .models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, make_pairs, train_corrector
+from inferix.models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, make_pairs, train_corrector
+
+from .bundle_options import add_config_options, config_from_options, source_bundle
 
 __all__ = ["main"]
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from .models.bundle import WEIGHTS_DIR
+from inferix.models.bundle import WEIGHTS_DIR
 
 __all__ = ["add_config_options", "config_from_options", "source_bundle"]
 
