@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# Headless Debian Chromium driven by PyPI playwright (never `playwright install`). One browser serves every browser
-# test of the session (tests/browser and tests/serve): playwright's sync API runs one instance per thread.
+# Headless Debian Chromium driven by PyPI playwright (never `playwright install`), one per test module: playwright's
+# sync API runs one instance per thread and keeps an event loop running in it while it lives, so it must be gone
+# before a later module's asyncio code (aiortc tests) runs.
 CHROMIUM = os.environ.get("INFERIX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic",
@@ -31,7 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: install the Debian package (apt-get install -y chromium) "
