@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=2, help="live streams the KV pool holds at once; "
                    "further tabs wait")
     p.add_argument("--kv-pages", type=int, default=None, help="KV pool size in pages (overrides --max-sessions; "
-                   "with --mirrors a page holds each view's frame too)")
+                   "a page holds the frame in every cache lane the model runs)")
     p.add_argument("--window", type=int, default=-1, help="latent frames attended (default: the model's, else 12; "
                    "0: no window)")
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
@@ -43,8 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-kib", type=int, default=1024, help="largest body the upload route accepts, in KiB "
                    "(default 1024; the page uploads nothing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
-                   "views (h, v, hv, d, a) run beside every stream and averaged each block; steadier, slower")
+    from inferix.cli import add_model_option_arg
+    add_model_option_arg(p)
+    p.add_argument("--mirrors", default="", help="deprecated: --model-option mirrors=... (the toy world's mirror "
+                   "views, comma-separated: h, v, hv, d, a)")
 
 
 def register(subparsers) -> None:
@@ -57,14 +59,17 @@ def register(subparsers) -> None:
 
 def run(a) -> int:
     from inferix.models.mirrors import parse_mirrors
+    from inferix.cli import model_options
     from .hub import DemoConfig, Hub
     try:
+        options = model_options(a)
         cfg = DemoConfig(model=a.model, device=a.device, height=a.height, width=a.width, window=a.window,
                          sink=a.sink, max_sessions=a.max_sessions, kv_pages=a.kv_pages, max_frames=a.max_frames,
                          snapshots=a.snapshots, snapshot_every=a.snapshot_every, max_pixels=a.max_pixels,
                          record_mib=a.record_mib, threads=a.threads, mirrors=parse_mirrors(a.mirrors),
                          record_mib_total=a.record_mib_total, idle_timeout=a.idle_timeout, max_queue=a.max_queue,
                          max_prompt_chars=a.max_prompt_chars, max_upload_kib=a.max_upload_kib)
+        cfg.model_options = options  # read by hub.build_engine
         hub = Hub(cfg)
     except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,15 @@ GENERIC_PROMPT = "a red car drives through a snowy city at night"
 STEP_FAILED = "the engine failed a step and retries (details in the server log)"
 
 
+def model_options(cfg) -> dict:
+    """The model options of a demo or server config: its ``model_options`` (``--model-option``), and its mirror
+    views (``--mirrors``, the older spelling of ``--model-option mirrors=...``) when it names any."""
+    opts = dict(getattr(cfg, "model_options", None) or {})
+    if getattr(cfg, "mirrors", None):
+        opts.setdefault("mirrors", cfg.mirrors)
+    return opts
+
+
 def build_engine(cfg, parallel=None) -> Engine:
     """The engine a DemoConfig-like config asks for (model, device, size, window, sink, KV pool for
     ``max_sessions`` streams of ``max_frames``); the demo and ``inferix serve`` both build theirs here."""
@@ -71,7 +80,7 @@ def build_engine(cfg, parallel=None) -> Engine:
     if h * w > cfg.max_pixels:
         raise ValueError(f"resolution {w}x{h} is over the limit of {cfg.max_pixels} pixels per frame (--max-pixels)")
     return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
-                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, mirrors=cfg.mirrors,
+                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, model_options=model_options(cfg),
                   **({} if parallel is None else {"parallel": parallel}))
 
 

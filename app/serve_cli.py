@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=None, help="first latent frames kept for good")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    from inferix.cli import _parallel_args  # --sp, --cfg-parallel, --dist-timeout: as for generate
+    from inferix.cli import _parallel_args, add_model_option_arg  # as for generate
+    add_model_option_arg(p)
     _parallel_args(p.add_argument_group("one engine on several GPUs (torchrun --nproc-per-node N -m inferix serve "
                                         "--sp N; rank 0 serves the network; see docs/multi-gpu.md)"))
     r = p.add_argument_group("many engines on Ray Serve (see docs/serve.md)")
@@ -77,6 +78,12 @@ def run(a) -> int:
                       max_prompt_chars=a.max_prompt_chars, snapshot_dir=a.snapshot_dir,
                       max_snapshots=a.max_snapshots, max_snapshot_mib=a.max_snapshot_mib, api_key=a.api_key or None,
                       threads=a.threads)
+    from inferix.cli import model_options
+    try:
+        cfg.model_options = model_options(a)  # read by hub.build_engine
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not 0 < a.port < 65536:
         print(f"error: --port must be in 1..65535, got {a.port}", file=sys.stderr)
         return 2
@@ -84,6 +91,9 @@ def run(a) -> int:
         if a.sp > 1 or a.cfg_parallel:
             print("error: --ray and --sp/--cfg-parallel do not combine yet: each replica is one process",
                   file=sys.stderr)
+            return 2
+        if cfg.model_options:
+            print("error: --model-option does not reach Ray Serve replicas yet", file=sys.stderr)
             return 2
         return run_ray(a, cfg)
     if a.sp > 1 or a.cfg_parallel:

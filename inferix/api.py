@@ -3,18 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inferix.models.bundle import load_model  # noqa: F401  (re-exported: inferix.load_model)
+from inferix.models.bundle import default_model, load_model  # noqa: F401  (re-exported)
 
 from .engine import Engine
 from .sinks import VideoWriter
 
 __all__ = ["generate", "default_model", "load_model"]
-
-
-def default_model() -> str:
-    """The embedded default: the trained toy world when its weights are installed, else the tiny preset."""
-    from inferix.models.bundle import WEIGHTS_DIR
-    return "toyworld" if (WEIGHTS_DIR / "toyworld.json").exists() else "tiny"
 
 
 def generate(prompt: str, out: str | Path = "video.mp4", *, model: str | None = None, num_frames: int = 48,

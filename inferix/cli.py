@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset (toyworld, tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b) or a "
-                   "checkpoint path; default: the embedded toy world")
+                   "checkpoint path; default: the embedded default model")
     p.add_argument("--vae", default=None, help="Wan VAE (diffusers dir or Wan2.1_VAE.pth) for a bare DiT checkpoint")
     p.add_argument("--text-encoder", default=None, help="local UMT5 encoder directory for a bare DiT checkpoint")
     p.add_argument("--decoder", default=None, choices=["taehv"],
@@ -34,11 +34,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None, choices=["reference", "sdpa", "flex", "triton"],
                    help="attention backend (default: sdpa)")
     p.add_argument("--kv-pages", type=int, default=None,
-                   help="KV page pool size (pages = latent frames; with --mirrors a page holds each view's frame too)")
-    p.add_argument("--mirrors", default="", help="mirror-symmetric worlds (the toy world): comma-separated mirror "
-                   "views (h, v, hv, d, a) run beside each stream and averaged every block; slower, steadier")
-    p.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
-                   help="the model's action corrector (the toy world has one): auto runs it unless mirror views run")
+                   help="KV page pool size (pages = latent frames; a page holds the frame in every cache lane the "
+                        "model runs)")
+    add_model_option_arg(p)
     p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode each block on a worker thread (a side CUDA stream on GPUs) while the next block's "
                         "passes run; frames still come in order (default: on with CUDA; off on the CPU, where the "
@@ -55,6 +53,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="refuse to start when the KV pool and decode buffers would take more (default: the memory "
                         "the device has free)")
+
+
+def add_model_option_arg(p: argparse.ArgumentParser) -> None:
+    """``--model-option KEY=VALUE`` (repeatable): an option the model's adapter registers (models/adapter.py)."""
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE", dest="model_option",
+                   help="an option the model takes (its adapter registers them), repeatable; an unknown one is "
+                        "refused with the list of the options the model takes")
+
+
+def model_options(a) -> dict:
+    """The ``--model-option`` items as {KEY: VALUE}; a malformed one raises UsageError."""
+    from inferix.models.adapter import parse_option_text
+    try:
+        return parse_option_text(getattr(a, "model_option", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -127,8 +141,6 @@ def _load_bundle(a, device, dtype):
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt: str = "", seed: int = 0,
                   parallel=None):
     import torch
-    from inferix.models.corrector import CORRECTOR_MODES
-    from inferix.models.mirrors import parse_mirrors
     from .engine import Engine
     from .sizing import pool_pages
     device = _check_device(a.device)
@@ -140,7 +152,11 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
         raise UsageError(f"--kv-pages must be positive, got {a.kv_pages}")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         a.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    options = model_options(a)
     bundle = _load_bundle(a, device, dtype)
+    restored = getattr(a, "restored_options", None)
+    if restored is not None:  # a restored stream runs with the options it was made with
+        options.update(restored(bundle))
     window = bundle.window if a.window == -1 else (None if a.window == 0 else a.window)
     kv_pages = a.kv_pages
     if kv_pages is None:  # the pages the sessions can hold at once, no more: what each session reserves
@@ -149,7 +165,7 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
         kv_pages = pool_pages(bundle, window, max_sessions, frames, n_init)
     return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
                   attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
-                  mirrors=parse_mirrors(a.mirrors), corrector=CORRECTOR_MODES[a.corrector],
+                  model_options=options,
                   memory_limit_gib=a.memory_limit_gib, overlap_decode=a.overlap_decode, compile=a.compile,
                   cuda_graphs=a.cuda_graphs, fp8=a.fp8, parallel=parallel)
 
@@ -184,7 +200,9 @@ def _restore_settings(a) -> dict:
     a.height, a.width, a.sink = eng["height"], eng["width"], eng["sink"]
     a.window = 0 if eng["window"] is None else eng["window"]
     a.kv_pages = a.kv_pages or dict(sess["seq"]["dict"])["budget"]
-    a.mirrors = ",".join(eng["mirrors"])
+    # the model options in force then (older snapshots kept them beside the other settings)
+    a.restored_options = lambda bundle: (eng["model_options"] if "model_options" in eng else
+                                         {o.name: eng[o.name] for o in bundle.adapter.options if o.name in eng})
     return sess
 
 

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from inferix.kernels.attention import KVPool, get_backend
-from inferix.models.bundle import ModelBundle, PixelDecoder, load_model
-from inferix.models.corrector import use_corrector
-from inferix.models.mirrors import action_permutation, check_mirrors, needs_square
+from inferix.models.bundle import ModelBundle, default_model, load_model
 
 from .pages import AdmissionError, KVManager
 from .prefixes import NoNoise, PrefixCache, prefix_key
@@ -36,30 +34,16 @@ __all__ = ["Engine", "Session", "AdmissionError", "COMPILE_MODES"]
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def mirror_views(bundle: ModelBundle, mirrors) -> list:
-    """Validated mirror views for ``Engine(mirrors=...)``: a list of (name, action-id permutation or None)."""
-    check_mirrors(mirrors)
-    if bundle.spatial_ratio != 1 or not isinstance(bundle.decoder, PixelDecoder):
-        raise ValueError(f"mirror views need a pixel-space model (latents are images); {bundle.name!r} is not")
-    s = bundle.sampling
-    if s.sampler != "few_step" or bundle.dit.config.prediction != "x0" or s.guidance_scale != 1.0:
-        raise ValueError("mirror views need an x0-predicting model sampled with the few-step sampler, no guidance")
-    if needs_square(mirrors) and bundle.height != bundle.width:
-        raise ValueError(f"mirrors {needs_square(mirrors)} transpose the frame, which needs a square one; "
-                         f"{bundle.name!r} makes {bundle.height}x{bundle.width}")
-    names = list(bundle.actions or [])
-    model = repr(bundle.name)
-    return [(m, action_permutation(m, names, model) if names else None) for m in mirrors]
-
-
 class Engine:
     def __init__(self, bundle: ModelBundle, *, device="cpu", height: int | None = None, width: int | None = None,
                  window: int | None = -1, sink: int | None = None, attention: str | None = None,
                  positions: str = "auto", max_sessions: int = 4, kv_pages: int | None = None,
-                 max_batch: int = 8, keep_latents: bool = False, mirrors=(), corrector: bool | None = None,
+                 max_batch: int = 8, keep_latents: bool = False, model_options: dict | None = None,
                  memory_limit_gib: float | None = None, overlap_decode: bool | None = None, compile: str | None = None,
                  cuda_graphs: bool = False, fp8: bool = False, share_prefixes: bool = False, max_prefixes: int = 4,
-                 host_pages: int = 0, parallel=None):
+                 host_pages: int = 0, parallel=None, **options):
+        """``model_options``: the options the model takes (its adapter registers and checks them, see
+        models/adapter.py); other keywords are taken as model options too (``Engine(b, name=value)``)."""
         for name, v, low in (("max_sessions", max_sessions, 1), ("max_batch", max_batch, 1),
                              ("max_prefixes", max_prefixes, 1),
                              ("kv_pages", kv_pages, 1), ("sink", sink, 0)):
@@ -92,15 +76,15 @@ class Engine:
         page_tokens = self.dit.tokens_per_frame(*self.latent_hw)
         if kv_pages is None:
             kv_pages = max_sessions * (self.window or 24)
-        self.mirrors = check_mirrors(mirrors)
-        views = mirror_views(bundle, self.mirrors) if self.mirrors else ()
+        # what is special about the model, with its options checked before anything is allocated
+        self.adapter = bundle.adapter.configure({**(model_options or {}), **options})
         dtype = next(self.dit.parameters()).dtype
         # Ulysses (inferix/parallel.py): this rank's pool holds its share of the heads only
         kv_heads = cfg.num_heads if parallel is None else parallel.local_heads(cfg.num_heads)
-        # A page is one latent frame of a session in every lane: the stream's own K/V (lane 0) and each mirror
-        # view's (lane j at pool row j * kv_pages + page). So the views' caches are pool memory, and admission,
-        # eviction, forks and freeing cover them with the page they belong to.
-        self.kv_lanes = 1 + len(views)
+        # A page is one latent frame of a session in every lane: the stream's own K/V (lane 0) and each extra
+        # lane the model asks for (lane j at pool row j * kv_pages + page). So those caches are pool memory, and
+        # admission, eviction, forks and freeing cover them with the page they belong to.
+        self.kv_lanes = 1 + self.adapter.lanes()
         need = estimate_engine_bytes(
             num_layers=cfg.num_layers, kv_rows=kv_pages * self.kv_lanes, page_tokens=page_tokens,
             num_heads=kv_heads, head_dim=cfg.head_dim, dtype_bytes=torch.finfo(dtype).bits // 8,
@@ -113,10 +97,9 @@ class Engine:
         self.backend = get_backend(attention)
         self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
         keep = None if self.window is None else self.window
-        self.corrector = use_corrector(corrector, bundle.corrector is not None, self.mirrors, repr(bundle.name))
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
-                             keep_frames=keep, keep_sink=self.sink or 0, device=self.device, mirrors=views,
-                             lane_stride=kv_pages, corrector=bundle.corrector if self.corrector else None,
+                             keep_frames=keep, keep_sink=self.sink or 0, device=self.device, adapter=self.adapter,
+                             lane_stride=kv_pages,
                              overlap_decode=self.device.type == "cuda" if overlap_decode is None else overlap_decode)
         self._pending: deque = deque()  # (session handle, BlockOutput) whose frames are still being decoded
         self.sessions: dict[int, Session] = {}
@@ -148,9 +131,11 @@ class Engine:
             parallel.attach(self)
 
     @classmethod
-    def from_pretrained(cls, path_or_preset="toyworld", *, device=None, dtype=None, vae=None, text_encoder=None,
+    def from_pretrained(cls, path_or_preset=None, *, device=None, dtype=None, vae=None, text_encoder=None,
                         sampling=None, decoder=None, decoder_weights=None, **kw) -> "Engine":
-        """Load a preset ("toyworld", "tiny", "wan2.1-t2v-1.3b", ...) or a checkpoint path and build an engine."""
+        """Load a preset (``MODEL_NAMES``; default: ``default_model()``) or a checkpoint path and build an engine."""
+        if path_or_preset is None:
+            path_or_preset = default_model()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None:
@@ -163,6 +148,18 @@ class Engine:
         return cls(bundle, device=device, **kw)
 
     # ---- properties -----------------------------------------------------------------------------
+    @property
+    def model_options(self) -> dict:
+        """The model options in force (models/adapter.py: ``ModelAdapter.settings``)."""
+        return self.adapter.settings()
+
+    def __getattr__(self, name):
+        # a model option in force reads as an attribute too (engine.<option>), for callers of the keyword form
+        adapter = self.__dict__.get("adapter")
+        if adapter is not None and name in adapter.values:
+            return adapter.values[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def fps(self) -> int:
         return self.bundle.fps
@@ -197,8 +194,8 @@ class Engine:
                      recache: bool = False, text_embeds: torch.Tensor | None = None) -> Session:
         """Start a stream. num_frames counts output pixel frames (None: until cancelled, needs a window).
 
-        init_frames: uint8 [T, H, W, 3] to continue from; "auto" (default) uses the model's own start (the toy world
-        starts from its simulator's view of the prompt and seed; other models from nothing); None: from nothing.
+        init_frames: uint8 [T, H, W, 3] to continue from; "auto" (default) uses the model's own start (its
+        adapter's ``start_frames``; most models start from nothing); None: from nothing.
         """
         # Everything is checked and built before any page is reserved: a bad request leaves no trace.
         if not isinstance(prompt, str):
@@ -214,7 +211,7 @@ class Engine:
         if not given:
             if init_frames != "auto":
                 raise ValueError(f"init_frames must be frames, None or 'auto', got {init_frames!r}")
-            init_frames = self.bundle.start_frames(prompt, seed)
+            init_frames = self.adapter.start_frames(prompt, seed)
         init_latents = None
         if init_frames is not None:
             init_latents = self._encode_init(init_frames, given)

@@ -98,9 +98,10 @@ class Profiler:
             "time_split_s": {"denoise": t["denoise"], "commit": t["commit"], "decode": t["decode"],
                              "decode_overlapped": worker.seconds if worker is not None else 0.0,
                              "model_forward": t["forward"], "engine_steps": self.step_time,
-                             "corrector": t["corrector"]},
-            "time_split_note": "model_forward includes the mirror views' rows, which run in the stream's own "
-                               "passes; denoise includes corrector, the action corrector on each finished block; "
+                             "finish_block": t["finish_block"]},
+            "time_split_note": "model_forward includes the extra rows a model runs beside each stream, in the "
+                               "stream's own passes; denoise includes finish_block, what the model does to each "
+                               "finished block before its commit (models/adapter.py); "
                                "decode_overlapped is decode on the worker thread beside the engine steps "
                                "(--overlap-decode), not part of engine_steps",
             "overlap_decode": worker is not None,
@@ -111,9 +112,9 @@ class Profiler:
             "compiled_graphs": graphs,
             "compiled_graphs_note": "graphs torch.compile built while this profile ran: the warm-up's, then one "
                                     "per new batch or block size; none in a steady stream",
-            "engine_overhead_fraction": (1 - (t["forward"] + t["decode"] + t["corrector"]) / self.step_time)
+            "engine_overhead_fraction": (1 - (t["forward"] + t["decode"] + t["finish_block"]) / self.step_time)
             if self.step_time else None,
-            "corrector": e.corrector,
+            "model_options": e.adapter.settings(),
             "forward_calls": e.runner.forward_calls,
             "kv_pages_in_use": e.kv.pages_in_use,
             "kv_pages_max_in_use": self.max_pages,
@@ -121,8 +122,7 @@ class Profiler:
             "kv_pool_mib": e.pool.nbytes() / 2 ** 20,
             "kv_lanes": e.kv_lanes,
             "kv_pool_note": "a page is one latent frame of a session in every lane: the stream's K/V and each "
-                            "mirror view's, so kv_pool_mib includes the views' caches",
-            "mirrors": list(e.mirrors),
+                            "extra cache lane its model asks for, so kv_pool_mib includes those caches",
             "peak_memory_mib": peak,
             "peak_memory_note": peak_what,
         }

@@ -11,12 +11,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from inferix.kernels.attention import KVPool, PagedMeta
-from inferix.models.bundle import ModelBundle, PixelDecoder
-from inferix.models.mirrors import mirror_tensor
+from inferix.models.adapter import ModelAdapter
+from inferix.models.bundle import ModelBundle
 from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
 from inferix.models.wan_dit import TextKV
 
@@ -92,8 +91,9 @@ class SessionTensors:
 
 class Runner:
     def __init__(self, bundle: ModelBundle, pool: KVPool, backend, *, latent_hw: tuple[int, int],
-                 positions: str = "absolute", keep_frames: int | None = None, device="cpu", mirrors=(),
-                 lane_stride: int = 0, keep_sink: int = 0, corrector=None, overlap_decode: bool = False):
+                 positions: str = "absolute", keep_frames: int | None = None, device="cpu",
+                 adapter: ModelAdapter | None = None, lane_stride: int = 0, keep_sink: int = 0,
+                 overlap_decode: bool = False):
         if positions not in ("absolute", "relative"):
             raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
         self.bundle = bundle
@@ -110,21 +110,18 @@ class Runner:
         self.sigmas = self.sampling.sigmas()
         self.euler_sigmas = self.sampling.euler_sigmas() if self.sampling.sampler == "euler" else None
         self.sessions: dict[int, SessionTensors] = {}
-        self.clamp_x0 = isinstance(bundle.decoder, PixelDecoder)
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
-        # Mirror views [(name, action permutation or None)]: view j of a row runs as one more row of the same
-        # pass, reading and writing lane j + 1 of the row's pages (pool row page + (j + 1) * lane_stride); see
-        # _with_views.
-        self.mirrors = list(mirrors)
+        # What is special about the model (models/adapter.py), configured with the engine's model options: its
+        # extra rows (run beside each stream row in the same pass, extra row j in lane j + 1 of the row's pages:
+        # pool row page + (j + 1) * lane_stride; see _with_extra_rows) and what happens to a finished block.
+        self.adapter = adapter if adapter is not None else bundle.adapter.configure()
+        self.lanes = 1 + self.adapter.lanes()
         self.lane_stride = lane_stride
-        if self.mirrors and (lane_stride <= 0 or pool.num_pages < (1 + len(self.mirrors)) * lane_stride):
-            raise ValueError(f"{len(self.mirrors)} mirror views need a pool of {1 + len(self.mirrors)} lanes of "
-                             f"{lane_stride} pages; it has {pool.num_pages} rows")
-        self.view_perms = [None if perm is None else torch.tensor(perm, device=self.device) for _, perm in mirrors]
-        # The bundle's ActionCorrector (or None): it corrects each block's last estimate before the commit.
-        self.corrector = corrector
-        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "corrector": 0.0}
+        if self.lanes > 1 and (lane_stride <= 0 or pool.num_pages < self.lanes * lane_stride):
+            raise ValueError(f"{self.lanes} cache lanes need a pool of {self.lanes} lanes of {lane_stride} pages; "
+                             f"it has {pool.num_pages} rows")
+        self.timing = {"denoise": 0.0, "commit": 0.0, "decode": 0.0, "forward": 0.0, "finish_block": 0.0}
         self.forward_calls = 0
         # decode overlapped with the next passes: BlockOutput.frames is then a Future of the frames
         self.decode_worker = DecodeWorker(self.device) if overlap_decode and bundle.decoder is not None else None
@@ -311,8 +308,8 @@ class Runner:
                 qpos = torch.tensor([r.context_frames for r in rows])
         else:
             meta, qpos = self._meta(rows, n, write=g.kind != DENOISE)
-        if self.mirrors:
-            pred = self._with_views(g.kind, x, t, rows, meta, qpos, actions)
+        if self.lanes > 1:
+            pred = self._with_extra_rows(g.kind, x, t, rows, meta, qpos, actions)
         else:  # only a denoise pass's prediction is read; the others write K/V (their last layer stops there)
             # CFG parallel: one group of ranks runs the conditional denoise passes, the other the unconditional
             neg = g.kind == DENOISE and self.parallel is not None and self.parallel.runs_uncond
@@ -325,17 +322,16 @@ class Runner:
             self.timing["commit"] += time.perf_counter() - tic
         return outs
 
-    def _with_views(self, kind, x, t, rows, meta, qpos, actions):
-        """One pass for the rows and their mirror views: view j of every row sees the row's input mirrored, the
-        actions swapped, and reads and writes lane j + 1 of the row's pages. PREFILL / COMMIT / RECACHE so write
-        the mirrored frames into the views' lanes. A DENOISE step returns, per row, the mean of its own
-        prediction and its views' predictions mapped back (so every view then commits that same mean,
-        mirrored)."""
-        B, L, S = len(rows), 1 + len(self.mirrors), self.lane_stride
-        xs = torch.cat([x] + [mirror_tensor(x, m) for m, _ in self.mirrors])
-        acts = None
-        if actions is not None:
-            acts = torch.cat([actions] + [actions if perm is None else perm[actions] for perm in self.view_perms])
+    def _with_extra_rows(self, kind, x, t, rows, meta, qpos, actions):
+        """One pass for the rows and the extra rows the model runs beside them: extra row j of every row takes
+        the input the adapter gives it and reads and writes lane j + 1 of the row's pages, so PREFILL / COMMIT /
+        RECACHE write the extra rows' K/V into their lanes too. A DENOISE step returns, per row, the prediction
+        the adapter combines from the row's own and its extra rows'."""
+        B, S = len(rows), self.lane_stride
+        extra = self.adapter.extra_rows(x, actions)
+        L = 1 + len(extra)
+        xs = torch.cat([x] + [xj for xj, _ in extra])
+        acts = None if actions is None else torch.cat([actions] + [aj for _, aj in extra])
         rep = lambda v: None if v is None else torch.cat([v] * L)  # noqa: E731
         lanes = PagedMeta(pool=meta.pool, block_tables=torch.cat([meta.block_tables + j * S for j in range(L)]),
                           context_pages=rep(meta.context_pages),
@@ -346,8 +342,7 @@ class Runner:
         out = self._forward(xs, rep(t), rows * L, lanes, qpos.repeat(L, 1), acts, kv_only=kind != DENOISE)
         if kind != DENOISE:
             return None
-        back = [mirror_tensor(out[(j + 1) * B:(j + 2) * B], m) for j, (m, _) in enumerate(self.mirrors)]
-        return (out[:B] + sum(back)) / L
+        return self.adapter.combine(out[:B], [out[(j + 1) * B:(j + 2) * B] for j in range(L - 1)])
 
     def _to_x0(self, x, pred, sigma):
         if self.dit.config.prediction == "x0":
@@ -382,19 +377,17 @@ class Runner:
                 st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
         idx = [i for i, r in enumerate(rows) if r.last_step]
         done = [rows[i] for i in idx]
-        if self.corrector is not None and done:  # every finished block in one pass per frame; frame 0 follows
-            tic = time.perf_counter()  # the stream's last committed frame, if it has one
+        if done:  # what the model does to its finished blocks before they are committed (models/adapter.py)
+            tic = time.perf_counter()
             sts = [self.sessions[r.sid] for r in done]
-            fixed = self.corrector.blocks(torch.stack([st.x0 for st in sts]),
-                                          [st.history.get(r.frame_start - 1) for st, r in zip(sts, done)],
-                                          actions[idx])
+            fixed = self.adapter.finish_block([st.x0 for st in sts],
+                                              [st.history.get(r.frame_start - 1) for st, r in zip(sts, done)],
+                                              None if actions is None else actions[idx])
             for st, x0 in zip(sts, fixed):
                 st.x0 = x0
-            self.timing["corrector"] += time.perf_counter() - tic
+            self.timing["finish_block"] += time.perf_counter() - tic
         for r in done:
             st = self.sessions[r.sid]
-            if self.clamp_x0:  # pixel-space models: the clean block is an image in [-1, 1]
-                st.x0 = st.x0.clamp(-1, 1)
             for j in range(r.nframes):
                 self._remember(st, r.frame_start + j, st.x0[j])
             frames, dt = None, 0.0

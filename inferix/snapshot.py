@@ -75,8 +75,9 @@ def engine_settings(engine) -> dict:
     pool = engine.pool
     return {"height": engine.height, "width": engine.width, "window": engine.window, "sink": engine.sink,
             "positions": engine.positions, "block_frames": engine.block_frames, "kv_lanes": engine.kv_lanes,
-            "mirrors": list(engine.mirrors), "sampling_steps": engine.bundle.sampling.num_steps,
-            "sampling": json.loads(json.dumps(engine.bundle.sampling.to_dict())), "corrector": bool(engine.corrector),
+            "model_options": json.loads(json.dumps(engine.adapter.settings())),
+            "sampling_steps": engine.bundle.sampling.num_steps,
+            "sampling": json.loads(json.dumps(engine.bundle.sampling.to_dict())),
             "kv_dtype": str(pool.k[0].dtype), "page_tokens": pool.page_tokens, "num_layers": cfg.num_layers,
             "kv_heads": pool.k[0].shape[2], "head_dim": pool.k[0].shape[3]}
 
@@ -293,6 +294,8 @@ def _check_compatible(engine, header: dict, path) -> None:
                             f"(identity {str(snap_model.get('identity'))[:12]}), this engine runs "
                             f"{engine.bundle.name!r} (identity {model_identity(engine)[:12]})")
     snap, mine = header.get("engine") or {}, engine_settings(engine)
+    if "model_options" not in snap:  # older snapshots kept the model options beside the other settings
+        snap = {**snap, "model_options": {k: snap[k] for k in mine["model_options"] if k in snap}}
     for key in mine:
         if snap.get(key) != mine[key]:
             raise SnapshotError(f"{path}: {key} differs: snapshot {snap.get(key)!r}, engine {mine[key]!r}")

@@ -16,16 +16,22 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ModelAdapter
 from .corrector import corrector_from
 from .pixel_decoder import PixelDecoder, PixelRefiner
 from .tensor_files import load_prefixed_strict
 from .schedule import SamplingConfig, SAMPLING_PRESETS
 from .wan_dit import CausalWanDiT, PRESETS, WanDiTConfig
 
-__all__ = ["ModelBundle", "PixelDecoder", "load_model", "MODEL_NAMES", "WEIGHTS_DIR"]
+__all__ = ["ModelBundle", "PixelDecoder", "load_model", "default_model", "MODEL_NAMES", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_NAMES = ["toyworld", "tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+
+
+def default_model() -> str:
+    """The embedded default: the trained toy world when its weights are installed, else the tiny preset."""
+    return "toyworld" if (WEIGHTS_DIR / "toyworld.json").exists() else "tiny"
 
 
 @dataclass
@@ -43,6 +49,12 @@ class ModelBundle:
     sink: int = 0
     extra: dict = field(default_factory=dict)
     corrector: object | None = None  # ActionCorrector run on each block's last estimate before its commit, or None
+    adapter_class: type = ModelAdapter  # what is special about this model (models/adapter.py)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """A fresh adapter of this bundle (an engine configures its own with its model options)."""
+        return self.adapter_class(self)
 
     @property
     def spatial_ratio(self) -> int:
@@ -59,15 +71,8 @@ class ModelBundle:
         return self.decoder.pixel_frames(n_latent)
 
     def start_frames(self, prompt: str, seed: int = 0):
-        """The frames a session of this model starts from when none are given: a world model with a simulator
-        (the toy world) starts from an observation its simulator renders for the prompt and seed; others from
-        nothing (None)."""
-        if self.extra.get("simulator") != "toyworld":
-            return None
-        from .toyworld.simulator import simulate
-        n = int(self.extra.get("start_frames", 2 * self.sampling.block_frames))
-        frames, _ = simulate(int(seed), ["none"] * n, prompt, n)
-        return frames
+        """The frames a session of this model starts from when none are given (its adapter's), or None."""
+        return self.adapter.start_frames(prompt, seed)
 
     def encode_prompt(self, prompt) -> torch.Tensor:
         if not isinstance(prompt, str):
@@ -160,12 +165,14 @@ def load_bundle_json(path: Path, device, dtype) -> ModelBundle:
         if not isinstance(decoder, PixelDecoder) or cfg.in_dim != 3 or not cfg.num_actions:
             raise ValueError(f"{weights}: a corrector needs a pixel-space model with actions")
         corrector = corrector_from(meta, sd, weights, cfg.num_actions)
+    from .toyworld.adapter import ToyWorldAdapter  # pixel-space bundles are the toy world's format
     bundle = ModelBundle(name=meta.get("name", Path(path).stem), dit=dit,
                          sampling=SamplingConfig.from_dict(meta["sampling"], what="sampling config"),
                          decoder=decoder, text_encoder=text, height=meta.get("height", 64),
                          width=meta.get("width", 64), fps=meta.get("fps", 16), actions=meta.get("actions"),
                          window=meta.get("window"), sink=meta.get("sink", 0), extra=meta,
-                         corrector=corrector)
+                         corrector=corrector,
+                         adapter_class=ToyWorldAdapter if isinstance(decoder, PixelDecoder) else ModelAdapter)
     return _device_dtype(bundle, device, dtype)
 
 

@@ -199,11 +199,19 @@ def test_toyworld_eval_suite_reuses_one_engine_and_counts_targets(tmp_path, caps
 
 def test_generate_with_mirror_views(tmp_path, capsys):
     video = tmp_path / "m.mp4"
-    assert main(["generate", "--prompt", "a cube at night", "--frames", "8", "--mirrors", "h,hv", "--actions", "left",
+    assert main(["generate", "--prompt", "a cube at night", "--frames", "8", "--model-option", "mirrors=h,hv",
+                 "--model-option", "corrector=auto", "--actions", "left",
                  "--out", str(video)]) == 0
     assert _count_frames(video) == 8
-    assert main(["generate", "--frames", "8", "--mirrors", "h,diagonal", "--out", str(tmp_path / "x.mp4")]) == 2
-    assert "mirrors must be distinct names" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
+    assert main(["generate", "--frames", "8", "--model-option", "mirrors=h,diagonal", "--out",
+                 str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "model option mirrors: mirrors must be distinct names" in err and not (tmp_path / "x.mp4").exists()
+    assert main(["generate", "--frames", "8", "--model-option", "mirrors", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "--model-option 'mirrors': expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--frames", "8", "--model-option", "mirrors=h", "--out",
+                 str(tmp_path / "x.mp4")]) == 2
+    assert "unknown model option 'mirrors' for model 'tiny' (it takes: none)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["toyworld", "eval", "--mirrors", "h", "--from-truth", "2", "--out", str(tmp_path / "ft")])
 

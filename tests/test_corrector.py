@@ -111,7 +111,7 @@ def test_engine_and_engine_free_rollout_apply_the_bundles_corrector(corrected_bu
             out = corr.blocks(est, prevs, actions)
             calls.extend(zip(est, prevs, torch.as_tensor(actions), out))
             return out
-    keep.runner.corrector = Recording()
+    keep.adapter.corrector = Recording()
     s = keep.open_session("a cube in the forest", num_frames=8, seed=2, init_frames=frames[:8],
                           actions=[int(a) for a in acts[8:16]])
     keep.run_until_idle()
@@ -130,8 +130,8 @@ def test_sessions_batched_together_are_corrected_in_one_pass_as_each_alone(corre
         eng = Engine.from_pretrained(str(corrected_bundle), device="cpu", max_sessions=1)
         alone.append(np.concatenate(list(eng.generate("snow", num_frames=8, **k))))
     eng = Engine.from_pretrained(str(corrected_bundle), device="cpu", max_sessions=2)
-    sizes, real = [], eng.runner.corrector.blocks
-    eng.runner.corrector.blocks = lambda est, *a: sizes.append(est.shape[0]) or real(est, *a)
+    sizes, real = [], eng.adapter.corrector.blocks
+    eng.adapter.corrector.blocks = lambda est, *a: sizes.append(est.shape[0]) or real(est, *a)
     ss = [eng.open_session("snow", num_frames=8, **k) for k in kw]
     eng.run_until_idle()
     assert sizes == [2, 2]  # both sessions' blocks in each call
@@ -142,11 +142,15 @@ def test_sessions_batched_together_are_corrected_in_one_pass_as_each_alone(corre
 
 
 def test_corrector_switch_and_bad_bundles(corrected_bundle, tmp_path):
-    with pytest.raises(ValueError, match="has no corrector"):
+    with pytest.raises(ValueError, match="unknown model option 'corrector' for model 'tiny' \\(it takes: none\\)"):
         Engine.from_pretrained("tiny", device="cpu", corrector=True)
     # Beside mirror views it is off unless asked for (it stands in for them).
     assert not Engine.from_pretrained(str(corrected_bundle), device="cpu", mirrors=("hv",)).corrector
     assert Engine.from_pretrained(str(corrected_bundle), device="cpu", mirrors=("hv",), corrector=True).corrector
+    on = Engine.from_pretrained(str(corrected_bundle), device="cpu", model_options={"mirrors": "hv", "corrector": "on"})
+    assert on.corrector and on.model_options == {"mirrors": ["hv"], "corrector": True}
+    with pytest.raises(ValueError, match="model option corrector: must be auto, on or off, got 'maybe'"):
+        Engine.from_pretrained(str(corrected_bundle), device="cpu", model_options={"corrector": "maybe"})
     meta = json.loads(corrected_bundle.read_text())
     bad = tmp_path / "bad.json"
     bad.with_suffix(".safetensors").write_bytes(corrected_bundle.with_suffix(".safetensors").read_bytes())

@@ -102,7 +102,8 @@ def test_rollout_with_mirror_views_averages_each_block():
 
 @pytest.mark.slow
 def test_engine_mirror_views_give_the_engine_free_frames_and_fork_with_the_stream():
-    from inferix.engine import Engine, mirror_views
+    from inferix.engine import Engine
+    from inferix.models.toyworld.adapter import mirror_views
     meta = json.loads(WEIGHTS.read_text())
     acts = sim.random_actions(np.random.default_rng(5), 40)
     frames, _ = sim.simulate(5, acts, "desert", 40)
@@ -209,7 +210,7 @@ def test_views_live_in_the_page_pool_and_run_in_the_streams_passes():
     eng, waiting, got = run(("hv", "d"))
     plain, plain_waiting, plain_got = run(())
     sv, sp = eng.profiler.summary(), plain.profiler.summary()
-    assert sv["kv_lanes"] == 3 and sp["kv_lanes"] == 1 and sv["mirrors"] == ["hv", "d"]
+    assert sv["kv_lanes"] == 3 and sp["kv_lanes"] == 1 and sv["model_options"] == {"mirrors": ["hv", "d"], "corrector": False}
     assert eng.pool.num_pages == 3 * 16 and sv["kv_pool_mib"] == 3 * sp["kv_pool_mib"]
     assert waiting == plain_waiting == ("running", "waiting")
     assert sv["kv_pages_max_in_use"] == sp["kv_pages_max_in_use"] == 16 and eng.pages_in_use == 0

@@ -107,10 +107,13 @@ def test_run_reports_bad_model_cleanly(capsys):
 
 
 def test_run_reports_mirrors_the_model_cannot_take(capsys):
-    """--mirrors reaches the engine; a model that is not pixel space is refused with the reason, exit 2."""
+    """--mirrors (and --model-option) reach the engine; a model that takes no such option is refused, exit 2."""
     from inferix.app.cli import register
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["demo", "--model", "tiny", "--mirrors", "hv", "--device", "cpu"])
     assert a.func(a) == 2
-    assert "mirror views need a pixel-space model" in capsys.readouterr().err
+    assert "unknown model option 'mirrors' for model 'tiny'" in capsys.readouterr().err
+    a = p.parse_args(["demo", "--model", "tiny", "--model-option", "corrector=on", "--device", "cpu"])
+    assert a.func(a) == 2
+    assert "unknown model option 'corrector' for model 'tiny'" in capsys.readouterr().err
