@@ -126,13 +126,13 @@ def run_parallel(a, cfg) -> int:
     try:
         engine = build_engine(cfg, parallel=par)
         handle = lead_or_follow(engine)
-        if handle is None:  # a follower: rank 0 closed the engine
-            return 0
-        try:
-            manager = Manager(cfg, engine=handle)
-            serve(manager, a.host, a.port, log_level=a.log_level)
-        finally:
-            handle.close()
+        if handle is not None:  # rank 0; a follower returns once rank 0 closed the engine
+            try:
+                manager = Manager(cfg, engine=handle)
+                serve(manager, a.host, a.port, log_level=a.log_level)
+            finally:
+                handle.close()
+        par.close()  # every rank leaves the process group before it exits
     except ParallelError as e:
         print(f"error: rank {par.rank}: {e}", file=sys.stderr)
         exit_now(1)
