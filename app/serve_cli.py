@@ -193,7 +193,7 @@ def make_server(manager, host: str = "127.0.0.1", port: int = 0, log_level: str 
     """A uvicorn server for ``manager`` whose shutdown ends every session first (clients get ``end``)."""
     import uvicorn
 
-    from .serve import make_app
+    from .serve_app import make_app
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
