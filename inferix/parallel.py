@@ -237,7 +237,13 @@ class Parallel:
         return TextKV([(self.ulysses.local_heads(k, 1), self.ulysses.local_heads(v, 1)) for k, v in kv.kv])
 
     def close(self) -> None:
+        """Leave the process group, all ranks together: a rank that tears its group down while a peer still talks
+        to it can make gloo abort the process at exit."""
         if self.dist.is_initialized():
+            try:
+                self.dist.barrier(group=self.group)
+            except Exception:  # noqa: BLE001 - a peer already gone: tear down regardless
+                pass
             self.dist.destroy_process_group()
 
 

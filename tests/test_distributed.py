@@ -177,6 +177,7 @@ def _worker(scenario: str, out: Path) -> None:
         res = serve_runs(par, idle_s=float(os.environ["INFERIX_DIST_TIMEOUT"]) * 1.5)
         if res is None:  # a follower, released by rank 0's close()
             (out / f"follower{rank}.done").write_text("ok")
+            par.close()  # leave the process group before exiting (else gloo may abort at exit)
             return
     elif scenario in ("kill", "hang", "mismatch"):
         from engine_utils import tiny_bundle
