@@ -8,7 +8,7 @@ import torch
 from inferix.engine import AdmissionError, Engine
 from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
 from inferix.models.schedule import flow_to_x0
-from inferix.plan import COMMIT, DENOISE, PREFILL, RECACHE
+from inferix.plan import DENOISE, PREFILL, RECACHE
 from engine_utils import run_latents, tiny_bundle, tiny_engine
 
 
