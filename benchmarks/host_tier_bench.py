@@ -56,7 +56,7 @@ def serve(host_pages: int, users: int = 12) -> dict:
     st = eng.stats()
     for s in sessions:
         s.cancel()
-    return {"host_pages": host_pages, "device_pages": eng.kv.alloc.num_pages, "sessions_held_at_once": held,
+    return {"host_pages": host_pages, "device_pages": eng.kv.num_pages, "sessions_held_at_once": held,
             "resumed_and_streamed_again": back, "host_stats": st.get("host_pages"),
             "open_phase_s": open_s, "resume_phase_s": resume_s,
             "pages_after_cancel": {"device_reserved": eng.kv.reserved, "device_in_use": eng.kv.pages_in_use}}

@@ -24,7 +24,7 @@ from inferix.engine import Engine
 
 def _run_to_pages(eng, pages: int, **open_kw):
     s = eng.open_session("a corgi running on a beach", num_frames=None, seed=0, **open_kw)
-    while not (len(eng.kv.sessions[s.id].pages()) >= pages and s.at_block_boundary):
+    while not (len(eng.kv.held_pages(s.id)) >= pages and s.at_block_boundary):
         eng.step()
         s.poll()
     return s
@@ -33,7 +33,7 @@ def _run_to_pages(eng, pages: int, **open_kw):
 def case(name: str, make_engine, pages: int) -> dict:
     eng = make_engine()
     s = _run_to_pages(eng, pages)
-    held = len(eng.kv.sessions[s.id].pages())
+    held = len(eng.kv.held_pages(s.id))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.safetensors")
         eng2 = make_engine()

@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -107,7 +108,8 @@ def _check_device(name: str | None):
     """The device to run on: cuda when available unless named; an unknown or absent one is refused at once."""
     import torch
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from .defaults import default_device
+        return default_device()
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
@@ -140,9 +142,8 @@ def _load_bundle(a, device, dtype):
 
 def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt: str = "", seed: int = 0,
                   parallel=None):
-    import torch
+    from .defaults import resolve_engine_defaults
     from .engine import Engine
-    from .sizing import pool_pages
     device = _check_device(a.device)
     if parallel is not None and parallel.device.type == "cuda":  # one GPU per rank: the one torchrun gave it
         device = str(parallel.device)
@@ -150,31 +151,70 @@ def _build_engine(a, *, max_sessions: int = 1, frames: int | None = None, prompt
         raise UsageError(f"--window must be >= 0 (0: no window), got {a.window}")
     if a.kv_pages is not None and a.kv_pages <= 0:
         raise UsageError(f"--kv-pages must be positive, got {a.kv_pages}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        a.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    base = resolve_engine_defaults(device=device, dtype=a.dtype)  # what loading needs
     options = model_options(a)
-    bundle = _load_bundle(a, device, dtype)
+    bundle = _load_bundle(a, base.device, base.dtype)
     restored = getattr(a, "restored_options", None)
     if restored is not None:  # a restored stream runs with the options it was made with
         options.update(restored(bundle))
-    window = bundle.window if a.window == -1 else (None if a.window == 0 else a.window)
-    kv_pages = a.kv_pages
-    if kv_pages is None:  # the pages the sessions can hold at once, no more: what each session reserves
-        start = bundle.start_frames(prompt, seed)  # given start frames take pages too
-        n_init = 0 if start is None else bundle.latent_frames(len(start))
-        kv_pages = pool_pages(bundle, window, max_sessions, frames, n_init)
-    return Engine(bundle, device=device, height=a.height, width=a.width, window=window, sink=a.sink,
-                  attention=a.attention, max_sessions=max_sessions, kv_pages=kv_pages,
+    # the pool, unless given: the pages the sessions can hold at once, no more (what each session reserves)
+    d = resolve_engine_defaults(bundle, window=a.window, sink=a.sink, kv_pages=a.kv_pages, max_sessions=max_sessions,
+                                device=base.device, dtype=base.dtype, num_frames=frames, start_prompt=prompt,
+                                start_seed=seed)
+    return Engine(bundle, device=d.device, height=a.height, width=a.width, window=d.window, sink=d.sink,
+                  attention=a.attention, max_sessions=max_sessions, kv_pages=d.kv_pages,
                   model_options=options,
                   memory_limit_gib=a.memory_limit_gib, overlap_decode=a.overlap_decode, compile=a.compile,
                   cuda_graphs=a.cuda_graphs, fp8=a.fp8, parallel=parallel)
 
+def _keyboard_mouse_token(tok: str) -> dict:
+    """'wa' / 'wa@0:0.1' / '_@0.1:0' -> {"keys": "wa", "mouse": [0.0, 0.1]} ('_' or nothing: no key held)."""
+    keys, _, mouse = tok.partition("@")
+    keys = "" if keys.strip() in ("", "_") else keys.strip()
+    out = {"keys": keys}
+    if mouse:
+        try:
+            pitch, yaw = (float(v) for v in mouse.split(":"))
+        except ValueError:
+            raise UsageError(f"--actions: {tok!r}: the mouse part is PITCH:YAW (two numbers), e.g. wa@0:0.1") from None
+        out["mouse"] = [pitch, yaw]
+    return out
+
+
 def _parse_actions(text: str | None, eng) -> list | None:
-    """'right,right,down' -> one action per block, the last one held; None for models without actions."""
-    if not eng.dit.config.num_actions:
+    """'right,right,down' -> one action per block, the last one held; None for models without actions.
+    Keyboard-and-mouse models: 'w,wa@0:0.1,_@0.1:0' (held keys, then @pitch:yaw camera deltas per pixel frame) per
+    block, or a .json file holding one action per pixel frame ({"keys": ..., "mouse": [pitch, yaw]})."""
+    controls = eng.adapter.controls()
+    if controls is None:
         if text:
             raise SystemExit(f"error: model {eng.bundle.name!r} takes no actions")
         return None
+    if controls["type"] == "keyboard_mouse":
+        if not text:
+            return None
+        if text.endswith(".json"):
+            try:
+                per_pixel = json.loads(Path(text).read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--actions {text}: {e}") from None
+            if not isinstance(per_pixel, list) or not per_pixel:
+                raise UsageError(f"--actions {text}: expected a JSON list of actions, one per pixel frame")
+            for i, act in enumerate(per_pixel):
+                try:
+                    eng.action_id(act)
+                except ValueError as e:
+                    raise UsageError(f"--actions {text}: frame {i}: {e}") from None
+            return [("pixel", per_pixel)]
+        per_block = []
+        for tok in text.split(","):
+            act = _keyboard_mouse_token(tok.strip())
+            try:
+                eng.action_id(act)
+            except ValueError as e:
+                raise UsageError(f"--actions: {tok.strip()!r}: {e}") from None
+            per_block.append(act)
+        return per_block
     names = eng.actions or [str(i) for i in range(eng.dit.config.num_actions)]
     if not text:  # a scripted tour so the default video shows the world reacting
         text = ",".join(["right"] * 4 + ["down"] * 4 + ["left"] * 4 + ["up"] * 4) if "right" in names else None
@@ -189,6 +229,29 @@ def _parse_actions(text: str | None, eng) -> list | None:
             raise UsageError(f"--actions: unknown action {tok!r}; {eng.bundle.name!r} knows {', '.join(names)}") \
                 from None
     return per_block
+
+
+def _start_image(a, eng) -> dict:
+    """--image for models that start from an image: {"init_image": uint8 [H, W, 3]} (--fit-image resizes and crops
+    it to the engine's size); {} when none is given (the model says whether it needs one)."""
+    path = getattr(a, "image", None)
+    if path is None:
+        if eng.adapter.takes_image:
+            raise UsageError(f"model {eng.bundle.name!r} starts from an image: pass --image PATH "
+                             f"({eng.width}x{eng.height}, or any size with --fit-image)")
+        return {}
+    if not eng.adapter.takes_image:
+        raise UsageError(f"--image: model {eng.bundle.name!r} takes no start image")
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise UsageError(f"--image {path}: not a readable image ({e})") from None
+    if getattr(a, "fit_image", False) and img.size != (eng.width, eng.height):
+        from PIL import ImageOps
+        img = ImageOps.fit(img, (eng.width, eng.height), method=Image.BICUBIC)
+    import numpy as np
+    return {"init_image": np.asarray(img, dtype=np.uint8)}
 
 
 def _restore_settings(a) -> dict:
@@ -273,11 +336,18 @@ def _generate(a, par) -> int:
     else:
         total = a.frames
     actions = None
-    if acts:
+    if acts and isinstance(acts[0], tuple) and acts[0][0] == "pixel":  # one action per pixel frame, as given
+        actions = acts[0][1]
+    elif acts:
         per_block_px = eng.bundle.pixel_frames(eng.block_frames)
         actions = [acts[min(i // per_block_px, len(acts) - 1)] for i in range(a.frames)]
     if sess is None:
-        sess = eng.open_session(a.prompt, num_frames=a.frames, seed=a.seed, actions=actions)
+        try:
+            sess = eng.open_session(a.prompt, num_frames=a.frames, seed=a.seed, actions=actions,
+                                    **_start_image(a, eng))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     monitor = None
     if a.monitor_drift:
         from .drift import DriftMonitor
@@ -374,7 +444,11 @@ def build_parser():
     g.add_argument("--frames", type=int, default=64, help="output (pixel) frames")
     g.add_argument("--out", default="video.mp4")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--actions", default=None, help="world models: comma-separated actions, one per block, last held")
+    g.add_argument("--actions", default=None, help="world models: comma-separated actions, one per block, last held; "
+                   "keyboard-and-mouse models: held keys and @pitch:yaw per block (w,wa@0:0.1,_@0.1:0) or a .json "
+                   "list of per-pixel-frame actions")
+    g.add_argument("--image", default=None, help="start image of an image-conditioned model (Matrix-Game)")
+    g.add_argument("--fit-image", action="store_true", help="resize and center-crop --image to the engine's size")
     g.add_argument("--profile", nargs="?", const="", default=None, help="print a profile and write it as JSON")
     g.add_argument("--monitor-drift", action="store_true", help="print per-chunk drift (VDE) while generating")
     g.add_argument("--snapshot", default=None, help="write the session's state to this .safetensors file once, at the "

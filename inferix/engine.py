@@ -18,6 +18,7 @@ import torch
 from inferix.kernels.attention import KVPool, get_backend
 from inferix.models.bundle import ModelBundle, default_model, load_model
 
+from .defaults import resolve_engine_defaults
 from .pages import AdmissionError, KVManager
 from .prefixes import NoNoise, PrefixCache, prefix_key
 from .profiling import Profiler
@@ -55,7 +56,9 @@ class Engine:
                                                      not isinstance(window, (int, np.integer)) or window < 1):
             raise ValueError(f"window must be a positive int, None (no window) or -1 (the model's), got {window!r}")
         self.bundle = bundle
-        self.device = torch.device(device)
+        d = resolve_engine_defaults(bundle, window=window, sink=sink, kv_pages=kv_pages, max_sessions=max_sessions,
+                                    device=device)
+        self.device = torch.device(d.device)
         self.dit = bundle.dit
         cfg = self.dit.config
         self.height = int(height if height is not None else bundle.height)
@@ -67,15 +70,13 @@ class Engine:
                                  f"(VAE stride {bundle.spatial_ratio} x patch {cfg.patch_size[1]})")
         self.latent_hw = (self.height // bundle.spatial_ratio, self.width // bundle.spatial_ratio)
         self.block_frames = bundle.sampling.block_frames
-        self.window = bundle.window if window == -1 else window
-        self.sink = bundle.sink if sink is None else sink
+        self.window, self.sink = d.window, d.sink
         if positions == "auto":  # the model's own preference, else relative whenever a window is set
             positions = bundle.extra.get("positions") or ("relative" if self.window is not None else "absolute")
         self.positions = positions
         self.keep_latents = keep_latents
         page_tokens = self.dit.tokens_per_frame(*self.latent_hw)
-        if kv_pages is None:
-            kv_pages = max_sessions * (self.window or 24)
+        kv_pages = d.kv_pages
         # what is special about the model, with its options checked before anything is allocated
         self.adapter = bundle.adapter.configure({**(model_options or {}), **options})
         dtype = next(self.dit.parameters()).dtype
@@ -93,9 +94,11 @@ class Engine:
                      what=f"an engine of {kv_pages} KV pages at {self.width}x{self.height}")
         self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
         self.pool = KVPool.allocate(cfg.num_layers, kv_pages * self.kv_lanes, page_tokens, kv_heads,
-                                    cfg.head_dim, dtype=dtype, device=self.device)
+                                    cfg.head_dim, dtype=dtype, device=self.device,
+                                    groups=self.adapter.cache_groups(page_tokens))
         self.backend = get_backend(attention)
-        self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch)
+        self.scheduler = Scheduler(self.kv, bundle.sampling.num_steps, self.block_frames, max_batch=max_batch,
+                                   history=self.adapter.condition_history())
         keep = None if self.window is None else self.window
         self.runner = Runner(bundle, self.pool, self.backend, latent_hw=self.latent_hw, positions=positions,
                              keep_frames=keep, keep_sink=self.sink or 0, device=self.device, adapter=self.adapter,
@@ -136,16 +139,10 @@ class Engine:
         """Load a preset (``MODEL_NAMES``; default: ``default_model()``) or a checkpoint path and build an engine."""
         if path_or_preset is None:
             path_or_preset = default_model()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-        bundle = load_model(path_or_preset, device=device, dtype=dtype, vae=vae, text_encoder=text_encoder,
+        d = resolve_engine_defaults(device=device, dtype=dtype)  # what loading needs; the engine resolves the rest
+        bundle = load_model(path_or_preset, device=d.device, dtype=d.dtype, vae=vae, text_encoder=text_encoder,
                             sampling=sampling, decoder=decoder, decoder_weights=decoder_weights)
-        return cls(bundle, device=device, **kw)
+        return cls(bundle, device=d.device, **kw)
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -168,21 +165,10 @@ class Engine:
     def actions(self) -> list | None:
         return self.bundle.actions
 
-    def action_id(self, action) -> int:
-        names = self.bundle.actions
-        if isinstance(action, str):
-            if not names or action not in names:
-                raise ValueError(f"unknown action {action!r}; this model knows {names}")
-            return names.index(action)
-        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
-            raise ValueError(f"an action is a name ({names}) or an int id, got {action!r}")
-        a = int(action)
-        n = self.dit.config.num_actions
-        if not n:
-            raise ValueError(f"model {self.bundle.name!r} takes no actions")
-        if not 0 <= a < n:
-            raise ValueError(f"action id {a} out of range 0..{n - 1}")
-        return a
+    def action_id(self, action):
+        """One pixel frame's action as the scheduler holds it: an id for a model of named actions, the keyboard
+        and mouse values for a keyboard-and-mouse model (its adapter's ``parse_action``)."""
+        return self.adapter.parse_action(action)
 
     def pixel_to_latent(self, num_frames: int) -> int:
         """Fewest latent frames that decode to at least num_frames pixel frames (the extra ones are trimmed)."""
@@ -191,11 +177,14 @@ class Engine:
     # ---- sessions -------------------------------------------------------------------------------
     def open_session(self, prompt: str, *, num_frames: int | None = None, seed: int = 0, init_frames="auto",
                      actions=None, prompt_schedule=None, negative_prompt: str | None = None, noise=None,
-                     recache: bool = False, text_embeds: torch.Tensor | None = None) -> Session:
+                     recache: bool = False, text_embeds: torch.Tensor | None = None, init_image=None,
+                     model_inputs: dict | None = None) -> Session:
         """Start a stream. num_frames counts output pixel frames (None: until cancelled, needs a window).
 
         init_frames: uint8 [T, H, W, 3] to continue from; "auto" (default) uses the model's own start (its
         adapter's ``start_frames``; most models start from nothing); None: from nothing.
+        init_image: uint8 [H, W, 3], the start image of an image-conditioned model (Matrix-Game); model_inputs:
+        what the model's adapter would encode from it, given directly (replays; see the model's adapter).
         """
         # Everything is checked and built before any page is reserved: a bad request leaves no trace.
         if not isinstance(prompt, str):
@@ -218,7 +207,16 @@ class Engine:
         n_init = 0 if init_latents is None else init_latents.shape[1]
         plan = plan_session(self.bundle, prompt=prompt, num_frames=num_frames, n_init=n_init, window=self.window,
                             pool_pages=self.kv.num_pages, actions=actions, action_id=self.action_id,
-                            prompt_schedule=prompt_schedule)  # raises AdmissionError when it can never fit
+                            prompt_schedule=prompt_schedule, latent_condition=self.adapter.latent_condition)
+        # raised above when it can never fit; now what the model is conditioned on (a start image), still before
+        # any page is reserved
+        cond_embeds, inputs = self.adapter.session_inputs(
+            init_image=init_image, model_inputs=model_inputs, height=self.height, width=self.width,
+            latent_frames=plan.total_latent)
+        if cond_embeds is not None:
+            if text_embeds is not None:
+                raise ValueError("give either text_embeds or a start image (init_image / model_inputs), not both")
+            text_embeds = cond_embeds
         start_prompt = plan.prompt
         key = None
         if self.prefixes is not None and init_latents is not None:
@@ -228,14 +226,15 @@ class Engine:
             sid = next(self._ids)
             seq = SeqState(sid=sid, prompt=start_prompt, total_blocks=plan.total_blocks, budget=plan.budget,
                            recache_on_switch=recache, action_plan=plan.action_plan, prompt_plan=plan.prompt_plan,
-                           n_init=n_init, first_block_frames=plan.first_block_frames)
+                           n_init=n_init, first_block_frames=plan.first_block_frames,
+                           action=self.adapter.idle_action())
             if key is not None and self._open_from_prefix(key, seq, noise, negative):
                 self.prefixes.hits += 1
             else:
                 seq.prefill_chunks = list(plan.prefill_chunks)
                 self.runner.add_session(sid, seq.prompt, noise, negative_prompt=negative,
                                         init_latents=init_latents, text_embeds=text_embeds,
-                                        chunks=list(seq.prefill_chunks))
+                                        chunks=list(seq.prefill_chunks), inputs=inputs)
                 try:
                     self.scheduler.add(seq)
                 except BaseException:
@@ -298,7 +297,7 @@ class Engine:
         while not kv.can_allocate(seq.budget) and self._evict_prefix(keep=key):
             pass
         take = not kv.can_allocate(seq.budget)  # fits only without its holder: the session takes its pages over
-        if take and not kv.can_allocate(seq.budget - kv.sessions[holder].budget):
+        if take and not kv.can_allocate(seq.budget - kv.budget_of(holder)):
             return False
         self.runner.fork(holder, seq.sid)
         st = self.runner.sessions[seq.sid]
@@ -322,7 +321,7 @@ class Engine:
             return
         while len(p.holders) >= p.max_prefixes and self._evict_prefix():
             pass
-        pages = len(self.kv.sessions[sid].pages())
+        pages = len(self.kv.held_pages(sid))
         if not self.kv.can_allocate(pages):
             return
         hid = next(self._ids)

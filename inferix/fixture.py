@@ -68,6 +68,12 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it a reference rollout folder?")
+    from .fixture_actions import is_action_fixture, verify_action_fixture
+    cfg0 = _read_config(folder)
+    if is_action_fixture(cfg0):  # image + keyboard/mouse conditioned (Matrix-Game 2.0 schema)
+        if parallel is not None:
+            raise ValueError(f"{folder}: action-conditioned fixtures replay on one rank only")
+        return verify_action_fixture(folder, cfg0, _load_tensors, attention=attention, tol=tol, device=device)
     cfg, dit = load_fixture_model(folder)
     loop = cfg["loop"]
     inputs = _load_tensors(folder / "inputs.safetensors", ("prompt_embeds", "initial_noise"))
@@ -103,9 +109,8 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
                 if name in expected:
                     x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
             elif row.kind == COMMIT:
-                sp = engine.kv.sessions[row.sid]  # sink first, then the window, oldest first
-                table.clear()
-                table.update(zip(sp.frames(), sp.pages()))
+                table.clear()  # sink first, then the window, oldest first
+                table.update(engine.kv.block_table(row.sid))
 
     engine.hooks.append(hook)
     sess = engine.open_session("", num_frames=F, noise=RecordedNoise(noise0[0], renoise),

@@ -1,9 +1,11 @@
 """Host-memory tier for KV pages: paused sessions move here to make room on the device, and come back on resume.
 
 A preallocated host pool of ``num_pages`` pages (pinned when the device is CUDA) with the device pool's layout:
-per layer K and V, lane j of host page h at row h + j * num_pages. A session moves only between engine steps,
-when it is paused at a block boundary and none of its pages is shared (forks, kept prefixes). Moving it out frees
-its device pages and its reservation; bringing it back takes fresh device pages and rewrites its block table.
+one host tensor per per-page tensor of the device pool (``KVPool.page_tensors``: per layer K and V, and every
+cache group a model keeps beside them), lane j of host page h at row h + j * num_pages, so whatever a page holds
+moves with it. A session moves only between engine steps, when it is paused at a block boundary and none of its
+pages is shared (forks, kept prefixes). Moving it out frees its device pages and its reservation; bringing it back
+takes fresh device pages and lays its saved block table onto them (``KVManager.take_table`` / ``restore_table``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections import deque
 
 import torch
 
-from .pages import SessionPages
+from .pages import SavedTable
 from .scheduler import PAUSED
 
 __all__ = ["HostTier"]
@@ -26,12 +28,12 @@ class HostTier:
         pool = engine.pool
         lanes = engine.kv_lanes
         pin = engine.device.type == "cuda"
-        shape = (num_pages * lanes, *pool.k[0].shape[1:])
-        self.k = [torch.empty(shape, dtype=t.dtype, pin_memory=pin) for t in pool.k]
-        self.v = [torch.empty(shape, dtype=t.dtype, pin_memory=pin) for t in pool.v]
+        # name -> host copy of that device tensor (``KVPool.page_tensors`` names), num_pages rows per lane
+        self.tensors = {name: torch.empty((num_pages * lanes, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+                        for name, t in pool.page_tensors()}
         self.free: deque[int] = deque(range(num_pages))
-        # sid -> (its table, its host pages, its K/V staged aside during a swap or None)
-        self.held: dict[int, tuple[SessionPages, list, list | None]] = {}
+        # sid -> (its table, its host pages, its page tensors staged aside during a swap or None)
+        self.held: dict[int, tuple[SavedTable, list, dict | None]] = {}
         self.moved_out = 0
         self.moved_in = 0
 
@@ -50,14 +52,13 @@ class HostTier:
         """Paused at a block boundary, admitted, not a kept prefix, no shared page, and room on the host."""
         eng = self.engine
         seq = eng.scheduler.seqs.get(sid)
-        sp = eng.kv.sessions.get(sid)
-        if seq is None or sp is None or seq.status != PAUSED or sid in self.held:
+        if seq is None or not eng.kv.holds(sid) or seq.status != PAUSED or sid in self.held:
             return False
         if seq.step or seq.block_started or seq.prefill_chunks:
             return False
         if eng.prefixes is not None and sid in eng.prefixes.holders.values():
             return False
-        pages = sp.pages()
+        pages = eng.kv.held_pages(sid)
         room = len(self.free) if host_free is None else host_free
         return not any(eng.kv.shared(p) for p in pages) and len(pages) <= room
 
@@ -67,7 +68,7 @@ class HostTier:
         moves nothing and returns False when it cannot fit that way. incoming: the session being admitted, when
         it is itself on the host; its host pages count as free (they are staged aside first: a swap)."""
         kv = self.engine.kv
-        short = kv.reserved + budget - kv.alloc.num_pages
+        short = budget - kv.unreserved
         own = sum(p is not None for p in self.held[incoming][1]) if incoming in self.held else 0
         chosen, host_free = [], len(self.free) + own
         for sid in list(self.engine.scheduler.seqs):
@@ -75,65 +76,56 @@ class HostTier:
                 break
             if sid == incoming or not self.movable(sid, host_free):
                 continue
-            sp = kv.sessions[sid]
             chosen.append(sid)
-            host_free -= len(sp.pages())
-            short -= sp.budget
+            host_free -= len(kv.held_pages(sid))
+            short -= kv.budget_of(sid)
         if short > 0 or not chosen:
             return False
-        if own and sum(len(kv.sessions[sid].pages()) for sid in chosen) > len(self.free):
+        if own and sum(len(kv.held_pages(sid)) for sid in chosen) > len(self.free):
             self._stage(incoming)
         for sid in chosen:
             self.move_out(sid)
         return True
 
     def _stage(self, sid: int) -> None:
-        """Lift a session's K/V off its host pages into a temporary copy, freeing them for a swap."""
-        sp, host, _ = self.held[sid]
+        """Lift a session's page contents off its host pages into a temporary copy, freeing them for a swap."""
+        table, host, _ = self.held[sid]
         src = self._rows(host, self.num_pages)
-        staged = [(self.k[layer].index_select(0, src), self.v[layer].index_select(0, src))
-                  for layer in range(len(self.k))]
+        staged = {name: t.index_select(0, src) for name, t in self.tensors.items()}
         self.free.extend(host)
-        self.held[sid] = (sp, [None] * len(host), staged)
+        self.held[sid] = (table, [None] * len(host), staged)
 
     def move_out(self, sid: int) -> None:
-        """Copy the session's K/V to host pages and give its device pages and reservation back."""
+        """Copy the session's pages (K/V and cache groups) to host pages and give its device pages and
+        reservation back."""
         eng = self.engine
         kv = eng.kv
-        sp = kv.sessions[sid]
-        pages = sp.pages()
+        pages = kv.held_pages(sid)
         host = [self.free.popleft() for _ in range(len(pages))]
         if pages:
-            src = self._rows(pages, kv.alloc.num_pages).to(eng.device)
+            src = self._rows(pages, kv.num_pages).to(eng.device)
             dst = self._rows(host, self.num_pages)
-            for layer in range(len(eng.pool.k)):
-                self.k[layer][dst] = eng.pool.k[layer].index_select(0, src).cpu()
-                self.v[layer][dst] = eng.pool.v[layer].index_select(0, src).cpu()
-        kv.free(sid)
-        self.held[sid] = (sp, host, None)
+            for name, t in eng.pool.page_tensors():
+                self.tensors[name][dst] = t.index_select(0, src).cpu()
+        self.held[sid] = (kv.take_table(sid), host, None)
         self.moved_out += 1
 
     def bring_back(self, sid: int) -> None:
-        """After the session's reservation is taken again: fresh device pages, K/V copied back, table rewritten."""
+        """After the session's reservation is taken again: fresh device pages, their contents copied back, table
+        rewritten."""
         eng = self.engine
         kv = eng.kv
-        sp, host, staged = self.held.pop(sid)
-        new = kv.sessions[sid]
-        pages = kv.alloc.allocate(len(host))
+        table, host, staged = self.held.pop(sid)
+        pages = kv.restore_table(sid, table)
         if host:
             cuda = eng.device.type == "cuda"
             src = None if staged else self._rows(host, self.num_pages)
-            dst = self._rows(pages, kv.alloc.num_pages).to(eng.device)
-            for layer in range(len(eng.pool.k)):
-                for i, (hp, dp) in enumerate(((self.k, eng.pool.k), (self.v, eng.pool.v))):
-                    t = staged[layer][i] if staged else hp[layer].index_select(0, src)
-                    if cuda:
-                        t = t.pin_memory()
-                    dp[layer].index_copy_(0, dst, t.to(eng.device, non_blocking=cuda))
-        it = iter(pages)
-        new.sink = [(next(it), f) for _, f in sp.sink]
-        new.window = deque((next(it), f) for _, f in sp.window)
-        new.frames_committed = sp.frames_committed
+            dst = self._rows(pages, kv.num_pages).to(eng.device)
+            for name, dev in eng.pool.page_tensors():
+                t = staged[name] if staged else self.tensors[name].index_select(0, src)
+                if cuda:
+                    t = t.pin_memory()
+                dev.index_copy_(0, dst, t.to(eng.device, non_blocking=cuda))
         if not staged:
             self.free.extend(host)
         self.moved_in += 1

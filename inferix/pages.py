@@ -14,11 +14,30 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["PageAllocator", "KVManager", "SessionPages", "AdmissionError", "budget_for", "check_fits_ever"]
+__all__ = ["PageAllocator", "KVManager", "SessionPages", "SavedTable", "AdmissionError", "budget_for",
+           "check_fits_ever", "kept_frames", "recent_for_block"]
 
 
 class AdmissionError(RuntimeError):
     """A session can never fit in the page pool (its window alone is larger than the pool)."""
+
+
+def kept_frames(frames, sink: int, recent: int | None) -> list[int]:
+    """The sink+window rule, written once for every copy of a stream's past (the KV block table, the runner's
+    latent history): of ``frames`` (absolute latent indices, oldest first) the sink, every frame below ``sink``,
+    stays for good, and of the others the latest ``recent`` stay (all of them when recent is None)."""
+    frames = list(frames)
+    if recent is None:
+        return frames
+    later = [f for f in frames if f >= sink]
+    dropped = set(later[:max(0, len(later) - recent)])
+    return [f for f in frames if f not in dropped]
+
+
+def recent_for_block(window: int | None, sink: int, nframes: int) -> int | None:
+    """How many frames past the sink a block of ``nframes`` attends to: a window counts the sink and the block
+    itself (None: no window, every frame)."""
+    return None if window is None else max(0, window - sink - nframes)
 
 
 def budget_for(window_frames: int | None, total_frames: int | None) -> int:
@@ -97,6 +116,21 @@ class SessionPages:
         return [f for _, f in self.sink] + [f for _, f in self.window]
 
 
+@dataclass
+class SavedTable:
+    """A session's block table without its pages: the frames it holds (sink, then window, oldest first), the next
+    frame it commits and its reservation. What leaves the pool when a session moves to host memory or into a
+    snapshot, and what ``KVManager.restore_table`` lays onto fresh pages when it comes back; the field names are
+    those of a snapshot header's ``pages`` entry."""
+    budget: int
+    sink_frames: list
+    window_frames: list
+    frames_committed: int
+
+    def frames(self) -> list[int]:
+        return list(self.sink_frames) + list(self.window_frames)
+
+
 class KVManager:
     """Block tables of all sessions over one page pool.
 
@@ -148,9 +182,10 @@ class KVManager:
         sp = self.sessions[sid]
         if self.window_frames is None:
             return []
-        keep = self.window_frames - (nframes or self.block_frames) - len(sp.sink)
+        recent = recent_for_block(self.window_frames, self.sink_frames, nframes or self.block_frames)
+        keep = set(kept_frames(sp.frames(), self.sink_frames, recent))
         evicted = []
-        while len(sp.window) > keep:
+        while sp.window and sp.window[0][1] not in keep:  # the window is oldest first: what goes is its front
             p, _ = sp.window.popleft()
             evicted.append(p)
         self.alloc.decref(evicted)
@@ -221,6 +256,41 @@ class KVManager:
     def budget_of(self, sid: int) -> int:
         return self.sessions[sid].budget
 
+    def block_table(self, sid: int) -> list[tuple[int, int]]:
+        """sid's table as (absolute frame, page) pairs: sink, then window, oldest first."""
+        sp = self.sessions[sid]
+        return list(zip(sp.frames(), sp.pages()))
+
+    # ---- tables that leave the pool and come back (host memory, snapshots) ----------------------
+    def save_table(self, sid: int) -> SavedTable:
+        """sid's table without its pages (nothing changes)."""
+        sp = self.sessions[sid]
+        return SavedTable(budget=sp.budget, sink_frames=[f for _, f in sp.sink],
+                          window_frames=[f for _, f in sp.window], frames_committed=sp.frames_committed)
+
+    def take_table(self, sid: int) -> SavedTable:
+        """sid's table, after which sid leaves the pool: its pages and its reservation go back. The caller has
+        copied the pages' contents out first (``held_pages`` names them)."""
+        table = self.save_table(sid)
+        self.free(sid)
+        return table
+
+    def restore_table(self, sid: int, table: SavedTable) -> list[int]:
+        """Lay a saved table onto fresh pages of sid, which holds a reservation and no page yet; returns the
+        pages in table order (sink, then window), for the caller to copy the contents into."""
+        sp = self.sessions[sid]
+        frames = table.frames()
+        if sp.sink or sp.window:
+            raise RuntimeError(f"session {sid} already holds pages; a saved table goes onto an empty one")
+        if len(frames) > sp.budget:
+            raise RuntimeError(f"a table of {len(frames)} pages does not fit session {sid}'s budget {sp.budget}")
+        pages = self.alloc.allocate(len(frames))
+        n_sink = len(table.sink_frames)
+        sp.sink = [(p, int(f)) for p, f in zip(pages[:n_sink], frames[:n_sink])]
+        sp.window = deque((p, int(f)) for p, f in zip(pages[n_sink:], frames[n_sink:]))
+        sp.frames_committed = int(table.frames_committed)
+        return pages
+
     # ---- lifecycle ----------------------------------------------------------------------------
     def fork(self, src: int, dst: int) -> None:
         """dst starts with src's table; pages are shared (committed pages are never written again)."""
@@ -265,3 +335,8 @@ class KVManager:
     @property
     def pages_in_use(self) -> int:
         return self.alloc.num_pages - self.alloc.num_free
+
+    @property
+    def free_pages(self) -> int:
+        """Pages no table holds now (reserved or not)."""
+        return self.alloc.num_free

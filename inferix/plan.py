@@ -24,7 +24,10 @@ class Row:
     context_frames: list = field(default_factory=list)  # absolute frame index of each context page
     write_pages: list | None = None  # pages this pass fills (COMMIT / PREFILL / RECACHE)
     prompt: str | None = None  # set on the row where a new prompt takes effect
-    actions: list | None = None  # per-frame action ids of the block (world models)
+    actions: list | None = None  # per-frame conditions of the block (world models: action ids, or what the model
+    # adapter's latent_condition makes of keyboard and mouse input); opaque here
+    past_actions: list | None = None  # conditions of the latent frames just before the block, oldest first (as
+    # many as the model adapter's condition_history asks for, fewer at the start of a stream)
     last_step: bool = False  # DENOISE: the block is clean after this step (decode it)
     gen_start: int = 0  # index of the row's first frame among the generated frames (given context excluded)
 

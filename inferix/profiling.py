@@ -118,7 +118,7 @@ class Profiler:
             "forward_calls": e.runner.forward_calls,
             "kv_pages_in_use": e.kv.pages_in_use,
             "kv_pages_max_in_use": self.max_pages,
-            "kv_pages_total": e.kv.alloc.num_pages,
+            "kv_pages_total": e.kv.num_pages,
             "kv_pool_mib": e.pool.nbytes() / 2 ** 20,
             "kv_lanes": e.kv_lanes,
             "kv_pool_note": "a page is one latent frame of a session in every lane: the stream's K/V and each "

@@ -16,10 +16,11 @@ import torch
 from inferix.kernels.attention import KVPool, PagedMeta
 from inferix.models.adapter import ModelAdapter
 from inferix.models.bundle import ModelBundle
-from inferix.models.schedule import add_noise, cfg_combine, euler_step, flow_to_x0, x0_to_flow
+from inferix.models.schedule import make_sampler
 from inferix.models.wan_dit import TextKV
 
 from .overlap import DecodeWorker
+from .pages import kept_frames
 from .plan import COMMIT, DENOISE, PREFILL, RECACHE, StepPlan
 
 __all__ = ["Runner", "GeneratorNoise", "RecordedNoise", "BlockOutput"]
@@ -86,7 +87,8 @@ class SessionTensors:
     decoder_state: object = None
     history: OrderedDict = field(default_factory=OrderedDict)  # abs frame -> clean latent [C, h, w]
     prefill: list = field(default_factory=list)  # latent chunks [n, C, h, w] still to commit
-    text_embeds: torch.Tensor | None = None  # explicit text conditioning (bypasses the text encoder)
+    text_embeds: torch.Tensor | None = None  # explicit context (bypasses the text encoder; image tokens of i2v models)
+    inputs: dict = field(default_factory=dict)  # per-session tensors the model adapter's pass_inputs reads
 
 
 class Runner:
@@ -107,8 +109,8 @@ class Runner:
         self.device = torch.device(device)
         self.sampling = bundle.sampling
         self.timesteps = self.sampling.timesteps
-        self.sigmas = self.sampling.sigmas()
-        self.euler_sigmas = self.sampling.euler_sigmas() if self.sampling.sampler == "euler" else None
+        # how a block steps from noise to its clean estimate (models/schedule.py), chosen once
+        self.sampler = make_sampler(self.sampling, self.dit.config.prediction)
         self.sessions: dict[int, SessionTensors] = {}
         self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
@@ -130,8 +132,10 @@ class Runner:
 
     # ---- sessions ------------------------------------------------------------------------------
     def add_session(self, sid: int, prompt: str, noise, *, negative_prompt: str = "", init_latents=None,
-                    text_embeds: torch.Tensor | None = None, chunks: list | None = None) -> None:
-        st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds)
+                    text_embeds: torch.Tensor | None = None, chunks: list | None = None,
+                    inputs: dict | None = None) -> None:
+        st = SessionTensors(noise=noise, prompt=prompt, negative_prompt=negative_prompt, text_embeds=text_embeds,
+                            inputs=dict(inputs or {}))
         if self.bundle.decoder is not None:
             st.decoder_state = self.bundle.decoder.new_stream()
         if init_latents is not None:
@@ -150,7 +154,7 @@ class Runner:
             noise=s.noise.clone(), prompt=s.prompt, negative_prompt=s.negative_prompt,
             x=None if s.x is None else s.x.clone(), x0=None if s.x0 is None else s.x0.clone(),
             decoder_state=copy.deepcopy(s.decoder_state), history=OrderedDict(s.history),
-            prefill=list(s.prefill), text_embeds=s.text_embeds)
+            prefill=list(s.prefill), text_embeds=s.text_embeds, inputs=dict(s.inputs))
 
     def drop(self, sid: int) -> None:
         self.sessions.pop(sid, None)
@@ -255,10 +259,9 @@ class Runner:
         if kind == DENOISE:
             if r.step == 0:
                 x = st.noise.initial(r.block, r.gen_start, shape)
-            elif self.euler_sigmas is not None:
-                x = st.x
             else:
-                x = add_noise(st.x0, st.noise.renoise(r.block, r.step, shape).to(self.device), self.sigmas[r.step])
+                x = self.sampler.step_input(  # the renoise is drawn only by a sampler that re-noises
+                    r.step, st, lambda: st.noise.renoise(r.block, r.step, shape).to(self.device))
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
                 raise ValueError(f"session {r.sid}: noise for block {r.block} must be a tensor of shape "
                                  f"{list(shape)}, got {getattr(x, 'shape', type(x).__name__)}")
@@ -281,7 +284,7 @@ class Runner:
 
     def _run_group(self, g, faults: dict) -> list[BlockOutput]:
         n = g.nframes
-        shape = (n, self.dit.config.in_dim, *self.latent_hw)
+        shape = (n, self.dit.config.out_dim, *self.latent_hw)  # latent channels (in_dim adds any conditions)
         tic = time.perf_counter()
         rows, xs, ts = [], [], []
         for r in g.rows:
@@ -297,10 +300,8 @@ class Runner:
             return []
         x = torch.stack(xs)  # [B, F, C, h, w]
         t = torch.tensor(ts, dtype=torch.float32, device=self.device)[:, None].expand(len(rows), n)
-        actions = None
-        if self.dit.config.num_actions:
-            actions = torch.tensor([r.actions if r.actions is not None else [0] * n for r in rows],
-                                   dtype=torch.long, device=self.device)
+        # the per-frame conditions of the pass, as the model takes them (models/adapter.py: pass_inputs)
+        actions = self.adapter.pass_inputs(g.kind, rows, [self.sessions[r.sid] for r in rows], n, self.device)
         if g.kind == RECACHE:
             rows_meta = [dataclasses.replace(r, context_pages=[], context_frames=[]) for r in rows]
             meta, qpos = self._meta(rows_meta, n, write=True)
@@ -344,37 +345,18 @@ class Runner:
             return None
         return self.adapter.combine(out[:B], [out[(j + 1) * B:(j + 2) * B] for j in range(L - 1)])
 
-    def _to_x0(self, x, pred, sigma):
-        if self.dit.config.prediction == "x0":
-            return pred
-        return flow_to_x0(x, pred, sigma)
-
     def _after_denoise(self, rows, x, pred, meta, qpos, actions, t, faults) -> tuple[list[BlockOutput], float]:
         decode_s = 0.0
-        s = self.sampling
-        step_sig = torch.tensor([self.sigmas[r.step] for r in rows], dtype=torch.float64,
-                                device=self.device)[:, None, None, None, None]
-        if s.sampler == "euler":
-            pred_u = None
-            if s.guidance_scale != 1.0 and self.parallel is not None and self.parallel.cfg:
+        pred_u = None
+        if self.sampler.guided:  # classifier-free guidance: the unconditional prediction too
+            if self.parallel is not None and self.parallel.cfg:
                 pred, pred_u = self.parallel.cfg_exchange(pred)  # each group ran one of the two passes
-            v = pred if self.dit.config.prediction == "flow" else x0_to_flow(x, pred, step_sig)
-            if s.guidance_scale != 1.0:
-                if pred_u is None:
-                    pred_u = self._forward(x, t, rows, meta_without_write(meta), qpos, actions, negative=True)
-                v_u = pred_u if self.dit.config.prediction == "flow" else x0_to_flow(x, pred_u, step_sig)
-                v = cfg_combine(v, v_u, s.guidance_scale)
+            else:
+                pred_u = self._forward(x, t, rows, meta_without_write(meta), qpos, actions, negative=True)
+        out = self.sampler.output(x, pred, pred_u, [r.step for r in rows])
         outs = []
         for i, r in enumerate(rows):
-            st = self.sessions[r.sid]
-            if s.sampler == "euler":
-                sig, sig_next = self.euler_sigmas[r.step], self.euler_sigmas[r.step + 1]
-                st.x = euler_step(x[i], v[i], sig, sig_next)
-                st.x0 = flow_to_x0(x[i], v[i], sig)
-                if r.last_step:
-                    st.x0 = st.x
-            else:
-                st.x0 = self._to_x0(x[i], pred[i], step_sig[i, 0])
+            self.sampler.advance(self.sessions[r.sid], r.step, x[i], out[i], r.last_step)
         idx = [i for i, r in enumerate(rows) if r.last_step]
         done = [rows[i] for i in idx]
         if done:  # what the model does to its finished blocks before they are committed (models/adapter.py)
@@ -382,7 +364,7 @@ class Runner:
             sts = [self.sessions[r.sid] for r in done]
             fixed = self.adapter.finish_block([st.x0 for st in sts],
                                               [st.history.get(r.frame_start - 1) for st, r in zip(sts, done)],
-                                              None if actions is None else actions[idx])
+                                              actions[idx] if torch.is_tensor(actions) else None)
             for st, x0 in zip(sts, fixed):
                 st.x0 = x0
             self.timing["finish_block"] += time.perf_counter() - tic
@@ -413,9 +395,9 @@ class Runner:
                 self._remember(st, frame + j, latent[j])
             return
         st.history[frame] = latent
-        if self.keep_frames is not None:  # the sink frames stay for good (a recache re-commits them), then the
-            later = [f for f in st.history if f >= self.keep_sink]  # latest keep_frames frames
-            for f in later[:max(0, len(later) - self.keep_frames)]:
+        if self.keep_frames is not None:  # the cache's sink+window rule, with the whole window past the sink: every
+            keep = set(kept_frames(st.history, self.keep_sink, self.keep_frames))  # frame a recache may re-commit
+            for f in [f for f in st.history if f not in keep]:
                 del st.history[f]
 
 

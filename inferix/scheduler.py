@@ -30,13 +30,14 @@ class SeqState:
     pending_prompt: str | None = None
     recache_on_switch: bool = False
     need_recache: bool = False
-    action: int = 0  # held action (world models)
-    pending_action: int | None = None  # set by Session.act, applied at the next block boundary
+    action: object = 0  # held per-latent-frame condition (world models: an action id, keyboard and mouse values)
+    pending_action: object = None  # set by Session.act, applied at the next block boundary
     action_plan: dict = field(default_factory=dict)  # absolute latent frame -> action id
     prompt_plan: dict = field(default_factory=dict)  # block index -> prompt
     block_started: bool = False
     frame_start: int = 0  # absolute latent index of the current block's first frame
     block_actions: list | None = None
+    action_history: list = field(default_factory=list)  # conditions of the latest latent frames (incl. this block)
     first_block_frames: int = 0  # >0: the first generated block has this many frames (independent first frame)
     n_init: int = 0  # given context frames (prefilled before the first generated block)
     block_nframes: int = 0  # frames of the current block
@@ -44,8 +45,9 @@ class SeqState:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, num_steps: int, block_frames: int, max_batch: int = 8):
+    def __init__(self, kv: KVManager, num_steps: int, block_frames: int, max_batch: int = 8, history: int = 0):
         self.kv = kv
+        self.history = history  # latent frames before a block whose conditions its rows carry (past_actions)
         self.num_steps = num_steps
         self.block_frames = block_frames
         self.max_batch = max_batch
@@ -192,6 +194,8 @@ class Scheduler:
             seq.action = seq.action_plan.pop(f, seq.action)
             acts.append(seq.action)
         seq.block_actions = acts
+        if self.history:
+            seq.action_history = (seq.action_history + acts)[-(self.history + n):]
 
     def _recache_row(self, seq: SeqState, pages: list, frames: list) -> Row | None:
         """Re-commit the visible window under the new prompt, into pages of its own (copy-on-write); None when no
@@ -207,8 +211,8 @@ class Scheduler:
         """One denoising step of the current block; it carries the new prompt on the block's first row."""
         row = Row(sid=seq.sid, kind=DENOISE, step=seq.step, block=seq.block, frame_start=seq.frame_start,
                   nframes=seq.block_nframes, context_pages=pages, context_frames=frames, actions=seq.block_actions,
-                  last_step=seq.step == self.num_steps - 1, prompt=seq.prompt if seq.prompt_changed else None,
-                  gen_start=seq.frame_start - seq.n_init)
+                  past_actions=self._past(seq), last_step=seq.step == self.num_steps - 1,
+                  prompt=seq.prompt if seq.prompt_changed else None, gen_start=seq.frame_start - seq.n_init)
         seq.prompt_changed = False
         return row
 
@@ -216,7 +220,14 @@ class Scheduler:
         """The clean block at the context timestep: its K/V goes into fresh pages."""
         return Row(sid=seq.sid, kind=COMMIT, step=0, block=seq.block, frame_start=seq.frame_start,
                    nframes=seq.block_nframes, context_pages=pages, context_frames=frames,
-                   write_pages=self.kv.commit(seq.sid, seq.block_nframes), actions=seq.block_actions)
+                   write_pages=self.kv.commit(seq.sid, seq.block_nframes), actions=seq.block_actions,
+                   past_actions=self._past(seq))
+
+    def _past(self, seq: SeqState) -> list | None:
+        """The conditions of the latent frames before the current block that the model looks back at."""
+        if not self.history:
+            return None
+        return seq.action_history[:len(seq.action_history) - seq.block_nframes][-self.history:]
 
     def schedule(self) -> StepPlan:
         self._admit()

@@ -71,6 +71,9 @@ class Session:
     def set_prompt(self, prompt: str, recache: bool | None = None) -> None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not self.engine.adapter.takes_prompt:
+            raise ValueError(f"model {self.engine.bundle.name!r} takes no prompt (its sessions are conditioned on "
+                             f"their start image)")
         with self.engine.lock:
             s = self._seq
             s.pending_prompt = prompt
@@ -78,10 +81,12 @@ class Session:
                 s.recache_on_switch = recache
 
     def act(self, action) -> None:
-        """Hold an action (id or name) from the next block on."""
-        aid = self.engine.action_id(action)
-        with self.engine.lock:
-            self._seq.pending_action = aid
+        """Hold an action from the next block on: an id or name for a model of named actions, keyboard and mouse
+        input for a keyboard-and-mouse model (e.g. ``{"keys": "wa", "mouse": [0.0, 0.1]}``; see docs/matrix-game.md)."""
+        eng = self.engine
+        held = eng.adapter.latent_condition([eng.action_id(action)])
+        with eng.lock:
+            self._seq.pending_action = held
 
     def pause(self) -> None:
         with self.engine.lock:

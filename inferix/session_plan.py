@@ -33,14 +33,20 @@ def _is_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, numbers.Integral)
 
 
+def _last(items: list):
+    return items[-1]
+
+
 def plan_session(bundle, *, prompt: str, num_frames: int | None, n_init: int, window: int | None, pool_pages: int,
-                 actions=None, action_id: Callable | None = None, prompt_schedule=None) -> SessionPlan:
+                 actions=None, action_id: Callable | None = None, prompt_schedule=None,
+                 latent_condition: Callable | None = None) -> SessionPlan:
     """The plan of a session that delivers num_frames pixel frames (None: until cancelled) after n_init given
     latent frames, in an engine with this window (latent frames, None: none) over a pool of pool_pages pages.
 
     bundle: anything with ``sampling.block_frames``, ``sampling.independent_first_frame``, ``latent_frames(n)``
     and ``pixel_frames(n)`` (a ModelBundle). actions: one per output pixel frame, each made an id by action_id
-    (default: taken as given).
+    (default: taken as given); latent_condition makes one latent frame's condition from the actions of the pixel
+    frames it shows (default: the last one's).
     prompt_schedule: (pixel frame, prompt) pairs; frame f switches at generated block latent(f + 1) // block_frames,
     latent(n) being the latent frames that show n pixel frames (block 0: the prompt the session starts with).
     """
@@ -57,13 +63,18 @@ def plan_session(bundle, *, prompt: str, num_frames: int | None, n_init: int, wi
     budget = budget_for(window, total_latent)
     check_fits_ever(budget, pool_pages, window)
     action_plan = {}
+    if latent_condition is None:
+        latent_condition = _last
     if actions is not None:
         if isinstance(actions, (str, bytes)) or not hasattr(actions, "__len__") or not len(actions):
             raise ValueError(f"actions must be a non-empty list (one per output frame), got {actions!r}")
         acts = list(actions) if action_id is None else [action_id(a) for a in actions]
-        # one action per pixel frame -> one per latent frame (the latent frame that first shows that pixel)
-        lat = [acts[min(len(acts) - 1, bundle.pixel_frames(i + 1) - 1)]
-               for i in range(pixel_to_latent(bundle, len(acts)))]
+        # one action per pixel frame -> one condition per latent frame, from the pixel frames it shows (the last
+        # given action held past the end)
+        last = len(acts) - 1
+        spans = [range(bundle.pixel_frames(i), bundle.pixel_frames(i + 1))
+                 for i in range(pixel_to_latent(bundle, len(acts)))]
+        lat = [latent_condition([acts[min(last, p)] for p in span]) for span in spans]
         action_plan = {n_init + i: a for i, a in enumerate(lat)}
     start_prompt, prompt_plan = prompt, {}
     for frame, p in (prompt_schedule or ()):

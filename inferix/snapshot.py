@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .pages import AdmissionError
+from .pages import AdmissionError, SavedTable
 from .runner import GeneratorNoise, SessionTensors
 from .scheduler import PAUSED, RUNNING, SeqState
 
@@ -70,7 +70,9 @@ def model_identity(engine) -> str:
 
 
 def engine_settings(engine) -> dict:
-    """The engine settings a continued stream depends on (all compared on restore)."""
+    """The engine settings a continued stream depends on (all compared on restore). ``page_groups``: the per-page
+    caches the model keeps beside self-attention K/V (``KVPool.groups``), name -> one page's shape; they travel
+    with the pages, so a snapshot and the engine restoring it must keep the same ones."""
     cfg = engine.dit.config
     pool = engine.pool
     return {"height": engine.height, "width": engine.width, "window": engine.window, "sink": engine.sink,
@@ -79,7 +81,8 @@ def engine_settings(engine) -> dict:
             "sampling_steps": engine.bundle.sampling.num_steps,
             "sampling": json.loads(json.dumps(engine.bundle.sampling.to_dict())),
             "kv_dtype": str(pool.k[0].dtype), "page_tokens": pool.page_tokens, "num_layers": cfg.num_layers,
-            "kv_heads": pool.k[0].shape[2], "head_dim": pool.k[0].shape[3]}
+            "kv_heads": pool.k[0].shape[2], "head_dim": pool.k[0].shape[3],
+            "page_groups": {name: list(t.shape[1:]) for name, t in sorted(pool.groups.items())}}
 
 
 # ---- generic state <-> JSON + tensors ---------------------------------------------------------------
@@ -201,23 +204,23 @@ def save_session(sess, path) -> Path:
         if not sess.at_block_boundary:
             raise SnapshotError(f"session {sid} is inside block {seq.block} (step {seq.step}); snapshot it at a "
                                 f"block boundary (Session.at_block_boundary)")
-        sp = engine.kv.sessions.get(sid)
-        if sp is None:
+        if not engine.kv.holds(sid):
             raise SnapshotError(f"session {sid} holds no KV pages yet; snapshot it once it is admitted")
         st = engine.runner.sessions[sid]
         if type(st.noise) is not GeneratorNoise:
             raise SnapshotError(f"session {sid} draws its noise from {type(st.noise).__name__}; only seeded "
                                 f"GeneratorNoise can be snapshotted")
         w = _Writer(allowed=_decoder_stream_types(engine))
-        # K/V of the block table (sink then window), every layer and lane: [lanes, pages, T, H, D]
-        pages = sp.pages()
-        stride = engine.kv.alloc.num_pages
+        # every per-page tensor (K/V of each layer, the model's cache groups) of the block table (sink then
+        # window), every lane: kv.<name> [lanes, pages, ...]
+        table = engine.kv.save_table(sid)
+        pages = engine.kv.held_pages(sid)
+        stride = engine.kv.num_pages
         if pages:
             rows = torch.tensor([p + j * stride for j in range(engine.kv_lanes) for p in pages])
-            for layer in range(len(engine.pool.k)):
-                for kind, pool in (("k", engine.pool.k), ("v", engine.pool.v)):
-                    t = pool[layer][rows.to(pool[layer].device)]
-                    w.tensor(f"kv.{kind}.{layer}", t.reshape(engine.kv_lanes, len(pages), *t.shape[1:]))
+            for name, pool in engine.pool.page_tensors():
+                t = pool[rows.to(pool.device)]
+                w.tensor(f"kv.{name}", t.reshape(engine.kv_lanes, len(pages), *t.shape[1:]))
         hist = list(st.history)
         if hist:
             w.tensor("history", torch.stack([st.history[f] for f in hist]))
@@ -230,14 +233,14 @@ def save_session(sess, path) -> Path:
             "session": {
                 "num_frames": sess.num_frames, "frames_out": sess.frames_out,
                 "seq": w.encode(seq_fields, "seq"),
-                "pages": {"budget": sp.budget, "sink_frames": [f for _, f in sp.sink],
-                          "window_frames": [f for _, f in sp.window], "frames_committed": sp.frames_committed},
+                "pages": dataclasses.asdict(table),
                 "runner": {
                     "noise": "GeneratorNoise", "prompt": st.prompt, "negative_prompt": st.negative_prompt,
                     "history_frames": hist,
                     "x": w.encode(st.x, "x"), "x0": w.encode(st.x0, "x0"),
                     "prefill": w.encode(list(st.prefill), "prefill"),
                     "text_embeds": w.encode(st.text_embeds, "text_embeds"),
+                    "inputs": w.encode(dict(st.inputs), "inputs"),
                     "decoder_state": w.encode(st.decoder_state, "decoder_state"),
                 },
             },
@@ -296,6 +299,8 @@ def _check_compatible(engine, header: dict, path) -> None:
     snap, mine = header.get("engine") or {}, engine_settings(engine)
     if "model_options" not in snap:  # older snapshots kept the model options beside the other settings
         snap = {**snap, "model_options": {k: snap[k] for k in mine["model_options"] if k in snap}}
+    if "page_groups" not in snap:  # snapshots from before cache groups: pages held self-attention K/V only
+        snap = {**snap, "page_groups": {}}
     for key in mine:
         if snap.get(key) != mine[key]:
             raise SnapshotError(f"{path}: {key} differs: snapshot {snap.get(key)!r}, engine {mine[key]!r}")
@@ -318,20 +323,20 @@ def restore_session(engine, path):
         names = {f.name for f in dataclasses.fields(SeqState)}
         if not isinstance(seq_fields, dict) or set(seq_fields) != names:
             raise SnapshotError(f"{path}: the session counters do not match this engine's SeqState fields")
-        frames = list(pg["sink_frames"]) + list(pg["window_frames"])
-        budget, committed = int(pg["budget"]), int(pg["frames_committed"])
+        table = SavedTable(budget=int(pg["budget"]), sink_frames=[int(f) for f in pg["sink_frames"]],
+                           window_frames=[int(f) for f in pg["window_frames"]],
+                           frames_committed=int(pg["frames_committed"]))
+        frames, budget = table.frames(), table.budget
         if len(frames) > budget:
             raise SnapshotError(f"{path}: the snapshot holds {len(frames)} pages, over its budget {budget}")
         kv = {}
         if frames:
-            for layer in range(len(engine.pool.k)):
-                for kind in ("k", "v"):
-                    t = rd.tensor(f"kv.{kind}.{layer}", "kv")
-                    want = (engine.kv_lanes, len(frames), *engine.pool.k[layer].shape[1:])
-                    if tuple(t.shape) != want:
-                        raise SnapshotError(f"{path}: kv.{kind}.{layer} has shape {list(t.shape)}, expected "
-                                            f"{list(want)}")
-                    kv[kind, layer] = t.to(engine.pool.k[layer].dtype)
+            for name, pool in engine.pool.page_tensors():
+                t = rd.tensor(f"kv.{name}", "kv")
+                want = (engine.kv_lanes, len(frames), *pool.shape[1:])
+                if tuple(t.shape) != want:
+                    raise SnapshotError(f"{path}: kv.{name} has shape {list(t.shape)}, expected {list(want)}")
+                kv[name] = t.to(pool.dtype)
         hist_frames = r["history_frames"]
         hist = OrderedDict()
         if hist_frames:
@@ -345,7 +350,8 @@ def restore_session(engine, path):
                             x=rd.decode(r["x"], "x"), x0=rd.decode(r["x0"], "x0"),
                             decoder_state=rd.decode(r["decoder_state"], "decoder_state"), history=hist,
                             prefill=rd.decode(r["prefill"], "prefill"),
-                            text_embeds=rd.decode(r["text_embeds"], "text_embeds"))
+                            text_embeds=rd.decode(r["text_embeds"], "text_embeds"),
+                            inputs=rd.decode(r["inputs"], "inputs") if "inputs" in r else {})
         num_frames, frames_out = s["num_frames"], int(s["frames_out"])
     except SnapshotError:
         raise
@@ -354,21 +360,16 @@ def restore_session(engine, path):
     with engine.lock:
         engine.kv.check_fits_ever(budget)
         # room is made the way admission makes it (kept prefixes, then paused sessions to host memory)
-        if not engine.scheduler.make_room(budget) or not engine.kv.alloc.can_allocate(len(frames)):
+        if not engine.scheduler.make_room(budget) or engine.kv.free_pages < len(frames):
             raise AdmissionError(f"the pool cannot hold the restored session now: it needs {budget} KV pages, "
-                                 f"{engine.kv.alloc.num_pages - engine.kv.reserved} are unreserved")
+                                 f"{engine.kv.unreserved} are unreserved")
         sid = next(engine._ids)
         engine.kv.allocate(sid, budget)
-        sp = engine.kv.sessions[sid]
-        pages = engine.kv.alloc.allocate(len(frames)) if frames else []
-        n_sink = len(pg["sink_frames"])
-        sp.sink = [(p, int(f)) for p, f in zip(pages[:n_sink], frames[:n_sink])]
-        sp.window = deque((p, int(f)) for p, f in zip(pages[n_sink:], frames[n_sink:]))
-        sp.frames_committed = committed
+        pages = engine.kv.restore_table(sid, table)
         if pages:
-            stride = engine.kv.alloc.num_pages
-            for (kind, layer), t in kv.items():
-                pool = (engine.pool.k if kind == "k" else engine.pool.v)[layer]
+            stride = engine.kv.num_pages
+            for name, pool in engine.pool.page_tensors():
+                t = kv[name]
                 for j in range(engine.kv_lanes):
                     idx = torch.tensor([p + j * stride for p in pages], device=pool.device)
                     pool[idx] = t[j].to(pool.device)

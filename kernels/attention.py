@@ -16,7 +16,7 @@ Backends: ``reference`` (naive explicit softmax in fp32), ``sdpa`` (torch scaled
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +38,52 @@ class DenseMeta:
 class BlockCausalMeta:
     frame_tokens: int  # tokens per latent frame
     block_frames: int  # frames per block; block i = frames [i*block_frames, (i+1)*block_frames)
+    window_frames: int | None = None  # a block sees only the latest window_frames frames up to its end (a rolling
+    # cache of that many frames; None: every earlier frame)
+
+    def frame_mask(self, frames: int, device) -> torch.Tensor:
+        """Bool [F, F], True where query frame i may attend key frame j: j's block is not later than i's and, with a
+        window, j lies in the window_frames frames that end with i's block."""
+        f = torch.arange(frames, device=device)
+        blk = f // self.block_frames
+        ok = blk[None, :] <= blk[:, None]
+        if self.window_frames is not None:
+            end = (blk + 1) * self.block_frames  # one past the last frame of each query frame's block
+            ok &= f[None, :] >= (end - self.window_frames)[:, None]
+        return ok
 
     def mask(self, length: int, device) -> torch.Tensor:
         """Bool [L, L], True where query token q may attend key token k."""
-        blk = torch.arange(length, device=device) // (self.frame_tokens * self.block_frames)
-        return blk[None, :] <= blk[:, None]
+        fm = self.frame_mask(length // self.frame_tokens, device)
+        return fm.repeat_interleave(self.frame_tokens, 0).repeat_interleave(self.frame_tokens, 1)
 
 
 @dataclass
 class KVPool:
-    """Per-layer K and V pools, allocated once: [num_pages, page_tokens, kv_heads, head_dim] each."""
+    """Per-layer K and V pools, allocated once: [num_pages, page_tokens, kv_heads, head_dim] each.
+
+    ``groups``: further per-page caches a model keeps beside its self-attention K/V (a model adapter's
+    ``cache_groups``, e.g. the keyboard and mouse caches of an action module), name -> [num_pages, ...]. Row p of
+    every group belongs to page row p, so whatever moves, copies or frees a page covers them too
+    (``page_tensors``)."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    groups: dict = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, num_layers: int, num_pages: int, page_tokens: int, kv_heads: int, head_dim: int,
-                 dtype=torch.float32, device="cpu") -> "KVPool":
+                 dtype=torch.float32, device="cpu", groups: dict | None = None) -> "KVPool":
+        """groups: name -> the shape of one page's entry (e.g. (page_tokens, heads, head_dim))."""
         shape = (num_pages, page_tokens, kv_heads, head_dim)
+        extra = {name: torch.zeros((num_pages, *per_page), dtype=dtype, device=device)
+                 for name, per_page in (groups or {}).items()}
         return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)], groups=extra)
+
+    def page_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every per-page tensor by a stable name: ``k.<layer>``, ``v.<layer>``, then each group's name."""
+        return ([(f"k.{i}", t) for i, t in enumerate(self.k)] + [(f"v.{i}", t) for i, t in enumerate(self.v)]
+                + sorted(self.groups.items()))
 
     @property
     def num_pages(self) -> int:
@@ -67,7 +94,7 @@ class KVPool:
         return self.k[0].shape[1]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for _, t in self.page_tensors())
 
 
 @dataclass

@@ -4,7 +4,10 @@ Names a user can pass to ``load_model``:
 - ``toyworld``: the trained toy world shipped in models/weights (pixel space, actions, themes by prompt);
 - ``tiny``: random tiny Wan DiT + tiny Wan VAE + hashed-word text encoder (tests, smoke runs);
 - ``wan2.1-t2v-1.3b`` / ``wan2.1-t2v-14b``: the real architectures with random weights (benchmarks);
-- a path: a diffusers Wan pipeline directory, a bundle JSON written by this project, or a DiT checkpoint in any
+- ``matrix-game-tiny`` / ``matrix-game-2.0`` (-gta, -templerun): Matrix-Game 2.0, tiny or at the released shapes,
+  random weights (models/matrixgame/bundle.py);
+- a path: a released Matrix-Game 2.0 folder (config.json with an action_config), a diffusers Wan pipeline
+  directory, a bundle JSON written by this project, or a DiT checkpoint in any
   format ``checkpoints.load_dit`` reads (then pass ``vae=`` and ``text_encoder=`` paths for pixels and prompts).
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ from .wan_dit import CausalWanDiT, PRESETS, WanDiTConfig
 __all__ = ["ModelBundle", "PixelDecoder", "load_model", "default_model", "MODEL_NAMES", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-MODEL_NAMES = ["toyworld", "tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"]
+MODEL_NAMES = ["toyworld", "tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "matrix-game-tiny", "matrix-game-2.0",
+               "matrix-game-2.0-gta", "matrix-game-2.0-templerun"]
 
 
 def default_model() -> str:
@@ -50,6 +54,8 @@ class ModelBundle:
     extra: dict = field(default_factory=dict)
     corrector: object | None = None  # ActionCorrector run on each block's last estimate before its commit, or None
     adapter_class: type = ModelAdapter  # what is special about this model (models/adapter.py)
+    image_encoder: object | None = None  # encode_image(uint8 [H, W, 3]) -> image tokens (image-conditioned models)
+    frame_counts: object | None = None  # pixel_frames / latent_frames when there is no decoder to ask
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -61,14 +67,12 @@ class ModelBundle:
         return self.decoder.spatial_ratio if self.decoder is not None else 8
 
     def latent_frames(self, n_pixel: int) -> int:
-        if self.decoder is None:
-            return n_pixel
-        return self.decoder.latent_frames(n_pixel)
+        counts = self.decoder if self.decoder is not None else self.frame_counts
+        return n_pixel if counts is None else counts.latent_frames(n_pixel)
 
     def pixel_frames(self, n_latent: int) -> int:
-        if self.decoder is None:
-            return n_latent
-        return self.decoder.pixel_frames(n_latent)
+        counts = self.decoder if self.decoder is not None else self.frame_counts
+        return n_latent if counts is None else counts.pixel_frames(n_latent)
 
     def start_frames(self, prompt: str, seed: int = 0):
         """The frames a session of this model starts from when none are given (its adapter's), or None."""
@@ -91,6 +95,8 @@ def _device_dtype(bundle: ModelBundle, device, dtype) -> ModelBundle:
         bundle.decoder.to(device=device)
     if bundle.corrector is not None:
         bundle.corrector.to(device=device)
+    if isinstance(bundle.image_encoder, torch.nn.Module):
+        bundle.image_encoder.to(device=device)
     bundle.dit.eval()
     return bundle
 
@@ -205,6 +211,9 @@ def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.flo
                              decoder=WanVAE.tiny(seed=seed), text_encoder=_hash_encoder(cfg.text_dim, cfg.text_len),
                              height=64, width=64)
         bundle = _device_dtype(bundle, device, dtype)
+    elif name.startswith("matrix-game") and name in MODEL_NAMES:
+        from .matrixgame.bundle import load_preset
+        bundle = load_preset(name, seed=seed, device=device, dtype=dtype)
     elif name in PRESETS:
         from .vae import WanVAE
         cfg = PRESETS[name]
@@ -222,8 +231,13 @@ def load_model(name_or_path: str | os.PathLike, *, device="cpu", dtype=torch.flo
         if not path.exists():
             raise FileNotFoundError(f"unknown model {name!r}: not a preset ({', '.join(MODEL_NAMES)}) and no such "
                                     f"file or directory")
+        from .matrixgame.bundle import is_release_dir
         if path.suffix == ".json":
             bundle = load_bundle_json(path, device, dtype)
+        elif is_release_dir(path):  # a released Matrix-Game 2.0 model (config.json with an action_config)
+            from .matrixgame.bundle import load_release
+            bundle = load_release(path, device=device, dtype=dtype, vae=vae)
+            vae = None
         elif path.is_dir() and (path / "model_index.json").exists():
             from .checkpoints import load_pipeline_dir
             dit, vae_m, te = load_pipeline_dir(path, device=device, dtype=dtype)

@@ -12,7 +12,8 @@ import torch
 from .config import ConfigBase
 
 __all__ = ["SamplingConfig", "SAMPLERS", "shifted_sigmas", "timestep_table", "warped_timesteps", "sigma_at",
-           "flow_to_x0", "x0_to_flow", "add_noise", "euler_step", "cfg_combine"]
+           "flow_to_x0", "x0_to_flow", "add_noise", "euler_step", "cfg_combine", "Sampler", "FewStepSampler",
+           "EulerSampler", "make_sampler"]
 
 
 def shifted_sigmas(shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -128,6 +129,91 @@ class SamplingConfig(ConfigBase):
     @property
     def num_steps(self) -> int:
         return len(self.denoising_steps)
+
+
+class Sampler:
+    """How a block goes from noise to a clean estimate, step by step: one object per engine, chosen once from the
+    SamplingConfig (``make_sampler``), so the block loop calls the same four things whichever sampler runs.
+
+    A session's ``state`` is any object with ``x`` (the current step's input) and ``x0`` (the latest clean
+    estimate). ``guided``: the sampler needs an unconditional prediction (negative prompt) beside the conditional
+    one. Step 0 of a block always starts from the block's initial noise; the sampler says what follows.
+    """
+    guided = False
+
+    def __init__(self, sampling: "SamplingConfig", prediction: str = "flow"):
+        self.sigmas = sampling.sigmas()  # the noise level of each step's input
+        self.prediction = prediction  # what the network predicts: "flow" (v) or "x0"
+
+    def step_input(self, step: int, state, renoise) -> torch.Tensor:
+        """The input of step ``step`` (> 0) from the session's state. ``renoise()`` draws the step's fresh noise;
+        only a sampler that re-noises calls it, so the others leave the noise stream untouched."""
+        raise NotImplementedError
+
+    def output(self, x: torch.Tensor, pred: torch.Tensor, pred_uncond, steps: list) -> torch.Tensor:
+        """What a batch [B, F, C, h, w] (row i at step ``steps[i]``) steps with, from its predictions (and the
+        unconditional ones when ``guided``)."""
+        raise NotImplementedError
+
+    def advance(self, state, step: int, x: torch.Tensor, out: torch.Tensor, last: bool) -> None:
+        """One row after step ``step`` (``last``: the block's last step), from its input ``x`` and its ``output``
+        row: the clean estimate ``state.x0`` and, when the next input follows from it, ``state.x``."""
+        raise NotImplementedError
+
+
+class FewStepSampler(Sampler):
+    """Few-step distilled sampling (Self-Forcing, CausVid): every step predicts the clean block, and the next step
+    starts from that estimate re-noised to its own level with fresh noise. Guidance is not part of it."""
+
+    def step_input(self, step: int, state, renoise) -> torch.Tensor:
+        return add_noise(state.x0, renoise(), self.sigmas[step])
+
+    def output(self, x: torch.Tensor, pred: torch.Tensor, pred_uncond, steps: list) -> torch.Tensor:
+        return pred
+
+    def advance(self, state, step: int, x: torch.Tensor, out: torch.Tensor, last: bool) -> None:
+        if self.prediction == "x0":
+            state.x0 = out
+        else:
+            sigma = torch.tensor([self.sigmas[step]], dtype=torch.float64, device=x.device)[:, None, None, None]
+            state.x0 = flow_to_x0(x, out, sigma)
+
+
+class EulerSampler(Sampler):
+    """A multi-step flow ODE solved with Euler steps (diffusers' FlowMatchEulerDiscreteScheduler), with optional
+    classifier-free guidance on the flow: the next input is the Euler step itself, no noise is drawn after the
+    first step, and the last step's point is the clean block."""
+
+    def __init__(self, sampling: "SamplingConfig", prediction: str = "flow"):
+        super().__init__(sampling, prediction)
+        self.euler_sigmas = sampling.euler_sigmas()
+        self.scale = sampling.guidance_scale
+        self.guided = self.scale != 1.0
+
+    def step_input(self, step: int, state, renoise) -> torch.Tensor:
+        return state.x
+
+    def _flow(self, x, pred, sigma):
+        return pred if self.prediction == "flow" else x0_to_flow(x, pred, sigma)
+
+    def output(self, x: torch.Tensor, pred: torch.Tensor, pred_uncond, steps: list) -> torch.Tensor:
+        """The flow of each row, guided (``cfg_combine``) when an unconditional prediction is given."""
+        sigma = torch.tensor([self.sigmas[s] for s in steps], dtype=torch.float64,
+                             device=x.device)[:, None, None, None, None]
+        v = self._flow(x, pred, sigma)
+        if pred_uncond is not None:
+            v = cfg_combine(v, self._flow(x, pred_uncond, sigma), self.scale)
+        return v
+
+    def advance(self, state, step: int, x: torch.Tensor, out: torch.Tensor, last: bool) -> None:
+        sig, sig_next = self.euler_sigmas[step], self.euler_sigmas[step + 1]
+        state.x = euler_step(x, out, sig, sig_next)
+        state.x0 = state.x if last else flow_to_x0(x, out, sig)
+
+
+def make_sampler(sampling: "SamplingConfig", prediction: str = "flow") -> Sampler:
+    """The sampler object a SamplingConfig names, for a network predicting ``prediction`` ("flow" or "x0")."""
+    return (EulerSampler if sampling.sampler == "euler" else FewStepSampler)(sampling, prediction)
 
 
 SAMPLERS = {"few_step", "euler"}

@@ -1,6 +1,7 @@
 """A dense K/V cache of committed frames, trimmed like the engine's paged cache (sink + most recent frames).
 
-The standalone toy-world rollout keeps its context here, and the engine keeps its mirror views' context here.
+The engine-free toy-world rollout (models/toyworld/eval.py, a test oracle for the engine) keeps its context here; it
+trims by its own code, written apart from the engine's, so that the two check each other.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ from inferix.engine import Engine
 from inferix.models.corrector import ActionCorrector
 from inferix.models.schedule import SamplingConfig
 from inferix.models.toyworld import simulator as sim
-from inferix.models.toyworld.corrector_train import (CorrectorConfig, export_with_corrector, make_pairs,
-                                                     train_corrector)
+from inferix.models.toyworld.corrector_train import CorrectorConfig, episode, export_with_corrector, train_corrector
 from inferix.models.toyworld.data import to_latent
 from inferix.models.toyworld.eval import load_corrector, load_decoder, load_parts, load_toyworld, rollout
+from inferix.app.toyworld.corrector_pairs import collect_pairs
 from inferix.app.toyworld.train_corrector import main as corrector_main
 
 from toyworld_helpers import WEIGHTS
@@ -185,6 +185,7 @@ def test_training_learns_a_correction_the_estimate_lacks():
         CorrectorConfig(views="")
 
 
+@pytest.mark.slow
 def test_train_toyworld_corrector_cli_adds_a_corrector_to_the_bundle(tmp_path, capsys):
     out = tmp_path / "c"
     assert corrector_main(["--episodes", "1", "--frames", "8", "--steps", "3", "--batch", "2", "--views", "hv",
@@ -209,16 +210,40 @@ def test_train_toyworld_corrector_cli_adds_a_corrector_to_the_bundle(tmp_path, c
 
 def test_pairs_commit_the_views_mean_or_the_given_corrector():
     cfg = CorrectorConfig(episodes=1, frames=8, views="hv")
-    p = make_pairs(WEIGHTS, cfg, progress=False)
+    p = collect_pairs(WEIGHTS, cfg, progress=False)
     assert p["est"].shape == (2, 4, 3, 64, 64) and p["act"].shape == (2, 4)
     assert torch.equal(p["prev"][1], p["mean"][0, -1].clamp(-1, 1))  # block 2 follows the mean block 1 committed
     assert (p["mean"] - p["est"]).abs().max() > 0.05  # the views do not agree with the world's own estimate
     corr = _random_corrector(2, std=0.3)
-    q = make_pairs(WEIGHTS, cfg, progress=False, corrector=corr)
+    q = collect_pairs(WEIGHTS, cfg, progress=False, corrector=corr)
     assert torch.equal(q["est"][0], p["est"][0]) and torch.equal(q["mean"][0], p["mean"][0])  # same episode
     want = corr.block(q["est"][0].float(), q["prev"][0].float(), q["act"][0])[-1]
     assert (q["prev"][1].float() - want).abs().max() < 2e-2  # (est is stored in float16)
     assert (q["prev"][1].float() - p["prev"][1].float()).abs().max() > 0.1
+
+
+def test_pairs_through_the_engine_match_the_engine_free_oracle():
+    """The engine's pairs against the engine-free rollout's, recorded the same way (its ``combine``): the given
+    start frames are committed with no action, as the engine commits any given frames."""
+    cfg = CorrectorConfig(episodes=1, frames=8, views="hv")
+    p = collect_pairs(WEIGHTS, cfg, progress=False)
+    dit, text, meta, decoder, _ = load_parts(WEIGHTS)
+    seed, prompt, acts = episode(cfg, 0)
+    frames, _ = sim.simulate(seed, acts[:cfg.start_frames], prompt, cfg.start_frames)
+    rows = []
+
+    def combine(est, a, last):  # est [V, F, C, H, W]: the world's own estimate first, then the views' mapped back
+        rows.append((est[0], last, a.clone(), est.mean(0)))
+        return est.mean(0)
+    for _ in rollout(dit, text, SamplingConfig.from_dict(meta["sampling"]), prompt, frames, acts[cfg.start_frames:],
+                     seed=seed, window=meta["window"], sink=meta["sink"], decoder=decoder, positions="relative",
+                     mirrors=("hv",), combine=combine):
+        pass
+    assert len(rows) == len(p["est"]) == 2
+    for i, (est, prev, act, mean) in enumerate(rows):
+        assert torch.equal(p["act"][i], act)
+        for k, want in (("est", est), ("prev", prev), ("mean", mean)):
+            assert (p[k][i].float() - want).abs().max() < 2e-3, (i, k)  # pairs are stored in float16
 
 
 def test_load_parts_reads_the_bundle_once_and_equals_the_single_loaders(corrected_bundle, monkeypatch):
@@ -234,3 +259,15 @@ def test_load_parts_reads_the_bundle_once_and_equals_the_single_loaders(correcte
                  (decoder.refiner, load_decoder(corrected_bundle, meta2).refiner)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_no_command_imports_the_engine_free_oracle():
+    """The engine-free rollout is a test oracle: the toy world's commands (evaluation, training) run the engine."""
+    import subprocess
+    import sys
+    code = ("import sys, inferix.cli, inferix.app.toyworld.cli, inferix.app.toyworld.eval, "
+            "inferix.app.toyworld.train_corrector, inferix.app.toyworld.train_decoder, inferix.models.toyworld.train; "
+            "print(sorted(m for m in sys.modules if m.endswith(('toyworld.eval', 'window_kv')) and 'app' not in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

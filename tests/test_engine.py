@@ -8,8 +8,33 @@ import torch
 from inferix.engine import AdmissionError, Engine
 from inferix.kernels.attention import BlockCausalMeta, ReferenceBackend
 from inferix.models.schedule import flow_to_x0
-from inferix.plan import DENOISE, PREFILL, RECACHE
+from inferix.plan import COMMIT, DENOISE, PREFILL, RECACHE
 from engine_utils import run_latents, tiny_bundle, tiny_engine
+
+
+class RecordingReference(ReferenceBackend):
+    """The naive reference attention, keeping what each layer would cache: its keys (rotated) and values."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def attend(self, q, k, v, layer, meta, k_raw=None):
+        self.kv[layer] = (k[0].clone(), v[0].clone())
+        return super().attend(q, k, v, layer, meta, k_raw=k_raw)
+
+
+def _pages_kv(eng, pages) -> list:
+    """K/V of the pool's pages (in order), every layer: [(k, v)] of [n * page_tokens, H, D] each."""
+    idx = torch.tensor(pages)
+    return [(eng.pool.k[i][idx].flatten(0, 1).clone(), eng.pool.v[i][idx].flatten(0, 1).clone())
+            for i in range(len(eng.pool.k))]
+
+
+def _assert_kv(got: list, want: dict):
+    assert len(got) == len(want)
+    for layer, (k, v) in enumerate(got):
+        torch.testing.assert_close(k, want[layer][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, want[layer][1], rtol=0, atol=1e-5)
 
 
 def _record_passes(engine):
@@ -32,7 +57,7 @@ def test_incremental_equals_full_block_causal_forward():
     assert lat.shape == (12, 16, 4, 4)
     dit = eng.dit
     ctx = eng.bundle.encode_prompt("a red ball")
-    sig = eng.runner.sigmas
+    sig = eng.runner.sampler.sigmas
     ts = eng.runner.timesteps
     for block, step, x, x0 in passes:
         # whole clip: earlier blocks clean at the context timestep, the last block noisy at this step's timestep
@@ -111,7 +136,7 @@ def test_incremental_equals_full_with_window_and_sink():
                 return backend_masked(q, k, v, mask)
         with torch.no_grad():
             v = dit(clip, t, ctx, backend=Masked())
-        x0_full = flow_to_x0(x, v[0, 3 * block:], eng.runner.sigmas[step])
+        x0_full = flow_to_x0(x, v[0, 3 * block:], eng.runner.sampler.sigmas[step])
         assert (x0_full - x0).abs().max() <= 1e-5, (block, step)
 
 
@@ -169,8 +194,14 @@ def test_seed_reproduces_and_differs():
 def test_prompt_switch_takes_effect_at_next_block_and_recache_runs():
     base = run_latents(tiny_engine(), "a red ball", frames=9, seed=0)
     eng = tiny_engine()
-    kinds = []
-    eng.hooks.append(lambda plan, outs: kinds.extend(g.kind for g in plan.groups))
+    kinds, commits, recached = [], [], []
+
+    def hook(plan, outs):  # the K/V each commit and recache pass leaves in its pages
+        kinds.extend(g.kind for g in plan.groups)
+        for row in plan.rows():
+            if row.kind in (COMMIT, RECACHE):
+                (recached if row.kind == RECACHE else commits).append((row, _pages_kv(eng, row.write_pages)))
+    eng.hooks.append(hook)
     s = eng.open_session("a red ball", num_frames=9, seed=0, recache=True)
     it = iter(s)
     next(it)  # block 0 delivered
@@ -182,6 +213,17 @@ def test_prompt_switch_takes_effect_at_next_block_and_recache_runs():
     assert (lat[3:] - base[3:]).abs().max() > 1e-3
     assert RECACHE in kinds
     assert eng.pages_in_use == 0
+    # content: the recache re-commits the window (block 0's clean frames) under the new prompt, at the context
+    # timestep, as one whole forward of those frames would cache them
+    (row, got), = recached
+    assert row.context_frames == [0, 1, 2] and row.write_pages == commits[0][0].write_pages
+    ref = RecordingReference()
+    with torch.no_grad():
+        eng.dit(lat[:3][None], torch.full((1, 3), eng.bundle.sampling.context_timestep),
+                eng.bundle.encode_prompt("a blue cube"), backend=ref)
+    _assert_kv(got, ref.kv)
+    old = commits[0][1]  # what block 0's commit cached under the old prompt: the later layers' K/V follow it
+    assert (got[-1][0] - old[-1][0]).abs().max() > 1e-3
 
 
 def test_pause_resume_cancel_free_pages_at_once():
@@ -231,12 +273,26 @@ def test_init_frames_are_prefilled_as_context():
     from inferix.models.bundle import PixelDecoder
     eng.bundle.decoder = PixelDecoder(16)  # identity codec: lets init frames in without a VAE
     eng.bundle.decoder.encode = lambda f: torch.zeros(1, 4, 16, 4, 4) + 0.5
+    prefilled = []
+    eng.hooks.append(lambda plan, outs: prefilled.extend(
+        (r.frame_start, r.write_pages, _pages_kv(eng, r.write_pages)) for r in plan.rows() if r.kind == PREFILL))
     s = eng.open_session("x", num_frames=6, seed=0, init_frames=np.zeros((4, 32, 32, 3), np.uint8))
     eng.run_until_idle()
     assert kinds.count(PREFILL) == 2  # 4 given frames in blocks of 3: 3 + 1
     lat_with = torch.cat(s.latents)
     plain = run_latents(tiny_engine(), frames=6)
     assert (lat_with - plain).abs().max() > 1e-3
+    # content: the prefilled pages hold what one forward of the given latents at timestep 0 caches, with
+    # block-causal attention over the prefill chunks (frames 0-2, then frame 3 seeing 0-3)
+    assert [(f, len(p)) for f, p, _ in prefilled] == [(0, 3), (3, 1)]
+    given = torch.zeros(1, 4, 16, 4, 4) + 0.5
+    ref = RecordingReference()
+    meta = BlockCausalMeta(frame_tokens=eng.dit.tokens_per_frame(4, 4), block_frames=3)
+    with torch.no_grad():
+        eng.dit(given, torch.zeros(1, 4), eng.bundle.encode_prompt("x"), meta=meta, backend=ref)
+    got = [(torch.cat([kv[i][0] for _, _, kv in prefilled]), torch.cat([kv[i][1] for _, _, kv in prefilled]))
+           for i in range(len(eng.pool.k))]
+    _assert_kv(got, ref.kv)
 
 
 @pytest.mark.parametrize("kw,err,match", [
@@ -285,6 +341,34 @@ def test_euler_sampler_with_classifier_free_guidance():
     assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-3
 
 
+def test_guided_step_combines_two_direct_predictions():
+    """One Euler step with classifier-free guidance, against two direct DiT calls: the step steps with
+    uncond + g * (cond - uncond)."""
+    from inferix.models.schedule import SamplingConfig
+    g = 4.0
+    sampling = SamplingConfig(denoising_steps=[0] * 4, sampler="euler", warp=False, shift=3.0, guidance_scale=g,
+                              negative_prompt="blurry")
+    eng = tiny_engine(sampling=sampling)
+    states = []  # (step, x, x0) of block 0 after each of its denoise passes
+    eng.hooks.append(lambda plan, outs: states.extend(
+        (r.step, eng.runner.sessions[r.sid].x.clone(), eng.runner.sessions[r.sid].x0.clone())
+        for r in plan.rows() if r.kind == DENOISE and r.block == 0))
+    run_latents(eng, "a red ball", frames=3)
+    assert [st for st, _, _ in states] == [0, 1, 2, 3]
+    sig = sampling.euler_sigmas()
+    for step in (1, 2):  # block 0 sees no context: a direct call on its frames alone is the engine's pass
+        x_in = states[step - 1][1]  # the Euler sampler's next input is the step it took
+        t = torch.full((1, 3), sampling.timesteps[step])
+        with torch.no_grad():
+            cond = eng.dit(x_in[None], t, eng.bundle.encode_prompt("a red ball"))[0]
+            uncond = eng.dit(x_in[None], t, eng.bundle.encode_prompt("blurry"))[0]
+        v = uncond + g * (cond - uncond)
+        _, x_out, x0 = states[step]
+        torch.testing.assert_close(x_out, x_in + (sig[step + 1] - sig[step]) * v, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x0, x_in - sig[step] * v, rtol=0, atol=1e-5)
+        assert (cond - uncond).abs().max() > 1e-2  # the two predictions differ: the guidance matters here
+
+
 def test_tiny_preset_video_continuation_and_prompt_schedule():
     eng = Engine.from_pretrained("tiny", device="cpu", max_sessions=1, kv_pages=12)
     kinds = []
@@ -327,7 +411,7 @@ def test_independent_first_frame_blocks_and_full_forward_equivalence():
                 return self.masked(q, k, v, mask)
         with torch.no_grad():
             v = dit(clip, t, ctx, backend=Masked())
-        assert (flow_to_x0(x, v[0, s0:], eng.runner.sigmas[step]) - x0).abs().max() <= 1e-5
+        assert (flow_to_x0(x, v[0, s0:], eng.runner.sampler.sigmas[step]) - x0).abs().max() <= 1e-5
 
 
 def test_exact_pixel_frame_count_and_ended_sessions_are_forgotten():

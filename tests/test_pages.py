@@ -1,7 +1,7 @@
 """Paged KV bookkeeping with exact page ids and free-list order (no torch)."""
 import pytest
 
-from inferix.pages import AdmissionError, KVManager, PageAllocator
+from inferix.pages import AdmissionError, KVManager, PageAllocator, SavedTable, kept_frames, recent_for_block
 
 
 def test_allocator_fifo_reuse_and_refcounts():
@@ -79,3 +79,62 @@ def test_unbounded_global_attention_needs_length():
     with pytest.raises(AdmissionError):
         kv.budget_for(None)
     assert kv.budget_for(9) == 9
+
+
+def test_block_table_pairs_frames_with_pages():
+    kv = KVManager(num_pages=11, block_frames=2, window_frames=6, sink_frames=2)
+    kv.allocate(3, 6)
+    for _ in range(4):
+        kv.begin_block(3)
+        kv.commit(3, 2)
+    kv.begin_block(3)  # sink frames 0,1 and the latest block (frames 6,7) stay
+    assert kv.block_table(3) == [(0, 0), (1, 1), (6, 6), (7, 7)]
+    assert dict(kv.block_table(3)) == {0: 0, 1: 1, 6: 6, 7: 7}
+    assert kv.holds(3) and not kv.holds(4)
+    assert kv.held_pages(3) == [0, 1, 6, 7] and kv.budget_of(3) == 6 and kv.frames_committed(3) == 8
+    assert kv.free_pages == 7 and kv.unreserved == 5
+
+
+def test_take_and_restore_table_onto_fresh_pages():
+    kv = KVManager(num_pages=8, block_frames=1, window_frames=4, sink_frames=1)
+    kv.allocate(1, 4)
+    for _ in range(5):
+        kv.begin_block(1)
+        kv.commit(1, 1)
+    assert kv.block_table(1) == [(0, 0), (2, 2), (3, 3), (4, 4)]
+    saved = kv.save_table(1)
+    assert saved == SavedTable(budget=4, sink_frames=[0], window_frames=[2, 3, 4], frames_committed=5)
+    assert kv.block_table(1) == [(0, 0), (2, 2), (3, 3), (4, 4)]  # saving changes nothing
+    taken = kv.take_table(1)
+    assert taken == saved and not kv.holds(1) and kv.reserved == 0 and kv.pages_in_use == 0
+    assert list(kv.alloc.free) == [5, 6, 7, 1, 0, 2, 3, 4]
+    kv.allocate(9, taken.budget)
+    pages = kv.restore_table(9, taken)
+    assert pages == [5, 6, 7, 1]
+    assert kv.block_table(9) == [(0, 5), (2, 6), (3, 7), (4, 1)]
+    assert kv.frames_committed(9) == 5 and kv.save_table(9) == taken
+    kv.begin_block(9)  # the restored session goes on as the original would: sink kept, oldest window page out
+    assert kv.commit(9, 1) == [0] and kv.block_table(9) == [(0, 5), (3, 7), (4, 1), (5, 0)]
+    with pytest.raises(RuntimeError, match="already holds pages"):
+        kv.restore_table(9, taken)
+    kv.allocate(10, 2)
+    with pytest.raises(RuntimeError, match="budget 2"):
+        kv.restore_table(10, taken)
+    assert kv.held_pages(10) == []
+
+
+def test_one_sink_window_rule():
+    assert kept_frames(range(10), sink=2, recent=3) == [0, 1, 7, 8, 9]
+    assert kept_frames([0, 1, 5, 6], sink=2, recent=5) == [0, 1, 5, 6]  # fewer than recent: all stay
+    assert kept_frames(range(6), sink=0, recent=0) == []
+    assert kept_frames(range(4), sink=9, recent=0) == [0, 1, 2, 3]  # all in the sink
+    assert kept_frames([3, 4, 8], sink=2, recent=None) == [3, 4, 8]
+    assert recent_for_block(12, 3, 3) == 6 and recent_for_block(4, 3, 3) == 0 and recent_for_block(None, 3, 3) is None
+    # the block table keeps what the rule keeps, for blocks of any size
+    kv = KVManager(num_pages=20, block_frames=3, window_frames=9, sink_frames=2)
+    kv.allocate(1, 9)
+    for n in (3, 1, 3, 2, 3, 3):
+        before = [f for f, _ in kv.block_table(1)]
+        kv.begin_block(1, n)
+        assert [f for f, _ in kv.block_table(1)] == kept_frames(before, 2, recent_for_block(9, 2, n))
+        kv.commit(1, n)

@@ -1,7 +1,7 @@
 """``inferix train toyworld-corrector``: add a trained action corrector to a toy-world bundle.
 
-The corrector is distilled from the bundle's own mirror-view ensemble; the parts live in
-``inferix.models.toyworld.corrector_train``.
+The corrector is distilled from the bundle's own mirror-view ensemble: its pairs are made through the engine
+(corrector_pairs.py), the training and export live in ``inferix.models.toyworld.corrector_train``.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inferix.models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, make_pairs, train_corrector
+from inferix.models.toyworld.corrector_train import CorrectorConfig, export_with_corrector, train_corrector
 
 from .bundle_options import add_config_options, config_from_options, source_bundle
+from .corrector_pairs import collect_pairs
 
 __all__ = ["main"]
 
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     for r in range(cfg.rounds):  # round 1: rollouts commit the views' mean; later ones the last corrector's output
         t0 = time.perf_counter()
         with torch.no_grad():
-            new = make_pairs(src, cfg, corrector=corr, round_=r)
+            new = collect_pairs(src, cfg, corrector=corr, round_=r)
         pairs = new if pairs is None else {k: torch.cat([pairs[k], new[k]]) for k in pairs}
         t1 = time.perf_counter()
         corr, losses, identity = train_corrector(pairs, cfg)

@@ -1,11 +1,12 @@
 """Train the toy world's action corrector (``models/corrector.ActionCorrector``); ``inferix train toyworld-corrector``
 (app/toyworld/train_corrector.py) drives these parts.
 
-The corrector is distilled from the mirror-view ensemble: episodes are rolled out with the bundle's DiT and
-mirror views (``rollout(mirrors=...)``, engine-free, the bundle's window, sink and sampling), and every block
-gives a pair: the world's own one-pass estimate (with the frame committed before the block and the block's
-actions) and the views' mean, which is what the ensemble commits. The corrector learns to map the first to the
-second, so one pass plus the corrector commits about what the ensemble would, at about one pass's cost.
+The corrector is distilled from the mirror-view ensemble: episodes (``episode``) are rolled out through the engine
+with the bundle's mirror views on (app/toyworld/corrector_pairs.py, above the engine: this package does not import
+it), and every block gives a pair: the world's own one-pass estimate (with the frame committed before the block
+and the block's actions) and the views' mean, which is what the ensemble commits. The corrector learns to map the
+first to the second (``train_corrector``), so one pass plus the corrector commits about what the ensemble would, at
+about one pass's cost.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..corrector import ActionCorrector
 from ..mirrors import parse_mirrors
 from . import simulator as sim
 
-__all__ = ["CorrectorConfig", "make_pairs", "train_corrector", "export_with_corrector"]
+__all__ = ["CorrectorConfig", "episode", "train_corrector", "export_with_corrector"]
 
 
 @dataclass
@@ -57,42 +58,6 @@ def episode(cfg: CorrectorConfig, e: int, round_: int = 0) -> tuple[int, str, np
     seed = int(rng.integers(2 ** 31))
     prompt = sim.random_prompt(rng, themes[e % len(themes)])
     return seed, prompt, sim.random_actions(rng, cfg.start_frames + cfg.frames)
-
-
-def make_pairs(weights, cfg: CorrectorConfig, progress: bool = True, corrector: ActionCorrector | None = None,
-               round_: int = 0) -> dict:
-    """Ensemble rollouts of the bundle ``weights`` (.json): a dict of stacked blocks, ``est`` float16 [N, F, 3, H, W]
-    (the world's own estimate), ``prev`` float16 [N, 3, H, W] (the frame committed before the block), ``act`` int64
-    [N, F] and ``mean`` float16 [N, F, 3, H, W] (the views' mean, the target).
-
-    Each block commits the views' mean, or with ``corrector`` what it makes of the world's estimate: then the
-    rollouts go where a stream with that corrector goes, and the pairs teach the next corrector there (a round of
-    ``cfg.rounds``; episodes of round r are drawn from (cfg.seed, r, e))."""
-    from .eval import load_parts, rollout
-    from ..schedule import SamplingConfig
-    dit, text, meta, decoder, _ = load_parts(weights)
-    sampling = SamplingConfig.from_dict(meta["sampling"])
-    if cfg.start_frames % sampling.block_frames:
-        raise ValueError(f"start_frames {cfg.start_frames} is not a multiple of the block "
-                         f"({sampling.block_frames} frames)")
-    views = parse_mirrors(cfg.views)
-    rows = []
-    from tqdm import tqdm
-    desc = "corrector pairs" + (f" (round {round_ + 1})" if cfg.rounds > 1 else "")
-    for e in tqdm(range(cfg.episodes), desc=desc, unit="episode", disable=not progress):
-        seed, prompt, acts = episode(cfg, e, round_)
-        frames, _ = sim.simulate(seed, acts[:cfg.start_frames], prompt, cfg.start_frames)
-
-        def combine(est, a, last):  # est [V, F, C, H, W]: the world's own estimate first, then the views' mapped back
-            mean = est.mean(0)
-            rows.append((est[0].half(), last.half(), a.clone(), mean.half()))
-            return mean if corrector is None else est[0]  # with a corrector, the rollout corrects the own estimate
-        for _ in rollout(dit, text, sampling, prompt, frames, acts[cfg.start_frames:], seed=seed,
-                         window=meta["window"], sink=meta["sink"], init_actions=acts[:cfg.start_frames],
-                         decoder=decoder, positions=meta.get("positions") or "relative", mirrors=views,
-                         combine=combine, corrector=corrector):
-            pass
-    return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(("est", "prev", "act", "mean"))}
 
 
 def train_corrector(pairs: dict, cfg: CorrectorConfig, progress: bool = True,

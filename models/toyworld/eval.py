@@ -1,35 +1,31 @@
-"""Toy-world evaluation without the engine: a standalone block-by-block rollout, scored by ``metrics``.
+"""An engine-free toy-world rollout, kept as a test oracle: the tests check the engine against it (same frames for
+the same seed, mirror views, corrector, refiner). No command and no production path uses it; the toy world's
+evaluation and training data come from the engine (app/toyworld/).
 
-    python -m inferix.models.toyworld.eval --frames 1000 --out DIR [--weights models/weights/toyworld.json]
-
-The metrics and pictures live in ``metrics.py``. The rollout here needs no engine: a plain per-layer K/V list (``WindowKVBackend``) holds the committed frames,
-trimmed to sink + window like the engine's cache. It follows the engine's semantics: each block is denoised
-from noise with the bundle's few-step schedule (predict x0, re-noise to the next level), then committed by one
-more pass on the clean x0 at ``context_timestep``; later blocks attend to the committed K/V.
+The rollout needs no engine: a plain per-layer K/V list (``WindowKVBackend``) holds the committed frames, trimmed
+to sink + window by its own code, written apart from the engine's. It follows the engine's semantics: each block
+is denoised from noise with the bundle's few-step schedule (predict x0, re-noise to the next level), then committed
+by one more pass on the clean x0 at ``context_timestep``; later blocks attend to the committed K/V.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..schedule import SamplingConfig
 from ..tensor_files import load_prefixed_strict
 from ..text_encoder import HashTextEncoder
 from ..wan_dit import CausalWanDiT, WanDiTConfig
-from ..corrector import CORRECTOR_MODES, use_corrector
-from ..mirrors import check_mirrors, mirror_tensor, parse_mirrors
+from ..mirrors import check_mirrors, mirror_tensor
 from ..window_kv import RolloutMeta, WindowKVBackend
 from . import simulator as sim
 from .data import to_latent, to_pixels
-from .metrics import _as_frames, drift_curve_png, eval_episode, rollout_metrics, strip_png
+from .metrics import _as_frames
 
-__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "load_corrector", "load_parts", "rollout",
-           "main"]
+__all__ = ["WindowKVBackend", "RolloutMeta", "load_toyworld", "load_decoder", "load_corrector", "load_parts",
+           "rollout"]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "toyworld.json"
 
@@ -207,91 +203,3 @@ def rollout(dit: CausalWanDiT, text, sampling: SamplingConfig, prompt: str, init
             meta=commit, backend=be, actions=fan_actions(a), kv_only=True)
         frames = to_pixels(x0[0] if decoder is None else decoder.refine_stream(dec_state, x0[0]))  # [bf, H, W, 3]
         yield frames[: min(bf, n - i * bf)]
-
-
-def run_eval(weights, frames: int, seed: int, prompt: str, context: int, steps: list | None, out: Path,
-             threads: int, window: int | None = None, sink: int | None = None, strip: Path | None = None,
-             init_actions: bool = True, positions: str | None = None, mirrors: tuple = (),
-             corrector: bool | None = None) -> dict:
-    """``corrector``: run the bundle's corrector (None: if it has one and no mirror views run, as the engine)."""
-    torch.set_num_threads(threads)
-    dit, text, meta, decoder, corr = load_parts(weights)
-    if not use_corrector(corrector, corr is not None, mirrors, str(weights)):
-        corr = None
-    sampling = SamplingConfig.from_dict(meta["sampling"])
-    if steps:
-        sampling = sampling.replace(denoising_steps=[float(s) for s in steps])
-    window = meta.get("window", 12) if window is None else window
-    sink = meta.get("sink", 0) if sink is None else sink
-    if positions is None:  # the engine's "auto": the bundle's choice, else relative (a window is always set here)
-        positions = meta.get("positions") or "relative"
-    acts, true, pos = eval_episode(seed, prompt, context + frames)
-    # Speed: wall time from the call to the first yielded block (context commit included) and over all frames.
-    t0 = time.perf_counter()
-    gen, t_first = [], None
-    for blk in rollout(dit, text, sampling, prompt, true[:context] if context else None, acts[context:], seed=seed,
-                       window=window, sink=sink, init_actions=acts[:context] if init_actions else None,
-                       decoder=decoder, positions=positions, mirrors=mirrors, corrector=corr):
-        if t_first is None:
-            t_first = time.perf_counter() - t0
-        gen.append(blk)
-    total = time.perf_counter() - t0
-    gen = np.concatenate(gen)
-    m = rollout_metrics(gen, true[context:], pos[context:], true[:context])
-    m["summary"].update({
-        "prompt": prompt, "theme": sim.theme_of(prompt), "seed": seed, "context_frames": context, "init_actions": "true" if init_actions else "none",
-        "sampling": sampling.to_dict(), "window": window, "sink": sink, "positions": positions, "threads": threads,
-        "mirrors": list(mirrors), "corrector": corr is not None,
-        "time_to_first_block_s": t_first, "total_s": total, "pixel_fps": frames / total,
-        "pixel_fps_after_first": (frames - sampling.block_frames) / max(total - t_first, 1e-9),
-    })
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(m, indent=1))
-    drift_curve_png(m, out / "drift.png", title=f"toy world, {frames} frames, prompt {prompt!r}, seed {seed}, "
-                                                f"steps {sampling.denoising_steps}")
-    cols = [c for c in (0, 4, 8, 16, 32, 64, 128, 256, 512, 999) if c < frames]
-    strip_png([("truth", true[context:]), ("model", gen)], cols, strip or (out / "strip.png"))
-    np.savez_compressed(out / "frames.npz", gen=gen, true=true[context:])
-    return m
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m inferix.models.toyworld.eval",
-                                 description="Standalone toy-world rollout against the simulator (no engine).")
-    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    ap.add_argument("--frames", type=int, default=1000)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=12345)
-    ap.add_argument("--prompt", default="a red cube in the snow")
-    ap.add_argument("--context", type=int, default=8, help="true frames given as context (multiple of the block)")
-    ap.add_argument("--steps", type=float, nargs="*", default=None, help="override the denoising steps")
-    ap.add_argument("--window", type=int, default=None)
-    ap.add_argument("--sink", type=int, default=None)
-    ap.add_argument("--positions", choices=["absolute", "relative"], default=None,
-                    help="frame positions (default: the bundle's)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--init-actions", choices=["true", "none"], default="true",
-                    help="actions given with the context frames: the simulator's, or 'none' for every frame (what "
-                         "an engine that is handed bare frames does)")
-    ap.add_argument("--strip", default=None, help="also write the truth-vs-model strip here")
-    ap.add_argument("--mirrors", default="", help="comma-separated mirror views run beside the world and averaged "
-                                                   "each block (h, v, hv, d, a); default none")
-    ap.add_argument("--corrector", choices=["auto", "on", "off"], default="auto",
-                    help="the bundle's action corrector: auto runs it if the bundle has one and no mirror views run")
-    a = ap.parse_args(argv)
-    try:
-        mirrors = parse_mirrors(a.mirrors)
-    except ValueError as e:
-        ap.error(f"--mirrors: {e}")
-    m = run_eval(a.weights, a.frames, a.seed, a.prompt, a.context, a.steps, Path(a.out), a.threads, a.window,
-                 a.sink, Path(a.strip) if a.strip else None, a.init_actions == "true", a.positions, mirrors,
-                 CORRECTOR_MODES[a.corrector])
-    s = m["summary"]
-    print(json.dumps({k: s[k] for k in ("agent_error_median_px", "agent_found_share", "palette_share_min_window",
-                                        "psnr_per_32", "psnr_copy_last_per_32", "psnr_context_mean_per_32",
-                                        "pixel_fps", "time_to_first_block_s", "targets", "mirrors", "corrector")}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
