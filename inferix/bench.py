@@ -38,24 +38,39 @@ def bench_generate(a) -> dict:
                  overlap_decode=a.overlap_decode, compile=a.compile)
     # warm-up, not counted: a two-block session (allocator, and the kernels of a block without and with cached
     # context, which Triton compiles separately)
-    for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(2 * eng.block_frames)):
+    extra = {}
+    if eng.adapter.takes_image:  # an image-conditioned world model: a start image and a held key + camera turn
+        g = torch.Generator().manual_seed(0)
+        img = (torch.rand(eng.height, eng.width, 3, generator=g) * 255).to(torch.uint8).numpy()
+        controls = eng.adapter.controls()
+        act = {"keys": controls["keys"][0]["letter"] or ""}
+        if controls.get("mouse"):
+            act["mouse"] = [0.0, 0.05]
+        extra = {"init_image": img, "actions": [act] * a.frames}
+    for _ in eng.generate("warm up", num_frames=eng.bundle.pixel_frames(2 * eng.block_frames),
+                          **{k: (v[:eng.bundle.pixel_frames(2 * eng.block_frames)] if k == "actions" else v)
+                             for k, v in extra.items()}):
         pass
     eng.profiler.__init__(eng)
     eng.runner.timing = {k: 0.0 for k in eng.runner.timing}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    n = 0
-    for block in eng.generate(a.prompt, num_frames=a.frames, seed=0):
+    n, first = 0, None
+    for block in eng.generate(a.prompt, num_frames=a.frames, seed=0, **extra):
+        if first is None:
+            first = time.perf_counter() - t0
         n += len(block)
     wall = time.perf_counter() - t0
     s = eng.stats()
     s.update({"benchmark": "generate", "preset": preset, "frames": n, "steps_per_block": eng.bundle.sampling.num_steps,
               "block_latent_frames": eng.block_frames, "end_to_end_wall_s": wall,
-              "pixel_fps_end_to_end": n / wall,
+              "pixel_fps_end_to_end": n / wall, "time_to_first_frame_from_request_s": first,
+              "resolution": f"{eng.width}x{eng.height}",
               "note": "pixel frames/s include DiT denoise + commit passes and VAE decode (overlapped with the "
                       "passes when overlap_decode is on); the warm-up session, which pays torch.compile's graphs, "
-                      "is not counted"
+                      "is not counted; time_to_first_frame_from_request_s runs from the request (session open, "
+                      "start-image encode included) to the first decoded block"
                       + ("" if preset == "toyworld" else "; weights are random")})
     if device == "cuda":
         s["gpu"] = torch.cuda.get_device_name()

@@ -162,7 +162,7 @@ def run_client(i: int, url: str, a, actions: list, start: threading.Barrier, out
         with Client(url, api_key=a.api_key, timeout=a.timeout) as c:
             start.wait(a.timeout)
             t_post = time.perf_counter()
-            s = c.open(a.prompt, seed=i, video=a.video)
+            s = c.open(None if a.image is not None else a.prompt, seed=i, video=a.video, image=a.image)
             r["state_at_open"] = s.state
             last_block, sent, pending, extra = None, 0, {}, 0
             first_frame_at = {}  # block index -> arrival of its first frame
@@ -203,8 +203,18 @@ def bench(a, url: str) -> dict:
     from .client import Client
     with Client(url, api_key=a.api_key, timeout=a.timeout) as c:
         model = c.model()
-    acts = (model.get("actions") or {}).get("values") or []
+    controls = model.get("controls") or model.get("actions") or {}
+    if controls.get("type") == "keyboard_mouse":  # held keys in turn, with a small camera turn when it has a mouse
+        acts = [{"keys": k["letter"], **({"mouse": [0.0, 0.05]} if controls.get("mouse") else {})}
+                for k in controls.get("keys", []) if k.get("letter")]
+    else:
+        acts = controls.get("values") or []
     actions = [x for x in acts if x not in ("none", "noop", None)] or list(acts)
+    a.image = None
+    if model.get("takes_image"):  # a start image of the server's size (random pixels: speed does not depend on them)
+        import numpy as np
+        h, w = model.get("height"), model.get("width")
+        a.image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     if a.actions and not actions:
         raise SystemExit(f"error: --actions: the model {model.get('name')!r} takes no actions")
     results: list = [None] * a.clients

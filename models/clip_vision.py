@@ -207,7 +207,7 @@ class CLIPVisionEncoder(nn.Module):
         """uint8 RGB images [H, W, 3] or [B, H, W, 3] -> normalized float32 pixels [B, 3, S, S] on the encoder's
         device: bicubic resize to S x S (align_corners=False, no antialias, as Wan does), then CLIP mean/std."""
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            images = torch.from_numpy(np.array(images, copy=True))  # a writable copy (read-only arrays warn)
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
         if images.dtype != torch.uint8:

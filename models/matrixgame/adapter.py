@@ -1,0 +1,251 @@
+"""Matrix-Game 2.0's model adapter (``models/adapter.py``): a start image, keyboard and mouse input, and the
+action modules' caches, told to the engine through the seam.
+
+- **A session** opens from a start image (``init_image``, uint8 [H, W, 3] at the engine's size): the CLIP image
+  encoder gives the cross-attention tokens (they take the place of a prompt's text K/V) and the VAE encodes the
+  image followed by zero frames into the per-frame image latents, which every pass concatenates with its noisy
+  latents and a mask (1 on latent frame 0). ``model_inputs={"image_tokens": [1, N, D], "image_latents":
+  [F, 16, h, w]}`` gives both directly (a replay, or a cached encode). Frames past the encoded ones reuse the
+  last encoded latent (model option ``image_frames``: how many latent frames are encoded; default 15).
+- **An action** is one pixel frame's input: ``{"keys": ..., "mouse": [pitch, yaw]}`` where keys is a string of
+  key letters (``"wa"``), a list of key names (``["forward", "left"]``) or a multi-hot list; ``mouse`` is the
+  camera delta (vertical, horizontal). A latent frame's condition is the tuple of the actions of the pixel frames
+  it shows; a block looks back at the conditions of the 3 latent frames before it (each latent frame reads the
+  12 pixel frames before its last one).
+- **Caches**: each action module keeps one keyboard key/value per frame and one mouse key/value per frame and
+  spatial token; they are groups of the page pool (``cache_groups``), so they roll, fork and free with the pages.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+from ..adapter import ModelAdapter, ModelOption
+from .dit import FrameConditions
+
+__all__ = ["MatrixGameAdapter", "KEYSETS", "actions_from_sequences"]
+
+# key names and letters of each variant's keyboard vector, in its order (the release's action layouts)
+KEYSETS = {
+    4: (("forward", "w"), ("back", "s"), ("left", "a"), ("right", "d")),
+    2: (("forward", "w"), ("back", "s")),
+    7: (("nomove", "x"), ("jump", "w"), ("slide", "s"), ("turnleft", "q"), ("turnright", "e"), ("leftside", "a"),
+        ("rightside", "d")),
+}
+
+
+def _positive_int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (numbers.Integral, str)):
+        raise ValueError(f"must be a positive int, got {v!r}")
+    n = int(v)
+    if n < 1:
+        raise ValueError(f"must be a positive int, got {v!r}")
+    return n
+
+
+class MatrixGameAdapter(ModelAdapter):
+    options = (ModelOption("image_frames", _positive_int, 15, "latent frames of image conditioning encoded at "
+                           "session start (later frames reuse the last)"),)
+
+    def __init__(self, bundle):
+        super().__init__(bundle)
+        self.act = bundle.dit.config.action_config
+        self.keys = KEYSETS.get(self.act.keyboard_dim_in) if self.act is not None and self.act.enable_keyboard else ()
+        if self.act is not None and self.act.enable_keyboard and self.keys is None:
+            self.keys = tuple((f"key{i}", None) for i in range(self.act.keyboard_dim_in))
+
+    # ---- controls -----------------------------------------------------------------------------------------
+    @property
+    def num_keys(self) -> int:
+        return self.act.keyboard_dim_in if self.act is not None and self.act.enable_keyboard else 0
+
+    @property
+    def has_mouse(self) -> bool:
+        return self.act is not None and self.act.enable_mouse
+
+    takes_image = True
+    takes_prompt = False  # the image tokens are the only cross-attention context
+
+    def controls(self) -> dict:
+        """What a user interface offers: key names with their letters, and whether a mouse steers the camera."""
+        return {"type": "keyboard_mouse", "keys": [{"name": n, "letter": c} for n, c in self.keys],
+                "mouse": self.has_mouse}
+
+    def parse_action(self, action):
+        """{"keys": "wa" | ["forward", ...] | [0/1, ...], "mouse": [pitch, yaw]} (either part optional), a string
+        of key letters, or None (no input) -> a tuple of floats: the keyboard vector, then the mouse delta."""
+        if action is None:
+            action = {}
+        if isinstance(action, str):
+            action = {"keys": action}
+        if not isinstance(action, dict):
+            raise ValueError(f"an action of {self.bundle.name!r} is a dict with 'keys' and/or 'mouse' (or a string of "
+                             f"key letters), got {action!r}")
+        unknown = set(action) - {"keys", "keyboard", "mouse"}
+        if unknown:
+            raise ValueError(f"unknown action fields {sorted(unknown)}; an action has 'keys' and 'mouse'")
+        keys = action.get("keys", action.get("keyboard"))
+        kb = [0.0] * self.num_keys
+        if keys is not None and keys != "" and keys != []:
+            if not self.num_keys:
+                raise ValueError(f"model {self.bundle.name!r} takes no keyboard input")
+            names = [n for n, _ in self.keys]
+            letters = {c: i for i, (_, c) in enumerate(self.keys) if c}
+            if isinstance(keys, str):
+                for ch in keys.lower():
+                    if ch not in letters:
+                        raise ValueError(f"unknown key {ch!r}; {self.bundle.name!r} takes "
+                                         f"{', '.join(f'{c} ({n})' for n, c in self.keys if c)}")
+                    kb[letters[ch]] = 1.0
+            elif isinstance(keys, (list, tuple)) and all(isinstance(k, str) for k in keys):
+                for k in keys:
+                    if k not in names:
+                        raise ValueError(f"unknown key name {k!r}; {self.bundle.name!r} takes {names}")
+                    kb[names.index(k)] = 1.0
+            elif isinstance(keys, (list, tuple)) and len(keys) == self.num_keys:
+                kb = [self._number(v, "keys") for v in keys]
+            else:
+                raise ValueError(f"keys must be a string of letters, a list of key names {names} or a list of "
+                                 f"{self.num_keys} numbers, got {keys!r}")
+        mouse = action.get("mouse")
+        ms = [0.0, 0.0] if self.has_mouse else []
+        if mouse is not None:
+            if not self.has_mouse:
+                if any(self._number(v, "mouse") for v in (mouse if isinstance(mouse, (list, tuple)) else [mouse])):
+                    raise ValueError(f"model {self.bundle.name!r} takes no mouse input (keyboard only)")
+            elif not isinstance(mouse, (list, tuple)) or len(mouse) != self.act.mouse_dim_in:
+                raise ValueError(f"mouse must be [vertical, horizontal] camera deltas, got {mouse!r}")
+            else:
+                ms = [self._number(v, "mouse") for v in mouse]
+        return tuple(kb + ms)
+
+    @staticmethod
+    def _number(v, what: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(float(v)):
+            raise ValueError(f"{what} values must be finite numbers, got {v!r}")
+        return float(v)
+
+    def idle_action(self):
+        return (self.parse_action({}),)
+
+    def latent_condition(self, pixel_actions: list):
+        return tuple(tuple(a) for a in pixel_actions)
+
+    def condition_history(self) -> int:
+        return self.act.windows_size if self.act is not None else 0
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+    def session_inputs(self, *, init_image=None, model_inputs=None, height: int, width: int, latent_frames):
+        b = self.bundle
+        cfg = b.dit.config
+        h, w = height // b.spatial_ratio, width // b.spatial_ratio
+        if model_inputs is not None:
+            if init_image is not None:
+                raise ValueError("give init_image or model_inputs, not both")
+            unknown = set(model_inputs) - {"image_tokens", "image_latents"}
+            if unknown:
+                raise ValueError(f"unknown model_inputs {sorted(unknown)}; takes image_tokens and image_latents")
+            tokens, lat = model_inputs.get("image_tokens"), model_inputs.get("image_latents")
+            if not torch.is_tensor(tokens) or tokens.dim() != 3 or tokens.shape[0] != 1 \
+                    or tokens.shape[-1] != cfg.image_dim:
+                raise ValueError(f"model_inputs image_tokens must be a tensor [1, N, {cfg.image_dim}], got "
+                                 f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+            want = (cfg.out_dim, h, w)
+            if not torch.is_tensor(lat) or lat.dim() != 4 or tuple(lat.shape[1:]) != want or not len(lat):
+                raise ValueError(f"model_inputs image_latents must be a tensor [F, {cfg.out_dim}, {h}, {w}], got "
+                                 f"{getattr(lat, 'shape', type(lat).__name__)}")
+            return tokens.float(), {"image_latents": lat.float()}
+        if init_image is None:
+            raise ValueError(f"model {b.name!r} starts from an image: pass init_image (uint8 [{height}, {width}, 3]; "
+                             f"CLI --image)")
+        img = np.asarray(init_image)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+            raise ValueError(f"init_image must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
+        if img.shape[:2] != (height, width):
+            raise ValueError(f"init_image is {img.shape[1]}x{img.shape[0]}, the engine runs {width}x{height}: resize "
+                             f"or crop it to {width}x{height}")
+        if b.image_encoder is None:
+            raise ValueError(f"model {b.name!r} has no image encoder (CLIP); load one with it, or pass model_inputs")
+        if b.decoder is None or not hasattr(b.decoder, "encode"):
+            raise ValueError(f"model {b.name!r} has no VAE to encode the start image; load one, or pass model_inputs")
+        n = self.values.get("image_frames", 15)
+        if latent_frames is not None:
+            n = min(n, latent_frames)
+        with torch.no_grad():
+            tokens = b.image_encoder.encode_image(img).float()  # [1, N, D]
+            pixels = np.zeros((b.pixel_frames(n), height, width, 3), dtype=np.uint8)
+            pixels[:] = 128  # the release's zero frames: 0 in [-1, 1]
+            pixels[0] = img
+            lat = b.decoder.encode(pixels)[0].float()  # [F, C, h, w]
+        return tokens.cpu(), {"image_latents": lat.cpu()}
+
+    # ---- passes -------------------------------------------------------------------------------------------
+    def cache_groups(self, page_tokens: int) -> dict:
+        return self.bundle.dit.cache_groups(page_tokens)
+
+    def _pixel_sequence(self, conds: list, first: int) -> dict:
+        """{pixel frame: action} from per-latent-frame conditions of latent frames first, first + 1, ..."""
+        r = self.act.vae_time_compression_ratio
+        out = {}
+        for i, c in enumerate(conds):
+            f = first + i
+            px = [0] if f == 0 else list(range(r * f - r + 1, r * f + 1))
+            c = list(c)
+            for j, p in enumerate(px):
+                out[p] = c[min(j, len(c) - 1)]
+        return out
+
+    def _windows(self, r, frames: list):
+        past = list(r.past_actions or [])
+        block = list(r.actions) if r.actions is not None else [self.idle_action()] * len(frames)
+        first = frames[0] - len(past)
+        seq = self._pixel_sequence(past + block, first)
+        W = self.act.window
+        ratio = self.act.vae_time_compression_ratio
+        lo = min(seq)
+        rows = []
+        for f in frames:
+            idx = [max(0, ratio * f - W + i) for i in range(W)]
+            rows.append([seq.get(p, seq[max(lo, min(p, max(seq)))]) for p in idx])
+        return torch.tensor(rows, dtype=torch.float32)  # [F, W, K + M]
+
+    def pass_inputs(self, kind: str, rows: list, states: list, nframes: int, device):
+        cfg = self.bundle.dit.config
+        concat, kbs, mss = [], [], []
+        for r, st in zip(rows, states):
+            if kind == "recache":
+                raise ValueError(f"session {r.sid}: {self.bundle.name!r} takes no prompt, so nothing to recache")
+            frames = list(range(r.frame_start, r.frame_start + nframes))
+            lat = st.inputs.get("image_latents")
+            if lat is None:
+                raise ValueError(f"session {r.sid} has no image conditioning (open it with init_image)")
+            idx = torch.tensor([min(f, lat.shape[0] - 1) for f in frames])
+            img = lat[idx]
+            mask = torch.zeros(len(frames), cfg.cond_channels - cfg.out_dim, *img.shape[-2:])
+            mask[[i for i, f in enumerate(frames) if f == 0]] = 1.0
+            concat.append(torch.cat([mask, img], dim=1))
+            if self.act is not None:
+                win = self._windows(r, frames)
+                kbs.append(win[..., :self.num_keys])
+                mss.append(win[..., self.num_keys:])
+        K = self.num_keys
+        return FrameConditions(
+            concat=torch.stack(concat).to(device),
+            keyboard=torch.stack(kbs).to(device) if K else None,
+            mouse=torch.stack(mss).to(device) if self.has_mouse else None)
+
+
+def actions_from_sequences(keyboard, mouse=None) -> list:
+    """Per-pixel-frame action dicts from a keyboard array [P, K] and a mouse array [P, 2] (or None)."""
+    kb = np.asarray(keyboard, dtype=np.float64)
+    ms = None if mouse is None else np.asarray(mouse, dtype=np.float64)
+    out = []
+    for i in range(kb.shape[0]):
+        a = {"keys": kb[i].tolist()}
+        if ms is not None:
+            a["mouse"] = ms[i].tolist()
+        out.append(a)
+    return out
+
