@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt accepted, in characters "
                    "(default 2000), at Start and when switching it")
     p.add_argument("--max-upload-kib", type=int, default=1024, help="largest body the upload route accepts, in KiB "
-                   "(default 1024; the page uploads nothing)")
+                   "(default 1024; the page uploads only the start image of an image-conditioned model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     from inferix.cli import add_model_option_arg
     add_model_option_arg(p)

@@ -9,6 +9,10 @@ stream waits for pages, and when one waits, rewind points are given up, oldest f
 Lock order: ``engine.lock`` before ``Tab.lock``; the playback side takes only ``Tab.lock`` (short, never across a
 step), so a frame can be shown while the engine runs the next block.
 
+A keyboard-and-mouse model (Matrix-Game: ``engine.adapter.controls()["type"] == "keyboard_mouse"``) opens its
+streams from a start image (``start(..., image=...)``, fitted to the engine's size) and is steered by ``steer``: the
+held keys and the camera delta, each part changed on its own, held from the next block on like a toy-world action.
+
 Limits (DemoConfig): a stream paused or idle for ``idle_timeout`` seconds ends and frees its KV pages, rewind
 points and recording; a tab that sends no request for that long (a closed page, an API client) is closed. At most
 ``max_queue`` tabs wait for a stream; prompts are capped at ``max_prompt_chars``; the recordings of all tabs together
@@ -32,7 +36,8 @@ from inferix import AdmissionError, Engine, VideoWriter, default_model
 from .stepping import EngineThread
 from .tabs import SEED_MAX, DemoConfig, Snapshot, Tab, parse_seed
 
-__all__ = ["DemoConfig", "Hub", "build_engine", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX", "parse_seed"]
+__all__ = ["DemoConfig", "Hub", "build_engine", "Tab", "Snapshot", "AdmissionError", "DEFAULT_ACTIONS", "SEED_MAX",
+           "parse_seed", "held_input", "describe_input"]
 
 log = logging.getLogger("inferix.app")
 
@@ -42,6 +47,28 @@ ENDED = ("finished", "cancelled", "failed")
 DEFAULT_ACTIONS = ["none", "up", "down", "left", "right"]
 GENERIC_PROMPT = "a red car drives through a snowy city at night"
 STEP_FAILED = "the engine failed a step and retries (details in the server log)"
+
+
+def held_input(engine, action) -> dict:
+    """A keyboard-and-mouse action in one spelling, whatever it came in (``"wa"``, key names, a multi-hot list):
+    ``{"keys": [held key names], "mouse": [pitch, yaw]}`` (no ``mouse`` for a keyboard-only model). What a UI shows
+    and a status reports back: the input the model holds. ValueError (one line) for an action the model refuses."""
+    controls = engine.adapter.controls() or {}
+    vec = list(engine.action_id(action))
+    names = [k["name"] for k in controls.get("keys", [])]
+    out = {"keys": [n for n, v in zip(names, vec) if v]}
+    if controls.get("mouse"):
+        out["mouse"] = [float(v) for v in vec[len(names):]]
+    return out
+
+
+def describe_input(inp: dict) -> str:
+    """A held keyboard-and-mouse input for a status line: ``forward+left · camera 0.00, 0.10``."""
+    text = "+".join(inp.get("keys") or []) or "no keys"
+    if "mouse" in inp:
+        pitch, yaw = inp["mouse"]
+        text += f" · camera {pitch:.2f}, {yaw:.2f}"
+    return text
 
 
 def model_options(cfg) -> dict:
@@ -56,31 +83,23 @@ def model_options(cfg) -> dict:
 def build_engine(cfg, parallel=None) -> Engine:
     """The engine a DemoConfig-like config asks for (model, device, size, window, sink, KV pool for
     ``max_sessions`` streams of ``max_frames``); the demo and ``inferix serve`` both build theirs here."""
-    import torch
+    from inferix.defaults import resolve_engine_defaults
     from inferix.models.bundle import load_model
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    bundle = load_model(cfg.model or default_model(), device=device, dtype=dtype)
-    window, sink = cfg.window, cfg.sink
-    if window == -1:
-        window = bundle.window
-        if window is None:  # streams run until stopped: keep the cache bounded with a default window
-            window, sink = 12, (3 if sink is None else sink)
-    elif window == 0:
-        window = None
-    if window is None and cfg.max_frames == 0:
+    base = resolve_engine_defaults(device=cfg.device)  # what loading needs
+    bundle = load_model(cfg.model or default_model(), device=base.device, dtype=base.dtype)
+    if cfg.window in (0, None) and cfg.max_frames == 0:
         raise ValueError("sessions without a frame limit (max_frames 0) need a window")
-    kv_pages = cfg.kv_pages
-    if kv_pages is None:  # what max_sessions streams reserve, by the engine's own sizing rule
-        from inferix.sizing import pool_pages
-        start = bundle.start_frames(cfg.default_prompt or bundle.extra.get("default_prompt") or GENERIC_PROMPT, 0)
-        n_init = 0 if start is None else bundle.latent_frames(len(start))
-        kv_pages = pool_pages(bundle, window, cfg.max_sessions, cfg.max_frames or None, n_init)
+    # streams run until stopped: a model without a window of its own gets one (12 frames, 3 of them sink), and the
+    # pool holds what max_sessions streams reserve
+    d = resolve_engine_defaults(bundle, window=cfg.window, sink=cfg.sink, kv_pages=cfg.kv_pages,
+                                max_sessions=cfg.max_sessions, device=base.device, dtype=base.dtype,
+                                num_frames=cfg.max_frames or None, unbounded_window=(12, 3),
+                                start_prompt=cfg.default_prompt or bundle.extra.get("default_prompt") or GENERIC_PROMPT)
     h, w = cfg.height or bundle.height, cfg.width or bundle.width
     if h * w > cfg.max_pixels:
         raise ValueError(f"resolution {w}x{h} is over the limit of {cfg.max_pixels} pixels per frame (--max-pixels)")
-    return Engine(bundle, device=device, height=h, width=w, window=window, sink=sink,
-                  max_sessions=cfg.max_sessions, kv_pages=kv_pages, model_options=model_options(cfg),
+    return Engine(bundle, device=d.device, height=h, width=w, window=d.window, sink=d.sink,
+                  max_sessions=cfg.max_sessions, kv_pages=d.kv_pages, model_options=model_options(cfg),
                   **({} if parallel is None else {"parallel": parallel}))
 
 
@@ -97,9 +116,18 @@ class Hub(EngineThread):
         if eng.height * eng.width > cfg.max_pixels:
             raise ValueError(f"resolution {eng.width}x{eng.height} is over the demo's limit of {cfg.max_pixels} "
                              f"pixels per frame (raise --max-pixels or lower --height/--width)")
+        # a keyboard-and-mouse model is steered by held keys and a camera delta (``steer``), not by named actions
+        self.controls = eng.adapter.controls()
+        self.keyboard_mouse = bool(self.controls) and self.controls.get("type") == "keyboard_mouse"
+        self.takes_image = bool(getattr(eng.adapter, "takes_image", False))
+        self.keys = list(self.controls.get("keys", [])) if self.keyboard_mouse else []
+        self.mouse = bool(self.keyboard_mouse and self.controls.get("mouse"))
         self.model_actions = list(eng.actions) if eng.actions else None
-        self.actions = [a for a in DEFAULT_ACTIONS if a in self.model_actions] if self.model_actions else \
-            list(DEFAULT_ACTIONS)
+        if self.keyboard_mouse:
+            self.actions = []
+        else:
+            self.actions = [a for a in DEFAULT_ACTIONS if a in self.model_actions] if self.model_actions else \
+                list(DEFAULT_ACTIONS)
         if self.model_actions:  # extra actions of a model beyond the five steering ones
             self.actions += [a for a in self.model_actions if a not in self.actions]
         self.fps = eng.fps
@@ -275,7 +303,11 @@ class Hub(EngineThread):
         t = self.tabs.get(key)
         if t is None:
             with self.locked():
-                t = self.tabs.setdefault(key, Tab(key))
+                t = self.tabs.get(key)
+                if t is None:
+                    t = self.tabs[key] = Tab(key)
+                    if self.keyboard_mouse:  # no keys held, the camera still
+                        t.action = held_input(self.engine, None)
         t.last_seen = time.monotonic()
         return t
 
@@ -304,25 +336,54 @@ class Hub(EngineThread):
             raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {limit}")
         return prompt
 
-    def start(self, key: str, prompt: str, seed: int = 0) -> Tab:
+    def fit_image(self, image) -> np.ndarray:
+        """A picture as the start image of a stream: uint8 RGB at the engine's size, centre-cropped to its aspect
+        ratio and scaled (the demo takes any picture; ``inferix serve`` wants exactly the size). ValueError for
+        something that is no picture."""
+        from PIL import Image, ImageOps
+        a = np.asarray(image)
+        if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)) \
+                or 0 in a.shape:
+            raise ValueError(f"the start image must be a uint8 picture [H, W] or [H, W, 3|4], got {a.dtype} "
+                             f"{list(a.shape)}")
+        if a.ndim == 3 and a.shape[-1] != 3:
+            a = a[..., :3] if a.shape[-1] == 4 else a[..., 0]
+        im = Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+        size = (self.engine.width, self.engine.height)
+        if im.size != size:
+            im = ImageOps.fit(im, size, Image.Resampling.BICUBIC)
+        return np.array(im, dtype=np.uint8)
+
+    def start(self, key: str, prompt: str, seed: int = 0, image=None) -> Tab:
         """(Re)start the tab's stream; the session waits for pages when the pool is full, unless ``max_queue``
-        tabs wait already (then AdmissionError). A bad seed or prompt raises ValueError and changes nothing."""
-        prompt = self._clean_prompt(prompt) or self.default_prompt
+        tabs wait already (then AdmissionError). A bad seed or prompt raises ValueError and changes nothing.
+        ``image``: the start image of an image-conditioned model (required there; any size, see ``fit_image``)."""
+        prompt = self._clean_prompt(prompt) or ("" if self.takes_image else self.default_prompt)
         seed = parse_seed(seed)
+        if self.takes_image:
+            if image is None:
+                raise ValueError(f"model {self.engine.bundle.name} starts from an image: choose a start image, "
+                                 f"then press Start")
+            image = self.fit_image(image)
+        elif image is not None:
+            raise ValueError(f"model {self.engine.bundle.name} takes no start image")
         with self.locked():
             tab = self.tab(key)
             self._end_session(tab)
             tab.message = ""
             waiting = sum(1 for t in self.tabs.values()
                           if t is not tab and t.session is not None and t.session.status == WAITING)
-            sess = self.engine.open_session(prompt, num_frames=self.config.max_frames or None, seed=seed)
+            sess = self.engine.open_session(prompt, num_frames=self.config.max_frames or None, seed=seed,
+                                            init_image=image)
             if sess.status == WAITING:
                 self._reclaim(extra=sess)  # rewind points give way to a new stream at once
                 if sess.status == WAITING and waiting >= self.config.max_queue:
                     sess.cancel()
                     raise AdmissionError(f"all streams are busy and {waiting} tab(s) wait already, the most allowed "
                                          f"to wait is {self.config.max_queue}: try again later")
-            if self.model_actions and tab.action != "none":
+            if self.keyboard_mouse:
+                sess.act(tab.action)  # what the tab holds goes on in the new stream
+            elif self.model_actions and tab.action != "none":
                 sess.act(tab.action)
             with tab.lock:
                 tab.session = sess
@@ -340,6 +401,8 @@ class Hub(EngineThread):
         prompt = self._clean_prompt(prompt)
         if not prompt:
             return False
+        if self.takes_image:  # the start image takes the prompt's place: a switch would fail the stream
+            raise ValueError(f"model {self.engine.bundle.name} is conditioned on its start image, not a prompt")
         with self.locked():
             tab = self.tab(key)
             s = tab.session
@@ -349,8 +412,12 @@ class Hub(EngineThread):
             tab.prompt = prompt
             return True
 
-    def act(self, key: str, action: str) -> None:
-        """Hold an action from the next block on (recorded only, for models without actions)."""
+    def act(self, key: str, action) -> None:
+        """Hold an action from the next block on (recorded only, for models without actions). A keyboard-and-mouse
+        model takes the whole input (``{"keys", "mouse"}``, see ``steer``)."""
+        if self.keyboard_mouse:
+            self._hold(key, held_input(self.engine, action))
+            return
         if action not in self.actions:
             raise ValueError(f"unknown action {action!r}; known: {self.actions}")
         with self.locked():
@@ -359,6 +426,31 @@ class Hub(EngineThread):
             s = tab.session
             if self.model_actions and s is not None and s.status not in ENDED:
                 s.act(action)
+
+    def steer(self, key: str, keys=None, mouse=None) -> dict:
+        """Keyboard-and-mouse models: hold these keys (a string of letters or a list of names; ``[]`` releases all)
+        and/or this camera delta ``[pitch, yaw]`` per frame from the next block on; a part not given stays as it
+        is, so the keys and the camera can come from different controls. Returns the input now held."""
+        if not self.keyboard_mouse:
+            raise ValueError(f"model {self.engine.bundle.name} is not steered by keys and mouse")
+        with self.locked():  # the part not given is read and written back under the lock: no update is lost
+            tab = self.tab(key)
+            cur = tab.action if isinstance(tab.action, dict) else {}
+            action = {"keys": cur.get("keys", []) if keys is None else keys}
+            if mouse is not None:
+                action["mouse"] = list(mouse) if isinstance(mouse, (list, tuple)) else mouse  # checked below
+            elif self.mouse:
+                action["mouse"] = cur.get("mouse", [0.0, 0.0])
+            return self._hold(key, held_input(self.engine, action))
+
+    def _hold(self, key: str, inp: dict) -> dict:
+        with self.locked():
+            tab = self.tab(key)
+            tab.action = inp
+            s = tab.session
+            if s is not None and s.status not in ENDED:
+                s.act(inp)
+        return inp
 
     def toggle_pause(self, key: str) -> str:
         with self.locked():
@@ -474,8 +566,9 @@ class Hub(EngineThread):
             "block_latency_p50_s": gaps[len(gaps) // 2] if gaps else None,
             "kv_pages_in_use": self.engine.pages_in_use,
             "kv_pages_total": self.kv_pages_total,
-            "action": tab.action,
-            "actions_reach_model": bool(self.model_actions),
+            "action": describe_input(tab.action) if isinstance(tab.action, dict) else tab.action,
+            "input": tab.action if isinstance(tab.action, dict) else None,
+            "actions_reach_model": bool(self.model_actions) or self.keyboard_mouse,
             "prompt": tab.prompt,
             "session_id": None if s is None else s.id,
             "snapshots": [(sn.label, sn.id) for sn in list(tab.snapshots)],

@@ -34,7 +34,7 @@ from inferix import AdmissionError
 from inferix.plan import DENOISE, RECACHE
 from inferix.session import check_seed
 
-from .hub import GENERIC_PROMPT, build_engine
+from .hub import GENERIC_PROMPT, build_engine, held_input
 from .stepping import EngineThread
 
 __all__ = ["ServeConfig", "Manager", "ServeSession", "ServeError"]
@@ -271,6 +271,11 @@ class Manager(EngineThread):
         eng = self.engine
         self.default_prompt = cfg.default_prompt or eng.bundle.extra.get("default_prompt") or GENERIC_PROMPT
         self.block_pixels = max(1, eng.bundle.pixel_frames(eng.block_frames + 1) - eng.bundle.pixel_frames(1))
+        # what steers a session (``{"type": "discrete" | "keyboard_mouse", ...}`` or None) and whether a session
+        # opens from a start image: both decide what POST /v1/sessions and the act message accept
+        self.controls = eng.adapter.controls()
+        self.keyboard_mouse = bool(self.controls) and self.controls.get("type") == "keyboard_mouse"
+        self.takes_image = bool(getattr(eng.adapter, "takes_image", False))
         self.sessions: dict[str, ServeSession] = {}  # by public id
         self.by_sid: dict[int, ServeSession] = {}  # by engine session id, while the engine knows it
         self.metrics = Metrics()
@@ -470,7 +475,8 @@ class Manager(EngineThread):
                                                    f"not {other}")
             return {"snapshot": self.snapshot_path(body["snapshot"]), "snapshot_id": body["snapshot"],
                     "video": video}
-        prompt = self.check_prompt(body.get("prompt")) or self.default_prompt
+        # an image-conditioned model reads no prompt (its start image takes the place of one)
+        prompt = self.check_prompt(body.get("prompt")) or ("" if self.takes_image else self.default_prompt)
         try:
             seed = check_seed(body.get("seed", 0))
         except ValueError as e:
@@ -485,10 +491,19 @@ class Manager(EngineThread):
         action = body.get("action")
         if action is not None:
             self.check_action(action)
-        init = "auto"
-        if body.get("image") is not None:
+        # ``image`` is the start frame of a model that continues frames (the toy world), and the start image
+        # (``init_image``) of an image-conditioned model, which cannot start without one
+        init, image = "auto", None
+        if self.takes_image:
+            if body.get("image") is None:
+                raise ServeError(400, "bad_value", f"model {self.engine.bundle.name!r} starts from an image: give "
+                                                   f"'image', a base64 PNG or JPEG of {self.engine.width}x"
+                                                   f"{self.engine.height}")
+            image = self._decode_image(body["image"])
+        elif body.get("image") is not None:
             init = self._decode_image(body["image"])[None]
-        return {"prompt": prompt, "seed": seed, "num_frames": n, "action": action, "init": init, "video": video}
+        return {"prompt": prompt, "seed": seed, "num_frames": n, "action": action, "init": init, "image": image,
+                "video": video}
 
     def open(self, body: dict, created: float) -> ServeSession:
         """Validate a POST /v1/sessions body and open the session (call in a thread)."""
@@ -496,13 +511,13 @@ class Manager(EngineThread):
         req = self.validate(body)
         if "snapshot" in req:
             return self._open_snapshot(req, created)
-        prompt, seed, n, action, init, video = (req[k] for k in ("prompt", "seed", "num_frames", "action", "init",
-                                                                  "video"))
+        prompt, seed, n, action, init, image, video = (req[k] for k in ("prompt", "seed", "num_frames", "action",
+                                                                         "init", "image", "video"))
         eng = self.engine
         with self.locked():
             waiting = eng.waiting
             try:
-                sess = eng.open_session(prompt, num_frames=n, seed=seed, init_frames=init)
+                sess = eng.open_session(prompt, num_frames=n, seed=seed, init_frames=init, init_image=image)
             except AdmissionError as e:
                 raise ServeError(503, "busy", str(e)) from None
             except (ValueError, TypeError) as e:
@@ -514,7 +529,7 @@ class Manager(EngineThread):
             if action is not None:
                 sess.act(action)
             ss = self._register(sess, video, created)
-            ss.action = action
+            ss.action = self.action_view(action)
         log.info("session %s opened (%s)", ss.id, ss.sess.status)
         return ss
 
@@ -534,13 +549,25 @@ class Manager(EngineThread):
         return prompt
 
     def check_action(self, action):
-        if not self.engine.actions:
-            raise ServeError(400, "not_allowed", f"model {self.engine.bundle.name!r} takes no actions")
+        """One action as the model takes it (ServeError naming what is wrong): a name or id of a discrete model, a
+        ``{"keys", "mouse"}`` dict (or a string of key letters, or null: no input) of a keyboard-and-mouse one."""
+        name = self.engine.bundle.name
+        if not self.keyboard_mouse:
+            if not self.engine.actions:
+                raise ServeError(400, "not_allowed", f"model {name!r} takes no actions")
+            if isinstance(action, dict):
+                raise ServeError(400, "bad_value", f"model {name!r} takes one discrete action, not a dict of inputs")
         try:
             self.engine.action_id(action)
         except ValueError as e:
             raise ServeError(400, "bad_value", str(e)) from None
         return action
+
+    def action_view(self, action):
+        """An action as a session's status reports it. A keyboard-and-mouse action is normalised (whatever spelling
+        it came in) to ``{"keys": [held key names], "mouse": [pitch, yaw]}`` (no mouse for keyboard-only models),
+        so a client reads back what the model holds; a discrete action is reported as given."""
+        return held_input(self.engine, action) if self.keyboard_mouse else action
 
     def _decode_image(self, data) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -556,7 +583,7 @@ class Manager(EngineThread):
             with Image.open(io.BytesIO(raw)) as im:
                 if im.format not in ("PNG", "JPEG"):
                     raise ServeError(400, "bad_value", f"image must be PNG or JPEG, got {im.format}")
-                img = np.asarray(im.convert("RGB"))
+                img = np.array(im.convert("RGB"))  # writable: torch takes it as it is
         except (UnidentifiedImageError, OSError):
             raise ServeError(400, "bad_value", "image is not a readable PNG or JPEG file") from None
         eng = self.engine
@@ -678,19 +705,20 @@ class Manager(EngineThread):
                 return False
             if kind == "act":
                 action = msg.get("action")
-                if isinstance(action, dict):
-                    raise ServeError(400, "bad_value", f"model {self.engine.bundle.name!r} takes one discrete "
-                                                       f"action, not a dict of inputs")
                 self.check_action(action)
+                view = self.action_view(action)
 
                 def act():
                     with self.locked():
                         ss.sess.act(action)
-                        ss.action = action
+                        ss.action = view
                         ss.pending.append((seq, now, kind))
                 await asyncio.to_thread(act)
                 await reply({"type": "ack", "seq": seq})
             elif kind == "prompt":
+                if self.takes_image:  # its start image takes the place of a prompt: a switch would fail the session
+                    raise ServeError(400, "not_allowed", f"model {self.engine.bundle.name!r} is conditioned on its "
+                                                         f"start image, not a prompt: it cannot switch prompts")
                 prompt = self.check_prompt(msg.get("prompt"))
                 if not prompt:
                     raise ServeError(400, "bad_value", "prompt must be a non-empty string")
@@ -747,7 +775,9 @@ class Manager(EngineThread):
         return {"name": eng.bundle.name, "height": eng.height, "width": eng.width, "fps": eng.fps,
                 "block_frames": eng.block_frames, "block_pixel_frames": self.block_pixels, "window": eng.window,
                 "sink": eng.sink, "max_frames": self.cfg.max_frames, "default_prompt": self.default_prompt,
-                "actions": {"type": "discrete", "values": list(acts)} if acts else None,
+                "actions": self.controls if self.keyboard_mouse else
+                ({"type": "discrete", "values": list(acts)} if acts else None),
+                "controls": self.controls, "takes_image": self.takes_image,
                 "video": list(VIDEO_KINDS), "webrtc": _has_webrtc(), "max_ahead": self.cfg.max_ahead}
 
     def metrics_text(self) -> bytes:

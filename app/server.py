@@ -6,15 +6,21 @@ Frames are pushed to a ``gr.Image`` by a generator that plays each tab's recordi
 as blocks arrive (skipping ahead when it falls more than two blocks behind). Keys reach the engine through a
 small script that clicks the action buttons. The engine itself lives in ``Hub`` (app/hub.py).
 
+A keyboard-and-mouse model (Matrix-Game) gets a start image input (required to start) instead of the prompt, a
+"held keys" checkbox group and, when it takes mouse input, a camera choice (steady, look up/down, turn left/right)
+with a delta per frame. Its script ticks the key boxes while their letter keys are held and picks the camera
+direction while an arrow key is held, so the keyboard goes the same way as a click.
+
 The page is the only client: every event handler is private (not listed in the API info) and the direct-call
 routes (``/gradio_api/call/...``, ``/gradio_api/run/...``, ``/gradio_api/api/...``) are refused, so nothing but the
 page's own queue calls reaches a tab. The upload route takes at most ``DemoConfig.max_upload_kib`` (the page
-uploads nothing).
+uploads nothing, but the start image of an image-conditioned model).
 """
 from __future__ import annotations
 
 import asyncio
 import html
+import json
 import os
 import re
 import time
@@ -73,6 +79,76 @@ KEYS_JS = """
 </script>
 """
 
+# the camera choices of a keyboard-and-mouse model: label, and the direction of [pitch, yaw] (up looks up)
+CAMERA = {"steady": ("■ steady", (0.0, 0.0)), "up": ("↑ look up", (1.0, 0.0)),
+          "down": ("↓ look down", (-1.0, 0.0)), "left": ("← turn left", (0.0, -1.0)),
+          "right": ("→ turn right", (0.0, 1.0))}
+CAMERA_SPEED = 0.1  # the default camera delta per frame
+
+# Keyboard-and-mouse models: a letter key held ticks its box in #held-keys (released: unticks it), an arrow key
+# held picks its camera direction in #camera (all released: steady); clicks, so the keyboard goes the same way
+# as the mouse. __LETTERS__ maps key letters to key names.
+KM_KEYS_JS = """
+<script>
+(() => {
+  if (window.__inferixKeys) return;
+  window.__inferixKeys = true;
+  const letters = __LETTERS__;
+  const arrows = {arrowup: "up", arrowdown: "down", arrowleft: "left", arrowright: "right"};
+  const arrowsHeld = [];
+  function box(name) {  // Gradio names each checkbox by its value
+    return document.querySelector(`#held-keys input[type=checkbox][name="${name}"]`);
+  }
+  function camera(dir) {
+    const r = document.querySelector(`#camera input[type=radio][value="${dir}"]`);
+    if (r && !r.checked) r.click();
+  }
+  function hold(name, down) {
+    const b = box(name);
+    if (b && b.checked !== down) b.click();
+  }
+  function typing(t) {
+    const choice = t && t.tagName === "INPUT" && ["radio", "checkbox", "button", "range"].includes(t.type);
+    return t && !choice && (["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName) || t.isContentEditable);
+  }
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || typing(e.target)) return;
+    const k = (e.key || "").toLowerCase();
+    if (letters[k]) {
+      e.preventDefault();
+      if (!e.repeat) hold(letters[k], true);
+    } else if (arrows[k]) {
+      e.preventDefault();
+      if (e.repeat) return;
+      if (!arrowsHeld.includes(k)) arrowsHeld.push(k);
+      camera(arrows[k]);
+    }
+  });
+  document.addEventListener("keyup", (e) => {
+    const k = (e.key || "").toLowerCase();
+    if (letters[k]) {
+      hold(letters[k], false);
+    } else if (arrows[k]) {
+      const i = arrowsHeld.indexOf(k);
+      if (i >= 0) arrowsHeld.splice(i, 1);
+      camera(arrowsHeld.length ? arrows[arrowsHeld[arrowsHeld.length - 1]] : "steady");
+    }
+  });
+  window.addEventListener("blur", () => {  // keys released while the page had no focus never come up
+    for (const name of Object.values(letters)) hold(name, false);
+    if (arrowsHeld.length) { arrowsHeld.length = 0; camera("steady"); }
+  });
+})();
+</script>
+"""
+
+
+def km_keys_js(hub: Hub) -> str:
+    """The key script of a keyboard-and-mouse model, with its key letters."""
+    letters = {k["letter"]: k["name"] for k in hub.keys if k.get("letter")}
+    return KM_KEYS_JS.replace("__LETTERS__", json.dumps(letters))
+
+
 CSS = """
 #stream img { image-rendering: pixelated; object-fit: contain; }
 #stats { font-family: ui-monospace, monospace; font-size: 0.9em; }
@@ -126,28 +202,57 @@ def build_demo(hub: Hub) -> gr.Blocks:
     def pause_label(status: str) -> str:
         return "Resume" if status == PAUSED else "Pause"
 
+    km = hub.keyboard_mouse
     with gr.Blocks(title="Inferix live demo", delete_cache=(120, 300)) as demo:
-        acts = "WASD / arrow keys steer, X or space holds still" if hub.model_actions else \
-            "WASD / arrow keys are recorded (this model takes no actions)"
-        gr.Markdown(f"### Inferix live world model demo\nModel **{html.escape(eng.bundle.name)}**, "
-                    f"{eng.width}x{eng.height} at {eng.fps} fps. Press Enter in the prompt to switch it at the next "
-                    f"block. {acts}.")
+        if km:
+            letters = "/".join(k["letter"].upper() for k in hub.keys if k.get("letter")) or "the key boxes"
+            acts = f"Choose a start image and press Start. Hold {letters} to move" + \
+                ("; hold the arrow keys (or pick a camera direction) to turn the camera" if hub.mouse else "")
+            gr.Markdown(f"### Inferix live world model demo\nModel **{html.escape(eng.bundle.name)}**, "
+                        f"{eng.width}x{eng.height} at {eng.fps} fps. {acts}.")
+        else:
+            acts = "WASD / arrow keys steer, X or space holds still" if hub.model_actions else \
+                "WASD / arrow keys are recorded (this model takes no actions)"
+            gr.Markdown(f"### Inferix live world model demo\nModel **{html.escape(eng.bundle.name)}**, "
+                        f"{eng.width}x{eng.height} at {eng.fps} fps. Press Enter in the prompt to switch it at the "
+                        f"next block. {acts}.")
         with gr.Row():
             with gr.Column(scale=3):
                 stream = gr.Image(label="live stream", elem_id="stream", format="png", interactive=False,
                                   height=420, buttons=[])
                 stats = gr.HTML(elem_id="stats", value="status: idle")
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt (Enter switches it while running)", value=hub.default_prompt,
-                                    elem_id="prompt", lines=1, max_lines=1)
+                # an image-conditioned model takes no prompt: its start image takes the prompt's place
+                prompt = gr.Textbox(label="Prompt (Enter switches it while running)",
+                                    value="" if hub.takes_image else hub.default_prompt, elem_id="prompt", lines=1,
+                                    max_lines=1, visible=not hub.takes_image)
+                start_image = None
+                if hub.takes_image:
+                    start_image = gr.Image(label=f"Start image (required; cropped and scaled to {eng.width}x"
+                                           f"{eng.height})", type="numpy", image_mode="RGB",
+                                           sources=["upload", "clipboard"], elem_id="start-image", height=180)
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="start", min_width=60)
                     pause = gr.Button("Pause", elem_id="pause", min_width=60)
                     stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
-                with gr.Row():
-                    act_buttons = {a: gr.Button(ARROWS.get(a, a), elem_id=f"act-{a}", size="sm", min_width=40)
-                                   for a in hub.actions}
+                held = camera = speed = None
+                act_buttons = {}
+                if km:
+                    held = gr.CheckboxGroup(
+                        choices=[(f"{k['letter'].upper()} {k['name']}" if k.get("letter") else k["name"], k["name"])
+                                 for k in hub.keys],
+                        value=[], label="Held keys (hold the letter keys, or tick them)", elem_id="held-keys")
+                    if hub.mouse:
+                        camera = gr.Radio(choices=[(label, name) for name, (label, _) in CAMERA.items()],
+                                          value="steady", label="Camera (arrow keys pick it while held)",
+                                          elem_id="camera")
+                        speed = gr.Slider(0.01, 0.5, value=CAMERA_SPEED, step=0.01, label="Camera delta per frame",
+                                          elem_id="camera-speed")
+                else:
+                    with gr.Row():
+                        act_buttons = {a: gr.Button(ARROWS.get(a, a), elem_id=f"act-{a}", size="sm", min_width=40)
+                                       for a in hub.actions}
                 snaps = gr.Radio(label="Rewind points (forks of the stream, newest last)", choices=[],
                                  elem_id="snapshots")
                 with gr.Row():
@@ -163,6 +268,34 @@ def build_demo(hub: Hub) -> gr.Blocks:
             except (AdmissionError, ValueError, TypeError) as e:
                 raise gr.Error(str(e), print_exception=False)
             return gr.update(value="Pause"), stats_html(hub.stats(key)), gr.update(choices=[], value=None)
+
+        def on_start_image(text, seed_v, image, request: gr.Request):
+            key = key_of(request)
+            if image is None:
+                raise gr.Error("choose a start image first: this model starts from an image", print_exception=False)
+            try:
+                hub.start(key, text, seed_v if seed_v is not None else 0, image=image)
+            except (AdmissionError, ValueError, TypeError) as e:
+                raise gr.Error(str(e), print_exception=False)
+            return gr.update(value="Pause"), stats_html(hub.stats(key)), gr.update(choices=[], value=None)
+
+        def on_keys(names, request: gr.Request):
+            key = key_of(request)
+            try:
+                hub.steer(key, keys=list(names or []))
+            except ValueError as e:
+                raise gr.Error(str(e), print_exception=False)
+            return stats_html(hub.stats(key))
+
+        def on_camera(direction, delta, request: gr.Request):
+            key = key_of(request)
+            pitch, yaw = CAMERA.get(direction or "steady", CAMERA["steady"])[1]
+            d = float(delta if delta is not None else CAMERA_SPEED)
+            try:
+                hub.steer(key, mouse=[pitch * d, yaw * d])
+            except ValueError as e:
+                raise gr.Error(str(e), print_exception=False)
+            return stats_html(hub.stats(key))
 
         async def on_stream(request: gr.Request):
             """Play the tab's stream until it ends; one player per tab (a newer one retires this one)."""
@@ -251,8 +384,12 @@ def build_demo(hub: Hub) -> gr.Blocks:
         quiet = dict(show_progress="hidden", api_visibility="private")
         play = dict(fn=on_stream, inputs=None, outputs=[stream, stats, snaps, pause], concurrency_limit=None,
                     **quiet)
-        start.click(on_start, [prompt, seed], [pause, stats, snaps], trigger_mode="multiple", **quiet) \
-            .success(**play)
+        if start_image is not None:
+            start.click(on_start_image, [prompt, seed, start_image], [pause, stats, snaps], trigger_mode="multiple",
+                        **quiet).success(**play)
+        else:
+            start.click(on_start, [prompt, seed], [pause, stats, snaps], trigger_mode="multiple", **quiet) \
+                .success(**play)
         rewind.click(on_rewind, [snaps], [prompt, pause, stats, snaps], trigger_mode="multiple", **quiet) \
             .success(**play)
         pause.click(on_pause, None, [pause], **quiet)
@@ -260,6 +397,12 @@ def build_demo(hub: Hub) -> gr.Blocks:
         prompt.submit(on_prompt, [prompt], [stats], **quiet)
         for name, btn in act_buttons.items():
             btn.click(make_act(name), None, [stats], trigger_mode="multiple", **quiet)
+        # the held input is a state, not a sequence of presses: only the newest change of a control matters
+        if held is not None:
+            held.input(on_keys, [held], [stats], trigger_mode="always_last", **quiet)
+        if camera is not None:
+            camera.input(on_camera, [camera, speed], [stats], trigger_mode="always_last", **quiet)
+            speed.release(on_camera, [camera, speed], [stats], trigger_mode="always_last", **quiet)
         save.click(on_save, None, [video_file], **quiet)
         demo.unload(on_unload)
     return demo
@@ -270,7 +413,7 @@ def launch(hub: Hub, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
     demo = build_demo(hub)
     demo.queue(default_concurrency_limit=4, api_open=False)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=quiet, show_error=True,
-                head=KEYS_JS, css=CSS, footer_links=[], ssr_mode=False, max_threads=64,
-                max_file_size=hub.config.max_upload_kib * 1024,
+                head=km_keys_js(hub) if hub.keyboard_mouse else KEYS_JS, css=CSS, footer_links=[], ssr_mode=False,
+                max_threads=64, max_file_size=hub.config.max_upload_kib * 1024,
                 app_kwargs={"middleware": [Middleware(NoDirectCalls)]})
     return demo

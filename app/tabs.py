@@ -66,7 +66,7 @@ class DemoConfig:
     max_queue: int = 8  # tabs that may wait for a stream; a Start beyond that is refused
     max_prompt_chars: int = 2000
     record_mib_total: float = 2048  # memory for the recordings of all tabs together; oldest frames drop first
-    max_upload_kib: int = 1024  # request bodies the upload route accepts (the page itself uploads nothing)
+    max_upload_kib: int = 1024  # request bodies the upload route accepts (the page uploads only a start image)
 
     def __post_init__(self):
         if self.max_sessions < 1:

@@ -11,6 +11,13 @@
                     break
             print(s.wait_applied(seq))                  # the block the action took effect in
 
+An image-conditioned, keyboard-and-mouse model (Matrix-Game; ``model()["takes_image"]``, ``["controls"]``) opens
+from a start image and is steered by held keys and camera deltas:
+
+    with c.open(image="start.png", num_frames=None) as s:    # a path, PNG/JPEG bytes or uint8 [H, W, 3]
+        s.act({"keys": "wa", "mouse": [0.0, 0.1]})           # forward + left, turning right; held until the next
+        s.act({"keys": ["forward"]})                          # no mouse given: the camera holds still
+
 HTTP goes through ``httpx``; the session's WebSocket (``websockets``' sync client) opens on the first call that
 needs it (``frames``, ``blocks``, a control message). One reader thread takes the socket's messages: JSON events go
 to ``events`` and wake whoever waits for them; video goes to a bounded frame queue. ``jpeg`` frames are decoded
@@ -29,6 +36,7 @@ import collections
 import io
 import itertools
 import json
+import os
 import queue
 import threading
 import time
@@ -80,7 +88,11 @@ def _raise_for(r) -> None:
 
 
 def _encode_image(image) -> str:
-    """A start image as base64: uint8 [H, W, 3] arrays are PNG-encoded; PNG/JPEG bytes are sent as they are."""
+    """A start image as base64: uint8 [H, W, 3] arrays are PNG-encoded; PNG/JPEG bytes, or a path to a PNG/JPEG
+    file, are sent as they are (the server decodes them and checks the size)."""
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            image = f.read()
     if isinstance(image, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(image)).decode("ascii")
     from PIL import Image
@@ -144,10 +156,13 @@ class Client:
     def open(self, prompt: str | None = None, seed: int = 0, num_frames: int | None = None, image=None,
              action=None, video: str = "jpeg", snapshot: str | None = None) -> "RemoteSession":
         """Create a session (``POST /v1/sessions``). ``num_frames=None`` is a live session (until closed);
-        ``image`` is a start frame (uint8 [H, W, 3] at the engine's size, or PNG/JPEG bytes); ``video`` is
-        ``"jpeg"`` or ``"fmp4"``. ``snapshot`` (an id from ``snapshot()`` or an upload) continues a snapshot
-        instead: its prompt, seed and frame count come from it, so give none of them. The session may be
-        ``waiting`` for KV pages (``state``, ``position``); its frames come once it runs."""
+        ``image`` (uint8 [H, W, 3] at the engine's size, PNG/JPEG bytes, or a path to such a file) is the start
+        frame of a model that continues frames, and the required start image of an image-conditioned model
+        (``model()["takes_image"]``, which needs no prompt); ``action`` is held from the first block (a name, or
+        a ``{"keys", "mouse"}`` dict for a keyboard-and-mouse model); ``video`` is ``"jpeg"`` or ``"fmp4"``.
+        ``snapshot`` (an id from ``snapshot()`` or an upload) continues a snapshot instead: its prompt, seed and
+        frame count come from it, so give none of them. The session may be ``waiting`` for KV pages (``state``,
+        ``position``); its frames come once it runs."""
         if video not in ("jpeg", "fmp4"):
             raise ValueError(f"video must be 'jpeg' or 'fmp4', got {video!r}")
         if snapshot is not None:
@@ -157,8 +172,10 @@ class Client:
                 raise ValueError(f"a session from a snapshot takes its settings from it; drop {given}")
             body: dict[str, Any] = {"snapshot": snapshot, "video": video}
         else:
+            if prompt is None and image is not None:
+                prompt = ""  # an image-conditioned model takes none; the server's default otherwise
             if not isinstance(prompt, str):
-                raise ValueError("a session needs a prompt (or a snapshot to continue)")
+                raise ValueError("a session needs a prompt, a start image or a snapshot to continue")
             body = {"prompt": prompt, "seed": int(seed), "num_frames": num_frames, "video": video}
             if image is not None:
                 body["image"] = _encode_image(image)
@@ -562,7 +579,10 @@ class RemoteSession:
                 self._cv.wait(min(left, 0.5))
 
     def act(self, action) -> int:
-        """Send an action (a name or id from ``/v1/model``, or a dict of inputs); returns its seq."""
+        """Send an action, held from the session's next block on; returns its seq. A discrete model takes a name
+        or id of ``model()["actions"]["values"]``; a keyboard-and-mouse model (``controls["type"] ==
+        "keyboard_mouse"``) the held input ``{"keys": "wa" | ["forward", "left"], "mouse": [pitch, yaw]}``
+        (either part optional, a missing one is no input; ``None`` releases everything)."""
         return self._send({"type": "act", "action": action})
 
     def set_prompt(self, prompt: str, recache: bool = False) -> int:

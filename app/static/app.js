@@ -1,5 +1,7 @@
 // The page of `inferix serve`: opens a session, plays it (MediaSource over the WebSocket, or WebRTC), sends
 // keys and control messages, forks. Plain JS, no build step; talks only to the server that served it.
+// A keyboard-and-mouse model (Matrix-Game) starts from an image picked here and is steered by the held keys and
+// by camera deltas from the mouse (pointer lock on the video, or a drag on it).
 "use strict";
 
 (() => {
@@ -13,6 +15,10 @@
   const CATCH_UP_S = 0.35; // between this and MAX_LAG_S, play a little faster to catch up
   const KEEP_S = 6; // MediaSource: keep this much played video in the buffer
   const ICE_GATHER_MS = 3000;
+  // keyboard-and-mouse models: pointer movement (px) -> camera delta per frame, sent at most every MOUSE_MS
+  const MOUSE_SCALE = 0.004;
+  const MOUSE_MAX = 0.5;
+  const MOUSE_MS = 100;
 
   let model = null;
   const sessions = new Map(); // id -> {id, token}
@@ -24,6 +30,12 @@
   const applied = []; // the last control messages applied: {seq, control, block, ms}
   const known = []; // every session this page opened or forked: {id, token}
   let paused = false;
+  let km = null; // the model's keyboard-and-mouse controls ({keys: [{name, letter}], mouse}) or null
+  const held = new Set(); // key letters held down (keyboard-and-mouse models)
+  let mouseAcc = [0, 0]; // pointer movement since the last camera update, px [dx, dy]
+  let mouseSent = [0, 0]; // the camera delta [pitch, yaw] last sent
+  let drag = null; // a pointer drag on the video: {x, y, moved}
+  let startImage = null; // the start image as a PNG data URL at the model's size
 
   // ---- helpers ----------------------------------------------------------------------------------------------
   function apiKey() { return $("key").value.trim(); }
@@ -56,7 +68,8 @@
   function setText(id, text) { $(id).textContent = text; }
 
   function setRunning(on) {
-    for (const id of ["set-prompt", "pause", "fork", "close"]) $(id).disabled = !on;
+    for (const id of ["set-prompt", "pause", "fork", "close"]) $(id).disabled = !on || (id === "set-prompt" &&
+      !!(model && model.takes_image));
     for (const b of document.querySelectorAll("#actions button")) b.disabled = !on;
   }
 
@@ -84,6 +97,33 @@
     if (rtc.disabled && rtc.checked) $("transport-mse").checked = true;
     const box = $("actions");
     box.replaceChildren();
+    km = model.actions && model.actions.type === "keyboard_mouse" ? model.actions : null;
+    // an image-conditioned model takes no prompt: its start image takes the prompt's place
+    $("prompt-box").hidden = !!model.takes_image;
+    $("set-prompt").hidden = !!model.takes_image;
+    $("image-box").hidden = !model.takes_image;
+    $("input-box").hidden = !km;
+    video.classList.toggle("steer", !!(km && km.mouse));
+    if (km) {
+      const keys = km.keys.filter((k) => k.letter).map((k) => k.letter.toUpperCase()).join("/");
+      setText("hint", `Keys: hold ${keys || "the buttons"} to move` + (km.mouse ? "; click the video to steer the " +
+        "camera with the mouse (Esc releases it), or drag on it." : "."));
+      for (const k of km.keys) {
+        const b = document.createElement("button");
+        b.id = "key-" + k.name;
+        b.dataset.key = k.letter || k.name;
+        b.textContent = k.letter ? `${k.letter.toUpperCase()} ${k.name}` : k.name;
+        b.disabled = !conn;
+        // held while the pointer is down on it, like a key
+        b.addEventListener("pointerdown", () => setHeld(b.dataset.key, true));
+        for (const ev of ["pointerup", "pointerleave", "pointercancel"]) {
+          b.addEventListener(ev, () => setHeld(b.dataset.key, false));
+        }
+        box.appendChild(b);
+      }
+      renderInput();
+      return;
+    }
     const values = (model.actions && model.actions.values) || [];
     for (const a of values) {
       const b = document.createElement("button");
@@ -117,6 +157,69 @@
       b.classList.toggle("current", b.dataset.action === action);
     }
   }
+
+  // ---- keyboard and mouse (Matrix-Game) ----------------------------------------------------------------------
+  function kmAction() {
+    // the held keys by letter (by name for a key without one) and the current camera delta
+    const letters = [], names = [];
+    for (const k of km.keys) {
+      if (!held.has(k.letter || k.name)) continue;
+      if (k.letter) letters.push(k.letter); else names.push(k.name);
+    }
+    const action = {keys: names.length ? km.keys.filter((k) => held.has(k.letter || k.name)).map((k) => k.name) :
+      letters.join("")};
+    if (km.mouse) action.mouse = mouseSent.slice();
+    return action;
+  }
+
+  function sendInput() {
+    renderInput();
+    send({type: "act", action: kmAction()});
+  }
+
+  function renderInput() {
+    if (!km) return;
+    const keys = km.keys.filter((k) => held.has(k.letter || k.name)).map((k) => k.name);
+    let text = keys.length ? keys.join("+") : "no keys";
+    if (km.mouse) text += ` · camera ${mouseSent[0].toFixed(3)}, ${mouseSent[1].toFixed(3)}`;
+    setText("input", text);
+    for (const b of document.querySelectorAll("#actions button")) {
+      b.classList.toggle("held", held.has(b.dataset.key));
+    }
+  }
+
+  function setHeld(key, down) {
+    if (!km || held.has(key) === down) return;
+    if (down) held.add(key); else held.delete(key);
+    sendInput();
+  }
+
+  function releaseAll() {
+    const moving = mouseSent[0] !== 0 || mouseSent[1] !== 0;
+    if (!km || (!held.size && !moving)) return;
+    held.clear();
+    mouseAcc = [0, 0];
+    mouseSent = [0, 0];
+    sendInput();
+  }
+
+  function clampDelta(v) {
+    return Math.round(Math.max(-MOUSE_MAX, Math.min(MOUSE_MAX, v)) * 1e4) / 1e4;
+  }
+
+  // the camera: the pointer movement of the last MOUSE_MS as a delta (mouse up looks up: +pitch; right: +yaw);
+  // sent only when it changes, so a resting mouse sends one zero
+  function mouseTick() {
+    if (!km || !km.mouse) return;
+    const [dx, dy] = mouseAcc;
+    mouseAcc = [0, 0];
+    const m = [clampDelta(-dy * MOUSE_SCALE) || 0, clampDelta(dx * MOUSE_SCALE) || 0];
+    if (m[0] === mouseSent[0] && m[1] === mouseSent[1]) return;
+    mouseSent = m;
+    sendInput();
+  }
+
+  function locked() { return document.pointerLockElement === video; }
 
   function onEvent(ev) {
     switch (ev.type) {
@@ -388,6 +491,10 @@
   async function start() {
     showError("");
     if (!model) await loadModel();
+    if (model && model.takes_image && !startImage) {
+      showError("choose a start image first: this model starts from an image");
+      return;
+    }
     const old = current;
     stopConn();
     if (old && sessions.has(old.id) && old !== lastFork) {
@@ -399,8 +506,13 @@
     if (!Number.isInteger(seed) || seed < 0) { showError("the seed must be a whole number >= 0"); return; }
     $("start").disabled = true;
     try {
-      const s = await api("POST", "v1/sessions",
-        {prompt: $("prompt").value, seed, video: "fmp4", num_frames: null});
+      const body = {prompt: $("prompt").value, seed, video: "fmp4", num_frames: null};
+      if (model && model.takes_image) {
+        body.image = startImage;
+        delete body.prompt;
+      }
+      if (km) body.action = kmAction();
+      const s = await api("POST", "v1/sessions", body);
       const sess = {id: s.id, token: s.token};
       sessions.set(sess.id, sess);
       known.push(sess);
@@ -452,10 +564,76 @@
   for (const r of document.querySelectorAll('input[name="transport"]')) {
     r.addEventListener("change", () => { if (current && conn) connect(current); });
   }
+  $("image").addEventListener("change", async () => {
+    const file = $("image").files[0];
+    startImage = null;
+    $("image-preview").hidden = true;
+    if (!file || !model) return;
+    try {
+      // cropped to the model's aspect ratio (centred) and scaled to its size: the server takes exactly that
+      const bmp = await createImageBitmap(file);
+      const c = document.createElement("canvas");
+      c.width = model.width;
+      c.height = model.height;
+      const scale = Math.max(c.width / bmp.width, c.height / bmp.height);
+      const w = c.width / scale, h = c.height / scale;
+      c.getContext("2d").drawImage(bmp, (bmp.width - w) / 2, (bmp.height - h) / 2, w, h, 0, 0, c.width, c.height);
+      startImage = c.toDataURL("image/png");
+      $("image-preview").src = startImage;
+      $("image-preview").hidden = false;
+      showError("");
+    } catch (e) {
+      showError(`the start image could not be read: ${e.message}`);
+    }
+  });
+  // the mouse steers the camera: pointer lock on a click on the video, else a drag on it
+  video.addEventListener("pointerdown", (e) => {
+    if (!km || !km.mouse || locked() || e.button !== 0) return;
+    drag = {x: e.clientX, y: e.clientY, moved: 0};
+    e.preventDefault();
+  });
+  document.addEventListener("pointermove", (e) => {
+    if (!km || !km.mouse) return;
+    if (locked()) {
+      mouseAcc[0] += e.movementX;
+      mouseAcc[1] += e.movementY;
+    } else if (drag) {
+      const dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+      drag.x = e.clientX;
+      drag.y = e.clientY;
+      drag.moved += Math.abs(dx) + Math.abs(dy);
+      mouseAcc[0] += dx;
+      mouseAcc[1] += dy;
+    }
+  });
+  document.addEventListener("pointerup", () => {
+    const d = drag;
+    drag = null;
+    if (!d || d.moved > 3 || !conn || locked() || !video.requestPointerLock) return;
+    // a click (no drag) takes the pointer; a browser that refuses leaves the drag to steer
+    try {
+      const p = video.requestPointerLock();
+      if (p && p.catch) p.catch(() => {});
+    } catch (e) { /* no pointer lock here */ }
+  });
+  setInterval(mouseTick, MOUSE_MS);
+  window.addEventListener("blur", releaseAll);
+  document.addEventListener("keyup", (e) => {
+    if (!km) return;
+    const k = e.key.toLowerCase();
+    if (km.keys.some((x) => x.letter === k)) setHeld(k, false);
+  });
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
     const t = e.target;
     if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable)) return;
+    if (km) {
+      const k = e.key.toLowerCase();
+      if (!km.keys.some((x) => x.letter === k)) return;
+      e.preventDefault();
+      setHeld(k, true);
+      return;
+    }
     const a = KEYS[e.key.toLowerCase()];
     if (!a || !hasAction(a) || !conn) return;
     e.preventDefault();
@@ -478,6 +656,8 @@
     get transport() { return conn ? (conn instanceof RtcConn ? "webrtc" : "mse") : null; },
     get applied() { return applied.slice(); },
     get known() { return known.map((s) => ({id: s.id, token: s.token})); },
+    get input() { return km ? kmAction() : null; },
+    get pointerLocked() { return locked(); },
   };
 
   setRunning(false);
