@@ -3,6 +3,7 @@ batched sessions, forks, loading the release layout, and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +17,9 @@ from inferix.models.bundle import load_model
 from inferix.models.matrixgame.bundle import VARIANTS, build_bundle, load_release, release_config
 from inferix.models.tensor_files import CheckpointError
 
-from conftest import FIXTURES
 from matrix_game_utils import random_inputs, tiny_config, tiny_model, write_fixture
 
-MG = FIXTURES / "matrix_game_tiny"
+MG = Path(__file__).parent / "fixtures" / "matrix_game_tiny"
 
 
 # ---- the reference rollout -----------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_generate_from_an_image_with_keyboard_and_mouse_writes_an_mp4(tmp_path, 
 def test_prompt_switch_is_refused_and_a_snapshot_continues_bit_for_bit(tmp_path, mg):
     dit, a, _ = mg
     acts = _acts(25, "w", [0.0, 0.1])
-    (full,) = _run(e := _engine(dit), s0 := _open(e, a, acts, seed=5))
+    (full,) = _run(e := _engine(dit), _open(e, a, acts, seed=5))
     eng = _engine(dit)
     s = _open(eng, a, acts, seed=5)
     with pytest.raises(ValueError, match="takes no prompt"):
@@ -298,3 +298,26 @@ def test_prompt_switch_is_refused_and_a_snapshot_continues_bit_for_bit(tmp_path,
     (rest,) = _run(eng2, r)
     assert torch.equal(rest, full[3:])
     assert eng.pages_in_use == 0 and eng2.pages_in_use == 0
+
+
+def test_release_folder_with_its_image_encoder_and_vae_opens_from_an_image(tmp_path):
+    """The release's layout: the DiT folder, with the CLIP image encoder (a transformers folder named image_encoder)
+    and the VAE found beside it; a session opens from an image and streams frames."""
+    import transformers
+    from inferix.models.vae import WanVAE
+    root = tmp_path / "Matrix-Game-2.0"
+    root.mkdir()
+    d, dit = _release_dir(root)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, image_size=28,
+        patch_size=14, hidden_act="gelu"))
+    clip.save_pretrained(root / "image_encoder")
+    WanVAE.tiny().model.save_pretrained(tmp_path / "vae")
+    b = load_model(d, vae=tmp_path / "vae")
+    assert b.image_encoder is not None and b.decoder is not None
+    eng = Engine(b, height=64, width=64, max_sessions=1)
+    img = np.full((64, 64, 3), 90, np.uint8)
+    frames = np.concatenate(list(eng.open_session("", init_image=img, num_frames=5, actions=_acts(5, "w", None))))
+    assert frames.shape == (5, 64, 64, 3)
+    toks = b.image_encoder.encode_image(img)
+    assert toks.shape == (1, 5, 32)  # 1 + (28 / 14)^2 penultimate-layer tokens
