@@ -321,3 +321,17 @@ def test_release_folder_with_its_image_encoder_and_vae_opens_from_an_image(tmp_p
     assert frames.shape == (5, 64, 64, 3)
     toks = b.image_encoder.encode_image(img)
     assert toks.shape == (1, 5, 32)  # 1 + (28 / 14)^2 penultimate-layer tokens
+
+
+def test_bench_generate_opens_matrix_game_sessions_from_an_image(capsys):
+    from inferix.bench import main as bench_main
+    n = torch.get_num_threads()
+    try:
+        assert bench_main(["generate", "--preset", "matrix-game-tiny", "--frames", "13", "--device", "cpu",
+                           "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    r = json.loads(capsys.readouterr().out)
+    assert r["preset"] == "matrix-game-tiny" and r["frames"] == 13 and r["resolution"] == "64x64"
+    assert r["pixel_fps_including_decode"] > 0 and 0 < r["time_to_first_frame_from_request_s"] < r["end_to_end_wall_s"]
+    assert r["kv_pages_max_in_use"] <= 6 and r["kv_pages_in_use"] == 0
