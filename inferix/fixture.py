@@ -20,7 +20,7 @@ from .engine import Engine
 from .plan import COMMIT, DENOISE
 from .runner import RecordedNoise
 
-__all__ = ["verify_fixture", "load_fixture_model"]
+__all__ = ["verify_fixture", "load_fixture_model", "run_replay"]
 
 _MODEL_KEYS = {"patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
                "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps"}
@@ -62,6 +62,38 @@ def load_fixture_model(folder: Path):
     return cfg, dit
 
 
+def run_replay(engine, folder: Path, expected: dict, **open_kw) -> tuple[dict, dict]:
+    """One session of a fixture through the engine (``open_kw`` go to ``open_session``): the result's common part
+    (latent and per-step x0 errors, pages left in use) and the session's block table after its last commit
+    ({frame: page}, sink first, then the window, oldest first)."""
+    x0_err, table = {}, {}
+
+    def hook(plan, outs):
+        for row in plan.rows():
+            st = engine.runner.sessions[row.sid]
+            if row.kind == DENOISE:
+                name = f"x0_b{row.block}_s{row.step}"
+                if name in expected:
+                    x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
+            elif row.kind == COMMIT:
+                table.clear()
+                table.update(engine.kv.block_table(row.sid))
+
+    engine.hooks.append(hook)
+    sess = engine.open_session("", **open_kw)
+    for _ in sess:
+        pass
+    latents = torch.cat(sess.latents, dim=0)[None].cpu()  # [1, F, C, H, W]
+    if latents.shape != expected["latents"].shape:
+        raise ValueError(f"{folder / 'expected.safetensors'}: latents has shape {list(expected['latents'].shape)}, "
+                         f"the replay produced {list(latents.shape)}")
+    result = {"fixture": str(folder), "attention_backend": engine.backend.name,
+              "latents_max_abs_err": float((latents - expected["latents"]).abs().max()),
+              "x0_max_abs_err": max(x0_err.values()) if x0_err else None, "x0_errors": x0_err,
+              "pages_in_use_after": engine.pages_in_use}
+    return result, table
+
+
 def verify_fixture(folder, *, attention: str | None = None, tol: float | None = None, device="cpu",
                    parallel=None) -> dict:
     """parallel: an ``inferix.parallel.Parallel`` to replay under sequence parallelism (every rank calls this)."""
@@ -98,33 +130,8 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
                     sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True,
                     parallel=parallel)
-    x0_err = {}
-    table: dict[int, int] = {}  # frame -> page, as the session's block table holds them after its last commit
-
-    def hook(plan, outs):
-        for row in plan.rows():
-            st = engine.runner.sessions[row.sid]
-            if row.kind == DENOISE:
-                name = f"x0_b{row.block}_s{row.step}"
-                if name in expected:
-                    x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
-            elif row.kind == COMMIT:
-                table.clear()  # sink first, then the window, oldest first
-                table.update(engine.kv.block_table(row.sid))
-
-    engine.hooks.append(hook)
-    sess = engine.open_session("", num_frames=F, noise=RecordedNoise(noise0[0], renoise),
+    result, table = run_replay(engine, folder, expected, num_frames=F, noise=RecordedNoise(noise0[0], renoise),
                                text_embeds=inputs["prompt_embeds"])
-    for _ in sess:
-        pass
-    latents = torch.cat(sess.latents, dim=0)[None].cpu()  # [1, F, C, H, W]
-    if latents.shape != expected["latents"].shape:
-        raise ValueError(f"{folder / 'expected.safetensors'}: latents has shape {list(expected['latents'].shape)}, "
-                         f"the replay produced {list(latents.shape)}")
-    result = {"fixture": str(folder), "attention_backend": engine.backend.name,
-              "latents_max_abs_err": float((latents - expected["latents"]).abs().max()),
-              "x0_max_abs_err": max(x0_err.values()) if x0_err else None, "x0_errors": x0_err,
-              "pages_in_use_after": engine.pages_in_use}
     if "kv_layer0_k" in expected:
         # which frame each slot chunk of the reference cache holds: given by the fixture when its cache rolled,
         # otherwise the frames the session's block table holds at the end (sink first, then the window, oldest

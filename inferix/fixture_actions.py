@@ -20,7 +20,7 @@ from inferix.models.matrixgame.dit import FrameConditions, MatrixGameConfig, Mat
 from inferix.models.schedule import SamplingConfig
 
 from .engine import Engine
-from .plan import COMMIT, DENOISE
+from .fixture import run_replay
 from .runner import RecordedNoise
 
 __all__ = ["verify_action_fixture", "is_action_fixture"]
@@ -29,11 +29,6 @@ __all__ = ["verify_action_fixture", "is_action_fixture"]
 def is_action_fixture(cfg: dict) -> bool:
     mk = cfg.get("model_kwargs", {})
     return mk.get("model_type") == "i2v" and bool(mk.get("action_config"))
-
-
-def _layer0_table(engine, sid) -> dict:
-    return dict(engine.kv.table(sid)) if hasattr(engine.kv, "table") else \
-        dict(zip(engine.kv.sessions[sid].frames(), engine.kv.sessions[sid].pages()))
 
 
 def verify_action_fixture(folder: Path, cfg: dict, load_tensors, *, attention: str | None = None,
@@ -76,35 +71,10 @@ def verify_action_fixture(folder: Path, cfg: dict, load_tensors, *, attention: s
         raise ValueError(f"{folder}: cond_concat's mask channels are not 1 on latent frame 0 and 0 elsewhere")
     kb = inputs["keyboard_cond"][0]
     ms = inputs["mouse_cond"][0] if "mouse_cond" in inputs else None
-    x0_err = {}
-    tables = {}
-
-    def hook(plan, outs):
-        for row in plan.rows():
-            st = engine.runner.sessions[row.sid]
-            if row.kind == DENOISE:
-                name = f"x0_b{row.block}_s{row.step}"
-                if name in expected:
-                    x0_err[name] = float((st.x0[None].cpu() - expected[name]).abs().max())
-            elif row.kind == COMMIT:
-                tables[0] = _layer0_table(engine, row.sid)
-
-    engine.hooks.append(hook)
-    sess = engine.open_session("", num_frames=kb.shape[0], noise=RecordedNoise(noise0[0], renoise),
-                               actions=actions_from_sequences(kb, ms),
+    result, table = run_replay(engine, folder, expected, num_frames=kb.shape[0],
+                               noise=RecordedNoise(noise0[0], renoise), actions=actions_from_sequences(kb, ms),
                                model_inputs={"image_tokens": vc, "image_latents": cond[:, nmask:]})
-    for _ in sess:
-        pass
-    latents = torch.cat(sess.latents, dim=0)[None].cpu()
-    if latents.shape != expected["latents"].shape:
-        raise ValueError(f"{folder / 'expected.safetensors'}: latents has shape {list(expected['latents'].shape)}, "
-                         f"the replay produced {list(latents.shape)}")
-    result = {"fixture": str(folder), "attention_backend": engine.backend.name,
-              "latents_max_abs_err": float((latents - expected["latents"]).abs().max()),
-              "x0_max_abs_err": max(x0_err.values()) if x0_err else None, "x0_errors": x0_err,
-              "pages_in_use_after": engine.pages_in_use}
     errs = [result["latents_max_abs_err"]]
-    table = tables.get(0, {})
     frames = sorted(table)
     pool = engine.pool
 

@@ -21,7 +21,7 @@ from .config import ConfigBase
 from ..kernels.attention import AttentionBackend, ReferenceBackend
 from ..kernels.rope import apply_rope, apply_rope_qk, rope_angles, rope_cos_sin
 
-__all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding"]
+__all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding", "per_frame"]
 
 
 @dataclass
@@ -77,6 +77,18 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = t.to(torch.float64)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def per_frame(timestep, frame_pos, B: int, Fr: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pass's timesteps (scalar, [B] or [B, F]) and RoPE frame positions ([B, F], default 0..F-1), both [B, F]."""
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.dim() == 0:
+        timestep = timestep.expand(B)
+    if timestep.dim() == 1:
+        timestep = timestep[:, None].expand(B, Fr)
+    if frame_pos is None:
+        frame_pos = torch.arange(Fr, device=device)[None].expand(B, Fr)
+    return timestep, frame_pos
 
 
 class RMSNorm(nn.Module):
@@ -310,13 +322,7 @@ class CausalWanDiT(nn.Module):
         if H % ph or W % pw:
             raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
         h, w = H // ph, W // pw
-        timestep = torch.as_tensor(timestep, device=x.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(B)
-        if timestep.dim() == 1:
-            timestep = timestep[:, None].expand(B, Fr)
-        if frame_pos is None:
-            frame_pos = torch.arange(Fr, device=x.device)[None].expand(B, Fr)
+        timestep, frame_pos = per_frame(timestep, frame_pos, B, Fr, x.device)
         backend = backend or ReferenceBackend()
         if not isinstance(context, TextKV):
             context = self.prepare_text(context)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigBase, check_kind
-from ..wan_dit import Block, CausalWanDiT, Head, TextKV, WanDiTConfig
+from ..wan_dit import Block, CausalWanDiT, Head, TextKV, WanDiTConfig, per_frame
 from ...kernels.attention import BlockCausalMeta, DenseMeta, PagedMeta, ReferenceBackend
 
 __all__ = ["ActionConfig", "MatrixGameConfig", "MatrixGameDiT", "FrameConditions", "action_windows",
@@ -415,13 +415,7 @@ class MatrixGameDiT(CausalWanDiT):
         if H % ph or W % pw:
             raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
         h, w = H // ph, W // pw
-        timestep = torch.as_tensor(timestep, device=x.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(B)
-        if timestep.dim() == 1:
-            timestep = timestep[:, None].expand(B, Fr)
-        if frame_pos is None:
-            frame_pos = torch.arange(Fr, device=x.device)[None].expand(B, Fr)
+        timestep, frame_pos = per_frame(timestep, frame_pos, B, Fr, x.device)
         backend = backend or ReferenceBackend()
         if getattr(backend, "sequence_parallel", None) is not None:
             raise ValueError("Matrix-Game models do not run under sequence parallelism yet")

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from browser_utils import wait_until
+from browser_utils import running_demo, wait_until
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +25,6 @@ def demo():
     torch.set_num_threads(1)
     from inferix import default_model
     from inferix.app.hub import DemoConfig, Hub
-    from inferix.app.server import launch
 
     model = default_model()
     size = dict(height=32, width=32) if model == "tiny" else {}
@@ -42,25 +33,9 @@ def demo():
                      threads=1, **size)
     t0 = time.monotonic()
     hub = Hub(cfg)
-    demo = None
-    try:
-        port = _free_port()
-        demo = launch(hub, "127.0.0.1", port, block=False, quiet=True)
-        url = f"http://127.0.0.1:{port}/"
-
-        def up():
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        wait_until(up, 30, f"the demo server at {url}", interval=0.2)
+    with running_demo(hub) as url:
         print(f"demo server ({model}) up in {time.monotonic() - t0:.1f} s")
         yield SimpleNamespace(hub=hub, url=url, model=model)
-    finally:
-        if demo is not None:
-            demo.close()
-        hub.close()
 
 
 @pytest.fixture

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import urllib.request
 
 import numpy as np
 import pytest
-from browser_utils import wait_until
+from browser_utils import running_demo, wait_until
 from PIL import Image
 
 pytestmark = [
@@ -23,37 +21,14 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def km_demo():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from inferix.app.hub import DemoConfig, Hub
-    from inferix.app.server import launch
     hub = Hub(DemoConfig(model="matrix-game-tiny", device="cpu", max_sessions=2, max_frames=20000, snapshots=0,
                          threads=1))
-    demo = None
-    try:
-        port = _free_port()
-        demo = launch(hub, "127.0.0.1", port, block=False, quiet=True)
-        url = f"http://127.0.0.1:{port}/"
-
-        def up():
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        wait_until(up, 30, f"the demo server at {url}", interval=0.2)
+    with running_demo(hub) as url:
         yield hub, url
-    finally:
-        if demo is not None:
-            demo.close()
-        hub.close()
 
 
 def picture(h: int, w: int) -> np.ndarray:
