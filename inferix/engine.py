@@ -79,6 +79,7 @@ class Engine:
         kv_pages = d.kv_pages
         # what is special about the model, with its options checked before anything is allocated
         self.adapter = bundle.adapter.configure({**(model_options or {}), **options})
+        self.adapter.check_engine(cuda_graphs=cuda_graphs, parallel=parallel)
         dtype = next(self.dit.parameters()).dtype
         # Ulysses (inferix/parallel.py): this rank's pool holds its share of the heads only
         kv_heads = cfg.num_heads if parallel is None else parallel.local_heads(cfg.num_heads)

@@ -88,6 +88,10 @@ class ModelAdapter:
     def check(self) -> None:
         """Reject option values this model cannot run with (called by ``configure``); raise ValueError."""
 
+    def check_engine(self, *, cuda_graphs: bool = False, parallel=None) -> None:
+        """Refuse engine features this model cannot run with yet (ValueError naming the feature); called before
+        the engine allocates anything."""
+
     def settings(self) -> dict:
         """The option values in force (plain JSON values): what a profile reports and a snapshot depends on."""
         return dict(self.values)

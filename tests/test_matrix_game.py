@@ -335,3 +335,11 @@ def test_bench_generate_opens_matrix_game_sessions_from_an_image(capsys):
     assert r["preset"] == "matrix-game-tiny" and r["frames"] == 13 and r["resolution"] == "64x64"
     assert r["pixel_fps_including_decode"] > 0 and 0 < r["time_to_first_frame_from_request_s"] < r["end_to_end_wall_s"]
     assert r["kv_pages_max_in_use"] <= 6 and r["kv_pages_in_use"] == 0
+
+
+def test_engine_features_the_model_cannot_run_with_yet_are_refused_up_front():
+    b = load_model("matrix-game-tiny")
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        Engine(b, cuda_graphs=True)
+    with pytest.raises(ValueError, match="parallelism"):
+        Engine(b, parallel=object())

@@ -56,6 +56,13 @@ class MatrixGameAdapter(ModelAdapter):
         if self.act is not None and self.act.enable_keyboard and self.keys is None:
             self.keys = tuple((f"key{i}", None) for i in range(self.act.keyboard_dim_in))
 
+    def check_engine(self, *, cuda_graphs: bool = False, parallel=None) -> None:
+        # the action modules build their per-row context on the host each pass, and split no tokens across ranks
+        if cuda_graphs:
+            raise ValueError(f"model {self.bundle.name!r} does not run with CUDA graphs yet (cuda_graphs=False)")
+        if parallel is not None:
+            raise ValueError(f"model {self.bundle.name!r} does not run under sequence or CFG parallelism yet")
+
     # ---- controls -----------------------------------------------------------------------------------------
     @property
     def num_keys(self) -> int:
