@@ -322,6 +322,18 @@ class WanVAE(CausalFrameCounts, nn.Module):
         Uses the posterior mean, as the Wan pipelines do when they encode conditioning frames.
         """
         x = video_to_encode(frames, self.temporal_ratio, self.spatial_ratio)
-        video = (x.to(self.device).float() / 127.5 - 1.0).permute(3, 0, 1, 2)[None]  # [1, 3, T, H, W]
-        z = self.model.encode(video.to(self.dtype)).latent_dist.mode()  # [1, C, F, h, w]
+        return self._encode(x.to(self.device).float() / 127.5 - 1.0)
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        """float frames [T, H, W, 3] in [-1, 1] -> normalised latents [1, F, C, h, w] (posterior mean)."""
+        z = self.model.encode(video.permute(3, 0, 1, 2)[None].to(self.dtype)).latent_dist.mode()  # [1, C, F, h, w]
         return self.normalize(z)
+
+    @torch.no_grad()
+    def encode_start_image(self, image, latent_frames: int) -> torch.Tensor:
+        """The latents [1, latent_frames, C, h, w] of a video made of the uint8 image [H, W, 3] followed by frames
+        of exact zeros in [-1, 1] (mid-gray), as image-to-video models condition every frame on their start image."""
+        x = video_to_encode(np.asarray(image)[None], self.temporal_ratio, self.spatial_ratio)
+        video = torch.zeros(self.pixel_frames(latent_frames), *x.shape[1:], device=self.device)
+        video[0] = x[0].to(self.device).float() / 127.5 - 1.0
+        return self._encode(video)

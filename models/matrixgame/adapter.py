@@ -5,8 +5,9 @@ action modules' caches, told to the engine through the seam.
   encoder gives the cross-attention tokens (they take the place of a prompt's text K/V) and the VAE encodes the
   image followed by zero frames into the per-frame image latents, which every pass concatenates with its noisy
   latents and a mask (1 on latent frame 0). ``model_inputs={"image_tokens": [1, N, D], "image_latents":
-  [F, 16, h, w]}`` gives both directly (a replay, or a cached encode). Frames past the encoded ones reuse the
-  last encoded latent (model option ``image_frames``: how many latent frames are encoded; default 15).
+  [F, 16, h, w]}`` gives both directly (a replay, or a cached encode). A session of known length encodes all its
+  frames, as the release does; an unbounded one encodes 15 (model option ``image_frames``) and later frames
+  reuse the last encoded latent (an approximation: the release encodes every frame of its longest clip up front).
 - **An action** is one pixel frame's input: ``{"keys": ..., "mouse": [pitch, yaw]}`` where keys is a string of
   key letters (``"wa"``), a list of key names (``["forward", "left"]``) or a multi-hot list; ``mouse`` is the
   camera delta (vertical, horizontal). A latent frame's condition is the tuple of the actions of the pixel frames
@@ -46,8 +47,9 @@ def _positive_int(v) -> int:
 
 
 class MatrixGameAdapter(ModelAdapter):
-    options = (ModelOption("image_frames", _positive_int, 15, "latent frames of image conditioning encoded at "
-                           "session start (later frames reuse the last)"),)
+    options = (ModelOption("image_frames", lambda v: None if v is None else _positive_int(v), None,
+                           "latent frames of image conditioning encoded at session start (default: all of a session "
+                           "of known length, 15 of an unbounded one; later frames reuse the last)"),)
 
     def __init__(self, bundle):
         super().__init__(bundle)
@@ -177,16 +179,24 @@ class MatrixGameAdapter(ModelAdapter):
             raise ValueError(f"model {b.name!r} has no image encoder (CLIP); load one with it, or pass model_inputs")
         if b.decoder is None or not hasattr(b.decoder, "encode"):
             raise ValueError(f"model {b.name!r} has no VAE to encode the start image; load one, or pass model_inputs")
-        n = self.values.get("image_frames", 15)
-        if latent_frames is not None:
-            n = min(n, latent_frames)
+        n = self.image_frames(latent_frames)
         with torch.no_grad():
             tokens = b.image_encoder.encode_image(img).float()  # [1, N, D]
-            pixels = np.zeros((b.pixel_frames(n), height, width, 3), dtype=np.uint8)
-            pixels[:] = 128  # the release's zero frames: 0 in [-1, 1]
-            pixels[0] = img
-            lat = b.decoder.encode(pixels)[0].float()  # [F, C, h, w]
+            if hasattr(b.decoder, "encode_start_image"):  # the image, then frames of exact zeros in [-1, 1]
+                lat = b.decoder.encode_start_image(img, n)[0].float()  # [F, C, h, w]
+            else:  # an encoder of uint8 frames only: mid-gray stands for zero
+                pixels = np.full((b.pixel_frames(n), height, width, 3), 128, dtype=np.uint8)
+                pixels[0] = img
+                lat = b.decoder.encode(pixels)[0].float()
         return tokens.cpu(), {"image_latents": lat.cpu()}
+
+    def image_frames(self, latent_frames: int | None) -> int:
+        """Latent frames of image conditioning encoded at session start: every frame of a session of known length
+        (as the release encodes its whole clip), else the ``image_frames`` option; a set option caps both."""
+        cap = self.values.get("image_frames")
+        if latent_frames is None:
+            return cap or 15
+        return latent_frames if cap is None else min(cap, latent_frames)
 
     # ---- passes -------------------------------------------------------------------------------------------
     def cache_groups(self, page_tokens: int) -> dict:
