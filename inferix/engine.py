@@ -79,7 +79,7 @@ class Engine:
         kv_pages = d.kv_pages
         # what is special about the model, with its options checked before anything is allocated
         self.adapter = bundle.adapter.configure({**(model_options or {}), **options})
-        self.adapter.check_engine(cuda_graphs=cuda_graphs, parallel=parallel)
+        self.adapter.check_engine(cuda_graphs=cuda_graphs, parallel=parallel, positions=self.positions)
         dtype = next(self.dit.parameters()).dtype
         # Ulysses (inferix/parallel.py): this rank's pool holds its share of the heads only
         kv_heads = cfg.num_heads if parallel is None else parallel.local_heads(cfg.num_heads)
@@ -90,7 +90,8 @@ class Engine:
         need = estimate_engine_bytes(
             num_layers=cfg.num_layers, kv_rows=kv_pages * self.kv_lanes, page_tokens=page_tokens,
             num_heads=kv_heads, head_dim=cfg.head_dim, dtype_bytes=torch.finfo(dtype).bits // 8,
-            height=self.height, width=self.width, block_pixel_frames=bundle.pixel_frames(self.block_frames + 1))
+            height=self.height, width=self.width, block_pixel_frames=bundle.pixel_frames(self.block_frames + 1),
+            group_shapes=self.adapter.cache_groups(page_tokens))
         check_memory(need, limit_gib=memory_limit_gib, device=self.device,
                      what=f"an engine of {kv_pages} KV pages at {self.width}x{self.height}")
         self.kv = KVManager(kv_pages, self.block_frames, self.window, self.sink)
@@ -198,6 +199,9 @@ class Engine:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
         given = not isinstance(init_frames, str)
+        if given and init_frames is not None and not self.adapter.takes_init_frames:
+            raise ValueError(f"model {self.bundle.name!r} does not continue given frames (init_frames); it starts from "
+                             f"a start image (init_image)")
         if not given:
             if init_frames != "auto":
                 raise ValueError(f"init_frames must be frames, None or 'auto', got {init_frames!r}")

@@ -112,7 +112,7 @@ class Runner:
         # how a block steps from noise to its clean estimate (models/schedule.py), chosen once
         self.sampler = make_sampler(self.sampling, self.dit.config.prediction)
         self.sessions: dict[int, SessionTensors] = {}
-        self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> TextKV, bounded LRU
+        self.text_cache: OrderedDict = OrderedDict()  # (prompt or tensor id) -> (TextKV, tensor), bounded LRU
         self.rope_cache: OrderedDict = OrderedDict()  # frame positions -> (cos, sin); a block reuses its own
         # What is special about the model (models/adapter.py), configured with the engine's model options: its
         # extra rows (run beside each stream row in the same pass, extra row j in lane j + 1 of the row's pages:
@@ -169,19 +169,21 @@ class Runner:
             key = ("embeds", id(st.text_embeds))
         else:
             key = ("prompt", st.negative_prompt if negative else st.prompt)
-        kv = self.text_cache.get(key)
-        if kv is None:
+        hit = self.text_cache.get(key)
+        if hit is None:
             emb = st.text_embeds if key[0] == "embeds" else self.bundle.encode_prompt(key[1])
             with torch.no_grad():
                 kv = self.dit.prepare_text(emb.to(self.device))
             if self.parallel is not None:  # sequence parallel: this rank keeps its heads only
                 kv = self.parallel.shard_text(kv)
-            self.text_cache[key] = kv
+            # an entry keyed by a tensor's id keeps that tensor alive, so the id cannot pass to another tensor (a
+            # later session's embeddings or image tokens) while the entry is cached
+            self.text_cache[key] = (kv, st.text_embeds if key[0] == "embeds" else None)
             while len(self.text_cache) > 64:
                 self.text_cache.popitem(last=False)
-        else:
-            self.text_cache.move_to_end(key)
-        return kv
+            return kv
+        self.text_cache.move_to_end(key)
+        return hit[0]
 
     # ---- execution -------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> tuple[list[BlockOutput], dict]:

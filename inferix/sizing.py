@@ -66,10 +66,17 @@ def pool_pages(bundle, window: int | None, max_sessions: int, num_frames: int | 
 
 
 def estimate_engine_bytes(*, num_layers: int, kv_rows: int, page_tokens: int, num_heads: int, head_dim: int,
-                          dtype_bytes: int, height: int, width: int, block_pixel_frames: int) -> dict:
-    """What an engine allocates up front (the K/V pool) and per decoded block (a float32 frame buffer, counted
-    8 times over for the decoder's working tensors), in bytes."""
+                          dtype_bytes: int, height: int, width: int, block_pixel_frames: int,
+                          group_shapes: dict | None = None) -> dict:
+    """What an engine allocates up front (the K/V pool, with the model's per-page cache groups: name -> one page's
+    shape) and per decoded block (a float32 frame buffer, counted 8 times over for the decoder's working tensors),
+    in bytes."""
     pool = 2 * num_layers * kv_rows * page_tokens * num_heads * head_dim * dtype_bytes
+    for shape in (group_shapes or {}).values():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        pool += kv_rows * n * dtype_bytes
     decode = 8 * block_pixel_frames * 3 * height * width * 4
     return {"kv_pool": pool, "decode": decode, "total": pool + decode}
 

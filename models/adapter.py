@@ -88,7 +88,7 @@ class ModelAdapter:
     def check(self) -> None:
         """Reject option values this model cannot run with (called by ``configure``); raise ValueError."""
 
-    def check_engine(self, *, cuda_graphs: bool = False, parallel=None) -> None:
+    def check_engine(self, *, cuda_graphs: bool = False, parallel=None, positions: str = "absolute") -> None:
         """Refuse engine features this model cannot run with yet (ValueError naming the feature); called before
         the engine allocates anything."""
 
@@ -129,6 +129,7 @@ class ModelAdapter:
 
     takes_image = False  # sessions open from a start image (init_image)
     takes_prompt = True  # a prompt conditions the model (False: the prompt is ignored and cannot be switched)
+    takes_init_frames = True  # a session may continue given frames (init_frames)
 
     def controls(self) -> dict | None:
         """What a user interface offers to steer a session: ``{"type": "discrete", "values": [names]}`` for a model

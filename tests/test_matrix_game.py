@@ -228,12 +228,16 @@ def test_bad_inputs_get_clear_errors(tiny_engine):
         eng.open_session("", num_frames=5)
     with pytest.raises(ValueError, match="unknown key 'z'"):
         eng.open_session("", init_image=img, num_frames=5, actions=[{"keys": "wz"}])
-    with pytest.raises(ValueError, match="unknown key name 'jump'"):
+    with pytest.raises(ValueError, match="unknown key 'jump'"):
         eng.open_session("", init_image=img, num_frames=5, actions=[{"keys": ["jump"]}])
     with pytest.raises(ValueError, match="mouse must be"):
         eng.open_session("", init_image=img, num_frames=5, actions=[{"mouse": [1.0]}])
     with pytest.raises(ValueError, match="unknown action fields"):
         eng.open_session("", init_image=img, num_frames=5, actions=[{"button": 1}])
+    with pytest.raises(ValueError, match="does not continue given frames"):
+        eng.open_session("", init_image=img, init_frames=np.zeros((5, 64, 64, 3), np.uint8), num_frames=5)
+    with pytest.raises(ValueError, match="mouse deltas must be within"):
+        eng.open_session("", init_image=img, num_frames=5, actions=[{"mouse": [3.0, 0.0]}])
     assert eng.pages_in_use == 0 and not eng.sessions
 
 
@@ -242,7 +246,8 @@ def test_mouse_for_a_keyboard_only_variant_is_refused():
     eng = _engine(dit)
     with pytest.raises(ValueError, match="takes no mouse input"):
         eng.action_id({"keys": "w", "mouse": [0.0, 0.1]})
-    assert eng.action_id({"keys": "wq"}) == (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    assert eng.action_id({"keys": "wz"}) == (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0)  # jump + turnleft
+    assert eng.action_id(None) == (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # no key held: "nomove"
     assert eng.adapter.controls()["mouse"] is False
 
 
@@ -358,3 +363,49 @@ def test_start_image_latents_cover_the_session(tiny_engine):
     alone = b.decoder.encode(img[None])[0, 0]
     assert torch.allclose(inputs["image_latents"][0], alone, atol=1e-5)
     assert torch.allclose(inputs_live["image_latents"][:7], inputs["image_latents"], atol=1e-5)
+
+
+def test_sessions_with_different_context_lengths_batch_like_each_alone(mg):
+    """Rows of one pass at different points of their streams (the action module's paged path with unequal contexts)
+    give what each gives alone."""
+    dit, a, b = mg
+    eng = _engine(dit)
+    first = _open(eng, a, _acts(25, "wa", [0.0, 0.1]), seed=1)
+    for _ in range(100):  # the first session one block ahead
+        if first.latents and first.at_block_boundary:
+            break
+        eng.step()
+    second = _open(eng, b, _acts(25, "d", [0.05, 0.0]), seed=2)
+    got = _run(eng, first, second)
+    alone1 = _run(e := _engine(dit), _open(e, a, _acts(25, "wa", [0.0, 0.1]), seed=1))[0]
+    alone2 = _run(e := _engine(dit), _open(e, b, _acts(25, "d", [0.05, 0.0]), seed=2))[0]
+    assert (got[0] - alone1).abs().max() < 1e-5 and (got[1] - alone2).abs().max() < 1e-5
+
+
+def test_image_tokens_of_an_ended_session_never_reach_a_new_one(mg):
+    """Context K/V are cached by the identity of a session's tokens; the cache keeps them alive, so a new session's
+    tokens never take an ended one's id (and its K/V)."""
+    dit, a, _ = mg
+    eng = _engine(dit)
+    for i in range(6):
+        tokens = torch.randn(1, 17, 32, generator=torch.Generator().manual_seed(i))
+        inputs = {"image_tokens": tokens, "image_latents": a["cond_concat"][0, :, 4:]}
+        s = eng.open_session("", num_frames=9, seed=0, model_inputs=inputs)
+        (got,) = _run(eng, s)
+        ref = _run(e := _engine(dit), e.open_session("", num_frames=9, seed=0, model_inputs={
+            "image_tokens": tokens.clone(), "image_latents": inputs["image_latents"]}))[0]
+        assert torch.equal(got, ref), i
+        del s, tokens, inputs
+
+
+def test_relative_positions_are_refused_and_the_memory_check_counts_the_action_caches():
+    from inferix.sizing import estimate_engine_bytes
+    b = load_model("matrix-game-tiny")
+    with pytest.raises(ValueError, match="absolute frame positions only"):
+        Engine(b, positions="relative")
+    eng = Engine(b, max_sessions=1)
+    kw = dict(num_layers=2, kv_rows=eng.kv.num_pages, page_tokens=16, num_heads=2, head_dim=32, dtype_bytes=4,
+              height=64, width=64, block_pixel_frames=13)
+    plain = estimate_engine_bytes(**kw)["kv_pool"]
+    with_groups = estimate_engine_bytes(**kw, group_shapes=eng.adapter.cache_groups(16))["kv_pool"]
+    assert with_groups == eng.pool.nbytes() > plain

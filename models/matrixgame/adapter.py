@@ -28,13 +28,19 @@ from .dit import FrameConditions
 
 __all__ = ["MatrixGameAdapter", "KEYSETS", "actions_from_sequences"]
 
-# key names and letters of each variant's keyboard vector, in its order (the release's action layouts)
+# key names and letters of each variant's keyboard vector, in its order (the release's action layouts and its
+# interactive keys)
 KEYSETS = {
     4: (("forward", "w"), ("back", "s"), ("left", "a"), ("right", "d")),
     2: (("forward", "w"), ("back", "s")),
-    7: (("nomove", "x"), ("jump", "w"), ("slide", "s"), ("turnleft", "q"), ("turnright", "e"), ("leftside", "a"),
+    7: (("nomove", "q"), ("jump", "w"), ("slide", "s"), ("turnleft", "z"), ("turnright", "c"), ("leftside", "a"),
         ("rightside", "d")),
 }
+# letters that turn the camera on a variant whose keyboard has no such key (GTA drive steers with the mouse's yaw)
+STEER = {2: {"a": (0.0, -0.1), "d": (0.0, 0.1)}}
+# the key held when none is (Temple Run is trained on one-hot input: "nomove" when the player does nothing)
+IDLE_KEY = {7: "nomove"}
+MAX_MOUSE = 1.0  # the release steers with deltas of 0.1; larger ones are far outside what it was trained on
 
 
 def _positive_int(v) -> int:
@@ -46,8 +52,32 @@ def _positive_int(v) -> int:
     return n
 
 
+def _plain(v):
+    """numpy arrays and scalars, tuples and tensors as plain Python lists and numbers."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _numbers(keys) -> bool:
+    return isinstance(keys, list) and bool(keys) and all(isinstance(k, (bool, numbers.Real)) for k in keys)
+
+
+def _at_least_two(v) -> int:
+    n = _positive_int(v)
+    if n < 2:  # frame 0 is the image's own latent; later frames need one of a zero frame after it
+        raise ValueError(f"must be at least 2 (the image and one frame after it), got {v!r}")
+    return n
+
+
 class MatrixGameAdapter(ModelAdapter):
-    options = (ModelOption("image_frames", lambda v: None if v is None else _positive_int(v), None,
+    options = (ModelOption("image_frames", lambda v: None if v is None else _at_least_two(v), None,
                            "latent frames of image conditioning encoded at session start (default: all of a session "
                            "of known length, 15 of an unbounded one; later frames reuse the last)"),)
 
@@ -58,7 +88,11 @@ class MatrixGameAdapter(ModelAdapter):
         if self.act is not None and self.act.enable_keyboard and self.keys is None:
             self.keys = tuple((f"key{i}", None) for i in range(self.act.keyboard_dim_in))
 
-    def check_engine(self, *, cuda_graphs: bool = False, parallel=None) -> None:
+    def check_engine(self, *, cuda_graphs: bool = False, parallel=None, positions: str = "absolute") -> None:
+        # the action caches hold keys rotated at absolute frame indices, as the release's do
+        if positions != "absolute":
+            raise ValueError(f"model {self.bundle.name!r} runs with absolute frame positions only, got "
+                             f"positions={positions!r}")
         # the action modules build their per-row context on the host each pass, and split no tokens across ranks
         if cuda_graphs:
             raise ValueError(f"model {self.bundle.name!r} does not run with CUDA graphs yet (cuda_graphs=False)")
@@ -76,6 +110,7 @@ class MatrixGameAdapter(ModelAdapter):
 
     takes_image = True
     takes_prompt = False  # the image tokens are the only cross-attention context
+    takes_init_frames = False  # it starts from one image (init_image), not from frames to continue
 
     def controls(self) -> dict:
         """What a user interface offers: key names with their letters, and whether a mouse steers the camera."""
@@ -83,8 +118,9 @@ class MatrixGameAdapter(ModelAdapter):
                 "mouse": self.has_mouse}
 
     def parse_action(self, action):
-        """{"keys": "wa" | ["forward", ...] | [0/1, ...], "mouse": [pitch, yaw]} (either part optional), a string
-        of key letters, or None (no input) -> a tuple of floats: the keyboard vector, then the mouse delta."""
+        """{"keys": "wa" | ["forward", "a", ...] | [0/1, ...], "mouse": [pitch, yaw]} (either part optional), a
+        string of key letters, or None (no input) -> a tuple of floats: the keyboard vector, then the mouse delta.
+        Numpy values and bools are taken as numbers; keys are 0 or 1 (multi-hot), mouse deltas within +-1."""
         if action is None:
             action = {}
         if isinstance(action, str):
@@ -95,44 +131,70 @@ class MatrixGameAdapter(ModelAdapter):
         unknown = set(action) - {"keys", "keyboard", "mouse"}
         if unknown:
             raise ValueError(f"unknown action fields {sorted(unknown)}; an action has 'keys' and 'mouse'")
-        keys = action.get("keys", action.get("keyboard"))
-        kb = [0.0] * self.num_keys
-        if keys is not None and keys != "" and keys != []:
-            if not self.num_keys:
-                raise ValueError(f"model {self.bundle.name!r} takes no keyboard input")
-            names = [n for n, _ in self.keys]
-            letters = {c: i for i, (_, c) in enumerate(self.keys) if c}
-            if isinstance(keys, str):
-                for ch in keys.lower():
-                    if ch not in letters:
-                        raise ValueError(f"unknown key {ch!r}; {self.bundle.name!r} takes "
-                                         f"{', '.join(f'{c} ({n})' for n, c in self.keys if c)}")
-                    kb[letters[ch]] = 1.0
-            elif isinstance(keys, (list, tuple)) and all(isinstance(k, str) for k in keys):
-                for k in keys:
-                    if k not in names:
-                        raise ValueError(f"unknown key name {k!r}; {self.bundle.name!r} takes {names}")
-                    kb[names.index(k)] = 1.0
-            elif isinstance(keys, (list, tuple)) and len(keys) == self.num_keys:
-                kb = [self._number(v, "keys") for v in keys]
-            else:
-                raise ValueError(f"keys must be a string of letters, a list of key names {names} or a list of "
-                                 f"{self.num_keys} numbers, got {keys!r}")
-        mouse = action.get("mouse")
-        ms = [0.0, 0.0] if self.has_mouse else []
+        keys = _plain(action.get("keys", action.get("keyboard")))
+        mouse = _plain(action.get("mouse"))
+        kb, steer = self._keys(keys)
+        ms = [0.0] * (self.act.mouse_dim_in if self.has_mouse else 0)
         if mouse is not None:
+            values = mouse if isinstance(mouse, list) else [mouse]
+            nums = [self._number(v, "mouse") for v in values]
             if not self.has_mouse:
-                if any(self._number(v, "mouse") for v in (mouse if isinstance(mouse, (list, tuple)) else [mouse])):
+                if any(nums):
                     raise ValueError(f"model {self.bundle.name!r} takes no mouse input (keyboard only)")
-            elif not isinstance(mouse, (list, tuple)) or len(mouse) != self.act.mouse_dim_in:
+            elif len(nums) != len(ms) or not isinstance(mouse, list):
                 raise ValueError(f"mouse must be [vertical, horizontal] camera deltas, got {mouse!r}")
             else:
-                ms = [self._number(v, "mouse") for v in mouse]
+                if any(abs(v) > MAX_MOUSE for v in nums):
+                    raise ValueError(f"mouse deltas must be within +-{MAX_MOUSE} (the release steers with 0.1), "
+                                     f"got {mouse!r}")
+                ms = nums
+        elif steer is not None:
+            ms = list(steer)
+        idle = IDLE_KEY.get(self.num_keys)
+        if idle is not None and not any(kb) and not _numbers(keys):  # a vector given as numbers is taken as it is
+            kb[[n for n, _ in self.keys].index(idle)] = 1.0
         return tuple(kb + ms)
+
+    def _keys(self, keys) -> tuple[list, tuple | None]:
+        """The keyboard vector of the keys given, and the camera turn of a steering letter (GTA drive) or None."""
+        kb = [0.0] * self.num_keys
+        if keys is None or keys == "" or keys == []:
+            return kb, None
+        names = [n for n, _ in self.keys]
+        letters = {c: i for i, (_, c) in enumerate(self.keys) if c}
+        steer_keys = STEER.get(self.num_keys, {})
+        steer = None
+        if _numbers(keys):
+            if len(keys) != self.num_keys:
+                raise ValueError(f"keys as numbers must be {self.num_keys} values (multi-hot {names}), got {keys!r}")
+            kb = [self._number(v, "keys") for v in keys]
+            if any(v not in (0.0, 1.0) for v in kb):
+                raise ValueError(f"key values must be 0 or 1, got {keys!r}")
+            return kb, None
+        if isinstance(keys, str):
+            keys = [ch for ch in keys.lower() if not ch.isspace()]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"keys must be a string of letters, a list of key names {names} or a list of "
+                             f"{self.num_keys} numbers, got {keys!r}")
+        if not self.num_keys:
+            raise ValueError(f"model {self.bundle.name!r} takes no keyboard input")
+        for k in keys:
+            k = k.strip().lower()
+            if k in names:
+                kb[names.index(k)] = 1.0
+            elif k in letters:
+                kb[letters[k]] = 1.0
+            elif k in steer_keys:
+                steer = steer_keys[k]
+            else:
+                takes = ", ".join([f"{c} ({n})" for n, c in self.keys if c] +
+                                  [f"{c} (camera {'left' if v[1] < 0 else 'right'})" for c, v in steer_keys.items()])
+                raise ValueError(f"unknown key {k!r}; {self.bundle.name!r} takes {takes}")
+        return kb, steer
 
     @staticmethod
     def _number(v, what: str) -> float:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(float(v)):
+        if not isinstance(v, (bool, numbers.Real)) or not np.isfinite(float(v)):
             raise ValueError(f"{what} values must be finite numbers, got {v!r}")
         return float(v)
 

@@ -146,17 +146,17 @@ def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def action_rope(x: torch.Tensor, frames: torch.Tensor, rope_dims: int, theta: float) -> torch.Tensor:
     """Rotate adjacent pairs of the first ``rope_dims`` channels of x [..., F, H, D] by frame index x
-    theta^(-j/(rope_dims/2)) (float32); ``frames`` [..., F] absolute latent frame indices broadcast over heads.
+    theta^(-j/(rope_dims/2)) (in float32); ``frames`` [..., F] absolute latent frame indices broadcast over heads.
     The other channels are the release's row/column axes, always at position 0, so they stay as they are."""
     pairs = rope_dims // 2
     freqs = theta ** (-torch.arange(pairs, dtype=torch.float32, device=x.device) * 2 / rope_dims)
     ang = frames.to(torch.float32)[..., None] * freqs  # [..., F, pairs]
     cos, sin = torch.cos(ang)[..., None, :], torch.sin(ang)[..., None, :]  # [..., F, 1, pairs]
-    xf = x.float()
-    head = xf[..., :rope_dims].reshape(*xf.shape[:-1], pairs, 2)
+    head = x[..., :rope_dims].float().unflatten(-1, (pairs, 2))
     a, b = head[..., 0], head[..., 1]
-    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(*xf.shape[:-1], rope_dims)
-    return torch.cat([rot, xf[..., rope_dims:]], dim=-1).type_as(x)
+    out = x.clone()
+    out[..., :rope_dims] = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+    return out
 
 
 def action_windows(seq: torch.Tensor, frames, ratio: int = 4, window: int = 12) -> torch.Tensor:
@@ -318,8 +318,12 @@ class ActionModule(nn.Module):
             if min(n) == maxp:
                 return kc, vc, None
             B = k.shape[0]
-            seen = torch.arange(maxp + frames, device=k.device)[None] < torch.tensor(n, device=k.device)[:, None]
-            seen[:, maxp:] = True
+            masks = meta.__dict__.setdefault("_action_masks", {})  # one per pass, shared by its action layers
+            seen = masks.get(frames)
+            if seen is None:
+                seen = torch.arange(maxp + frames, device=k.device)[None] < torch.tensor(n, device=k.device)[:, None]
+                seen[:, maxp:] = True
+                masks[frames] = seen
             return kc, vc, seen[:, None, :].expand(B, frames, maxp + frames)
         if isinstance(meta, BlockCausalMeta):
             return k, v, meta.frame_mask(frames, k.device)[None].expand(k.shape[0], frames, frames)

@@ -201,12 +201,12 @@ def test_keyboard_only_model_refuses_mouse():
     try:
         info = mgr.model_info()
         assert info["takes_image"] is True and info["controls"]["mouse"] is False
-        assert [k["letter"] for k in info["controls"]["keys"]] == list("xwsqead")
+        assert [k["letter"] for k in info["controls"]["keys"]] == list("qwszcad")
         body = {"image": png_b64(start_image()), "num_frames": 12, "action": {"keys": "w", "mouse": [0.1, 0.0]}}
         with pytest.raises(ServeError) as e:
             mgr.validate(body)
         assert e.value.status == 400 and "takes no mouse input" in e.value.message, e.value.message
-        ss = mgr.open(dict(body, action={"keys": "wq"}), time.monotonic())
+        ss = mgr.open(dict(body, action={"keys": "wz"}), time.monotonic())
         assert ss.action == {"keys": ["jump", "turnleft"]}  # no mouse field for a keyboard-only model
         replies = []
 
