@@ -62,6 +62,26 @@ def load_fixture_model(folder: Path):
     return cfg, dit
 
 
+def loop_sampling(loop: dict) -> SamplingConfig:
+    """The sampler of a fixture's ``loop`` settings."""
+    return SamplingConfig(denoising_steps=loop["denoising_step_list"], warp=bool(loop["warp_denoising_step"]),
+                          shift=float(loop["timestep_shift"]),
+                          num_train_timesteps=int(loop.get("num_train_timesteps", 1000)),
+                          context_timestep=float(loop.get("context_noise", 0)),
+                          block_frames=int(loop["num_frame_per_block"]),
+                          independent_first_frame=bool(loop.get("independent_first_frame", False)))
+
+
+def recorded_noise(inputs: dict) -> RecordedNoise:
+    """The noise a fixture recorded: ``initial_noise`` [1, F, C, H, W] and every ``renoise_b{b}_s{s}``."""
+    renoise = {}
+    for k, v in inputs.items():
+        if k.startswith("renoise_b"):
+            b, s = k[len("renoise_b"):].split("_s")
+            renoise[(int(b), int(s))] = v[0]
+    return RecordedNoise(inputs["initial_noise"][0], renoise)
+
+
 def run_replay(engine, folder: Path, expected: dict, **open_kw) -> tuple[dict, dict]:
     """One session of a fixture through the engine (``open_kw`` go to ``open_session``): the result's common part
     (latent and per-step x0 errors, pages left in use) and the session's block table after its last commit
@@ -110,19 +130,9 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     loop = cfg["loop"]
     inputs = _load_tensors(folder / "inputs.safetensors", ("prompt_embeds", "initial_noise"))
     expected = _load_tensors(folder / "expected.safetensors", ("latents",))
-    bf = int(loop["num_frame_per_block"])
-    sampling = SamplingConfig(denoising_steps=loop["denoising_step_list"], warp=bool(loop["warp_denoising_step"]),
-                              shift=float(loop["timestep_shift"]),
-                              num_train_timesteps=int(loop.get("num_train_timesteps", 1000)),
-                              context_timestep=float(loop.get("context_noise", 0)), block_frames=bf,
-                              independent_first_frame=bool(loop.get("independent_first_frame", False)))
-    noise0 = inputs["initial_noise"]  # [1, F, C, H, W]
-    _, F, C, H, W = noise0.shape
-    renoise = {}
-    for k, v in inputs.items():
-        if k.startswith("renoise_b"):
-            b, s = k[len("renoise_b"):].split("_s")
-            renoise[(int(b), int(s))] = v[0]
+    sampling = loop_sampling(loop)
+    noise = recorded_noise(inputs)
+    _, F, C, H, W = inputs["initial_noise"].shape
     window = loop.get("local_attn_size_frames", cfg["model_kwargs"].get("local_attn_size", -1))
     sink = loop.get("sink_size_frames", cfg["model_kwargs"].get("sink_size", 0))
     bundle = ModelBundle(name=folder.name, dit=dit.to(device).eval(), sampling=sampling, decoder=None,
@@ -130,7 +140,7 @@ def verify_fixture(folder, *, attention: str | None = None, tol: float | None = 
     engine = Engine(bundle, device=device, attention=attention, window=None if window in (-1, None) else int(window),
                     sink=int(sink or 0), positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True,
                     parallel=parallel)
-    result, table = run_replay(engine, folder, expected, num_frames=F, noise=RecordedNoise(noise0[0], renoise),
+    result, table = run_replay(engine, folder, expected, num_frames=F, noise=noise,
                                text_embeds=inputs["prompt_embeds"])
     if "kv_layer0_k" in expected:
         # which frame each slot chunk of the reference cache holds: given by the fixture when its cache rolled,

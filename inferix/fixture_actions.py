@@ -17,11 +17,9 @@ import torch
 from inferix.models.matrixgame.adapter import actions_from_sequences
 from inferix.models.matrixgame.bundle import build_bundle, load_weights
 from inferix.models.matrixgame.dit import FrameConditions, MatrixGameConfig, MatrixGameDiT, action_windows
-from inferix.models.schedule import SamplingConfig
 
 from .engine import Engine
-from .fixture import run_replay
-from .runner import RecordedNoise
+from .fixture import loop_sampling, recorded_noise, run_replay
 
 __all__ = ["verify_action_fixture", "is_action_fixture"]
 
@@ -46,20 +44,11 @@ def verify_action_fixture(folder: Path, cfg: dict, load_tensors, *, attention: s
     load_weights(dit, weights, folder / "weights.safetensors")
     dit = dit.to(device).eval()
     bf = int(loop["num_frame_per_block"])
-    noise0 = inputs["initial_noise"]  # [1, F, C, H, W]
-    _, F, C, H, W = noise0.shape
-    renoise = {}
-    for k, v in inputs.items():
-        if k.startswith("renoise_b"):
-            b, s = k[len("renoise_b"):].split("_s")
-            renoise[(int(b), int(s))] = v[0]
+    _, F, C, H, W = inputs["initial_noise"].shape
     window = loop.get("local_attn_size_frames", mcfg.local_attn_size)
     sink = loop.get("sink_size_frames", mcfg.sink_size)
     bundle = build_bundle(dit, name=folder.name, height=H * 8, width=W * 8)
-    bundle.sampling = SamplingConfig(denoising_steps=loop["denoising_step_list"],
-                                     warp=bool(loop["warp_denoising_step"]), shift=float(loop["timestep_shift"]),
-                                     num_train_timesteps=int(loop.get("num_train_timesteps", 1000)),
-                                     context_timestep=float(loop.get("context_noise", 0)), block_frames=bf)
+    bundle.sampling = loop_sampling(loop)
     engine = Engine(bundle, device=device, attention=attention,
                     window=None if window in (-1, None) else int(window), sink=int(sink or 0),
                     positions="absolute", max_sessions=1, kv_pages=F, keep_latents=True)
@@ -72,7 +61,7 @@ def verify_action_fixture(folder: Path, cfg: dict, load_tensors, *, attention: s
     kb = inputs["keyboard_cond"][0]
     ms = inputs["mouse_cond"][0] if "mouse_cond" in inputs else None
     result, table = run_replay(engine, folder, expected, num_frames=kb.shape[0],
-                               noise=RecordedNoise(noise0[0], renoise), actions=actions_from_sequences(kb, ms),
+                               noise=recorded_noise(inputs), actions=actions_from_sequences(kb, ms),
                                model_inputs={"image_tokens": vc, "image_latents": cond[:, nmask:]})
     errs = [result["latents_max_abs_err"]]
     frames = sorted(table)

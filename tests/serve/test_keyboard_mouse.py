@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from server_proc import ServerProcess
+from server_proc import ServerProcess, wait_until
 from test_api import Conn, jpeg_frames
 
 MODEL = "matrix-game-tiny"
@@ -240,17 +240,6 @@ def test_discrete_model_still_refuses_dicts():
 
 
 # ---- the page at / -------------------------------------------------------------------------------------------
-def _wait(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
-
-
 @pytest.mark.slow
 @pytest.mark.browser
 def test_page_image_keys_and_mouse(browser, srv):
@@ -266,23 +255,23 @@ def test_page_image_keys_and_mouse(browser, srv):
         keys = pg.eval_on_selector_all("#actions button", "bs => bs.map(b => b.id)")
         assert keys == ["key-forward", "key-back", "key-left", "key-right"], keys
         pg.click("#start")  # no image yet: refused on the page, nothing opened
-        _wait(lambda: "start image" in pg.text_content("#error"), 5, "the missing-image error")
+        wait_until(lambda: "start image" in pg.text_content("#error"), 5, "the missing-image error")
         assert pg.evaluate("window.inferix.session") is None
         buf = io.BytesIO()
         Image.fromarray(start_image(80, 96)).save(buf, "PNG")  # not the model's size: the page fits it
         pg.set_input_files("#image", files=[{"name": "start.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
         pg.wait_for_selector("#image-preview", state="visible")
         pg.click("#start")
-        _wait(lambda: pg.evaluate("window.inferix.session"), 15, "a session")
+        wait_until(lambda: pg.evaluate("window.inferix.session"), 15, "a session")
         (s,) = pg.evaluate("window.inferix.known")
         status = lambda: srv.get(f"/v1/sessions/{s['id']}", token=s["token"])  # noqa: E731
-        _wait(lambda: status()["frames"] > 0, 30, "frames of the session")
+        wait_until(lambda: status()["frames"] > 0, 30, "frames of the session")
         assert pg.text_content("#error") == ""
 
         # W held: the session holds forward
         pg.click("h1")
         pg.keyboard.down("w")
-        _wait(lambda: status()["action"]["keys"] == ["forward"], 10, "forward held")
+        wait_until(lambda: status()["action"]["keys"] == ["forward"], 10, "forward held")
         assert "current" not in (pg.get_attribute("#key-forward", "class") or "") and \
             "held" in pg.get_attribute("#key-forward", "class")
 
@@ -298,17 +287,17 @@ def test_page_image_keys_and_mouse(browser, srv):
             pg.mouse.move(x, y)
             a = status()["action"]
             return a if a["keys"] == ["forward"] and a["mouse"][1] > 0 and a["mouse"][0] > 0 else None
-        a = _wait(dragged, 10, "a camera delta from the drag")
+        a = wait_until(dragged, 10, "a camera delta from the drag")
         assert 0 < a["mouse"][1] <= 0.5, a
         pg.mouse.up()
         # the mouse rests: a zero camera delta follows; W is released: no keys
-        _wait(lambda: status()["action"]["mouse"] == [0.0, 0.0], 5, "the camera to hold still")
+        wait_until(lambda: status()["action"]["mouse"] == [0.0, 0.0], 5, "the camera to hold still")
         pg.keyboard.up("w")
-        _wait(lambda: status()["action"] == {"keys": [], "mouse": [0.0, 0.0]}, 5, "no input")
+        wait_until(lambda: status()["action"] == {"keys": [], "mouse": [0.0, 0.0]}, 5, "no input")
 
         # a click on the video takes the pointer (pointer lock): movement to the left turns the camera left
         pg.mouse.click(x, y)
-        _wait(lambda: pg.evaluate("window.inferix.pointerLocked"), 5, "pointer lock on the video")
+        wait_until(lambda: pg.evaluate("window.inferix.pointerLocked"), 5, "pointer lock on the video")
 
         def moved():
             nonlocal x
@@ -316,13 +305,13 @@ def test_page_image_keys_and_mouse(browser, srv):
             pg.mouse.move(x, y)
             a = status()["action"]
             return a if a["mouse"][1] < 0 and a["mouse"][0] == 0 else None
-        _wait(moved, 10, "a camera delta under pointer lock")
+        wait_until(moved, 10, "a camera delta under pointer lock")
         pg.evaluate("document.exitPointerLock()")  # what Esc does (a key sent through CDP does not reach it)
-        _wait(lambda: not pg.evaluate("window.inferix.pointerLocked"), 5, "the pointer to be released")
-        _wait(lambda: status()["action"]["mouse"] == [0.0, 0.0], 5, "the camera to hold still again")
+        wait_until(lambda: not pg.evaluate("window.inferix.pointerLocked"), 5, "the pointer to be released")
+        wait_until(lambda: status()["action"]["mouse"] == [0.0, 0.0], 5, "the camera to hold still again")
         assert pg.text_content("#error") == "", pg.text_content("#error")
         pg.goto("about:blank")  # pagehide: the page deletes its session
-        _wait(lambda: srv.request("GET", f"/v1/sessions/{s['id']}", token=s["token"])[1].get("state")
+        wait_until(lambda: srv.request("GET", f"/v1/sessions/{s['id']}", token=s["token"])[1].get("state")
               in ("cancelled", None), 15, "the session to be closed after the page was left")
         assert not errors, errors
     finally:

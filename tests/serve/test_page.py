@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+from server_proc import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -43,17 +43,6 @@ NOT_BLANK = """() => {
   for (let i = 0; i < d.length; i += 4) { lo = Math.min(lo, d[i + 1]); hi = Math.max(hi, d[i + 1]); }
   return hi - lo > 8;
 }"""
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
 
 
 def _base(server) -> str:
