@@ -351,8 +351,9 @@ def test_engine_features_the_model_cannot_run_with_yet_are_refused_up_front():
 
 
 def test_start_image_latents_cover_the_session(tiny_engine):
-    """A session of known length gets image latents for every frame, an unbounded one the image_frames default; the
-    first latent of the causal VAE sees the image alone."""
+    """A short session gets image latents for every frame, a long or unbounded one the image_frames default (a
+    stream of thousands of frames does not wait for thousands of them); the first latent of the causal VAE sees the
+    image alone."""
     eng = tiny_engine
     b = eng.bundle
     img = (np.arange(64 * 64 * 3) % 241).astype(np.uint8).reshape(64, 64, 3)
@@ -360,6 +361,8 @@ def test_start_image_latents_cover_the_session(tiny_engine):
     assert inputs["image_latents"].shape[0] == 7
     _, inputs_live = eng.adapter.session_inputs(init_image=img, height=64, width=64, latent_frames=None)
     assert inputs_live["image_latents"].shape[0] == 15
+    _, inputs_long = eng.adapter.session_inputs(init_image=img, height=64, width=64, latent_frames=5000)
+    assert inputs_long["image_latents"].shape[0] == 15
     alone = b.decoder.encode(img[None])[0, 0]
     assert torch.allclose(inputs["image_latents"][0], alone, atol=1e-5)
     assert torch.allclose(inputs_live["image_latents"][:7], inputs["image_latents"], atol=1e-5)

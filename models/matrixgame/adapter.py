@@ -5,9 +5,10 @@ action modules' caches, told to the engine through the seam.
   encoder gives the cross-attention tokens (they take the place of a prompt's text K/V) and the VAE encodes the
   image followed by zero frames into the per-frame image latents, which every pass concatenates with its noisy
   latents and a mask (1 on latent frame 0). ``model_inputs={"image_tokens": [1, N, D], "image_latents":
-  [F, 16, h, w]}`` gives both directly (a replay, or a cached encode). A session of known length encodes all its
-  frames, as the release does; an unbounded one encodes 15 (model option ``image_frames``) and later frames
-  reuse the last encoded latent (an approximation: the release encodes every frame of its longest clip up front).
+  [F, 16, h, w]}`` gives both directly (a replay, or a cached encode). The first 15 latent frames are encoded
+  (model option ``image_frames``; all of a shorter session, as the release encodes its whole clip); later frames
+  reuse the last encoded latent (an approximation: the release encodes every frame of its clip up front, which
+  a stream of thousands of frames could neither wait for nor hold).
 - **An action** is one pixel frame's input: ``{"keys": ..., "mouse": [pitch, yaw]}`` where keys is a string of
   key letters (``"wa"``), a list of key names (``["forward", "left"]``) or a multi-hot list; ``mouse`` is the
   camera delta (vertical, horizontal). A latent frame's condition is the tuple of the actions of the pixel frames
@@ -78,8 +79,8 @@ def _at_least_two(v) -> int:
 
 class MatrixGameAdapter(ModelAdapter):
     options = (ModelOption("image_frames", lambda v: None if v is None else _at_least_two(v), None,
-                           "latent frames of image conditioning encoded at session start (default: all of a session "
-                           "of known length, 15 of an unbounded one; later frames reuse the last)"),)
+                           "latent frames of image conditioning encoded at session start (default 15, or the "
+                           "session's own when fewer; later frames reuse the last)"),)
 
     def __init__(self, bundle):
         super().__init__(bundle)
@@ -253,12 +254,11 @@ class MatrixGameAdapter(ModelAdapter):
         return tokens.cpu(), {"image_latents": lat.cpu()}
 
     def image_frames(self, latent_frames: int | None) -> int:
-        """Latent frames of image conditioning encoded at session start: every frame of a session of known length
-        (as the release encodes its whole clip), else the ``image_frames`` option; a set option caps both."""
-        cap = self.values.get("image_frames")
-        if latent_frames is None:
-            return cap or 15
-        return latent_frames if cap is None else min(cap, latent_frames)
+        """Latent frames of image conditioning encoded at session start: the session's own when it has fewer, else
+        the ``image_frames`` option (15: the release's clips are encoded whole, but a stream of thousands of frames
+        cannot wait for that, nor hold it; later frames reuse the last)."""
+        cap = self.values.get("image_frames") or 15
+        return cap if latent_frames is None else min(cap, latent_frames)
 
     # ---- passes -------------------------------------------------------------------------------------------
     def cache_groups(self, page_tokens: int) -> dict:
