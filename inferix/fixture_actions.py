@@ -87,13 +87,12 @@ def verify_action_fixture(folder: Path, cfg: dict, load_tensors, *, attention: s
     if "debug_call0_layer0_action_in" in expected and 0 in mcfg.action_config.blocks:
         fr = list(range(bf))
         ratio, win = mcfg.action_config.vae_time_compression_ratio, mcfg.action_config.window
-        fc = FrameConditions(concat=inputs["cond_concat"][:, :bf],
-                             keyboard=action_windows(kb, fr, ratio, win)[None],
-                             mouse=None if ms is None else action_windows(ms, fr, ratio, win)[None])
+        def windows(seq):
+            return None if seq is None else action_windows(seq, fr, ratio, win)[None].to(device)
+        fc = FrameConditions(concat=inputs["cond_concat"][:, :bf].to(device), keyboard=windows(kb), mouse=windows(ms))
         with torch.no_grad():
-            out = dit.blocks[0].action_model(expected["debug_call0_layer0_action_in"].to(device), fc.__class__(
-                fc.concat.to(device), fc.keyboard.to(device), None if fc.mouse is None else fc.mouse.to(device)),
-                torch.tensor([fr], device=device), None, bf, exact=True)
+            out = dit.blocks[0].action_model(expected["debug_call0_layer0_action_in"].to(device), fc,
+                                             torch.tensor([fr], device=device), None, bf, exact=True)
         compare("debug_call0_layer0_action_out", out)
     tol = float(cfg.get("checks", {}).get("recommended_atol", 1e-4)) if tol is None else tol
     result["tolerance"] = tol

@@ -21,7 +21,7 @@ from .config import ConfigBase
 from ..kernels.attention import AttentionBackend, ReferenceBackend
 from ..kernels.rope import apply_rope, apply_rope_qk, rope_angles, rope_cos_sin
 
-__all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding", "per_frame"]
+__all__ = ["WanDiTConfig", "CausalWanDiT", "TextKV", "PRESETS", "sinusoidal_embedding", "per_frame", "patch_grid"]
 
 
 @dataclass
@@ -77,6 +77,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = t.to(torch.float64)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def patch_grid(cfg: WanDiTConfig, H: int, W: int) -> tuple[int, int]:
+    """Patches per latent frame (rows, columns) of an H x W latent; ValueError when the patch does not divide it."""
+    _, ph, pw = cfg.patch_size
+    if H % ph or W % pw:
+        raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
+    return H // ph, W // pw
 
 
 def per_frame(timestep, frame_pos, B: int, Fr: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,10 +326,8 @@ class CausalWanDiT(nn.Module):
         if x.dim() != 5 or x.shape[2] != cfg.in_dim:
             raise ValueError(f"latents must be [B, F, {cfg.in_dim}, H, W], got {tuple(x.shape)}")
         B, Fr, C, H, W = x.shape
+        h, w = patch_grid(cfg, H, W)
         _, ph, pw = cfg.patch_size
-        if H % ph or W % pw:
-            raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
-        h, w = H // ph, W // pw
         timestep, frame_pos = per_frame(timestep, frame_pos, B, Fr, x.device)
         backend = backend or ReferenceBackend()
         if not isinstance(context, TextKV):

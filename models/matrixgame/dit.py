@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..config import check_kind
-from ..wan_dit import Block, CausalWanDiT, Head, TextKV, WanDiTConfig, per_frame
+from ..wan_dit import Block, CausalWanDiT, Head, TextKV, WanDiTConfig, patch_grid, per_frame
 from ...kernels.attention import ReferenceBackend
 from .action import ActionConfig, ActionModule, FrameConditions, action_rope, action_windows
 
@@ -172,10 +172,8 @@ class MatrixGameDiT(CausalWanDiT):
         if tuple(actions.concat.shape) != (B, Fr, cfg.cond_channels, H, W):
             raise ValueError(f"frame conditions must be [B, F, {cfg.cond_channels}, H, W] = "
                              f"{[B, Fr, cfg.cond_channels, H, W]}, got {list(actions.concat.shape)}")
+        h, w = patch_grid(cfg, H, W)
         _, ph, pw = cfg.patch_size
-        if H % ph or W % pw:
-            raise ValueError(f"latent height/width {H}x{W} must be multiples of the patch {ph}x{pw}")
-        h, w = H // ph, W // pw
         timestep, frame_pos = per_frame(timestep, frame_pos, B, Fr, x.device)
         backend = backend or ReferenceBackend()
         if getattr(backend, "sequence_parallel", None) is not None:
